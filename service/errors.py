@@ -1,0 +1,118 @@
+"""Every way an event can fail, with the dead-letter code each one carries.
+
+```
+GuardstreamError                       code                      retriable
+├── EventRejected                      (the record itself is bad; dead-letter it)
+│   ├── EventTooLarge                  event_too_large
+│   ├── InvalidJson                    invalid_json
+│   ├── InvalidEvent                   invalid_event
+│   ├── UnknownPolicy                  unknown_policy
+│   ├── UrlNotSupported                url_not_supported
+│   ├── ImageTooLarge                  image_too_large
+│   ├── UnsupportedImageFormat         unsupported_image_format
+│   └── ImageDecodeFailed              image_decode_failed
+├── GuardFailed                        (the guard model could not answer)
+│   ├── GuardUnavailable               guard_unavailable         yes
+│   └── GuardError                     guard_error
+└── UnparseableModelOutput             unparseable_model_output
+```
+
+`retriable` says whether trying the same event again may succeed; the pipeline decides what to
+do with that, nothing else reads it. Library errors (Pillow, tritonclient, pydantic) are
+translated into these at the module that calls the library, so callers never see them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class GuardstreamError(Exception):
+    """Root of every error that ends an event as a dead letter."""
+
+    code: ClassVar[str] = "internal_error"
+    retriable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EventRejected(GuardstreamError):
+    """The record cannot be judged as it is; trying again will not change that."""
+
+
+class EventTooLarge(EventRejected):
+    code = "event_too_large"
+
+
+class InvalidJson(EventRejected):
+    code = "invalid_json"
+
+
+class InvalidEvent(EventRejected):
+    code = "invalid_event"
+
+
+class UnknownPolicy(EventRejected):
+    code = "unknown_policy"
+
+
+class UrlNotSupported(EventRejected):
+    code = "url_not_supported"
+
+
+class ImageTooLarge(EventRejected):
+    code = "image_too_large"
+
+
+class UnsupportedImageFormat(EventRejected):
+    code = "unsupported_image_format"
+
+
+class ImageDecodeFailed(EventRejected):
+    code = "image_decode_failed"
+
+
+class GuardFailed(GuardstreamError):
+    """The guard model gave no answer."""
+
+
+class GuardUnavailable(GuardFailed):
+    """Triton could not be reached, timed out or shed load: the same request may work later."""
+
+    code = "guard_unavailable"
+    retriable = True
+
+
+class GuardError(GuardFailed):
+    """Triton refused the request (bad input, missing model): it will fail again."""
+
+    code = "guard_error"
+
+
+class UnparseableModelOutput(GuardstreamError):
+    """The guard answered, but not in a form the policy's answer parser can read."""
+
+    code = "unparseable_model_output"
+
+    def __init__(self, message: str, model_output: str) -> None:
+        super().__init__(message)
+        self.model_output = model_output
+
+
+DEAD_LETTER_CODES: tuple[str, ...] = (
+    GuardstreamError.code,
+    EventTooLarge.code,
+    InvalidJson.code,
+    InvalidEvent.code,
+    UnknownPolicy.code,
+    UrlNotSupported.code,
+    ImageTooLarge.code,
+    UnsupportedImageFormat.code,
+    ImageDecodeFailed.code,
+    GuardUnavailable.code,
+    GuardError.code,
+    UnparseableModelOutput.code,
+)
+"""Every code a dead letter can carry; `internal_error` marks a bug in guardstream itself."""

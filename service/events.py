@@ -1,0 +1,153 @@
+"""The inbound contract: one JSON image event per Kafka record on the input topic.
+
+Version 1 of the contract (JSON Schema: `service/schemas/image-event.v1.json`):
+
+    {"schema_version": 1,                      optional, defaults to 1
+     "event_id": "upload-8f14e45f",            required, 1-256 characters
+     "image": {"data": "<base64>"}             exactly one of data / url
+           | {"url": "https://..."},
+     "policy_id": "llavaguard-v1.2",           optional, defaults to the service's policy
+     "metadata": {...},                        optional JSON object, echoed in the verdict
+     "created_at": "2026-11-22T10:00:00Z"}     optional RFC 3339 time with offset
+
+Unknown fields are rejected rather than ignored, so a producer's typo surfaces as a dead letter
+instead of a silently different request; new fields arrive with a new `schema_version`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    JsonValue,
+    Tag,
+    ValidationError,
+)
+
+from service.errors import EventTooLarge, InvalidEvent, InvalidJson
+
+SCHEMA_VERSION: Literal[1] = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InlineImage(_Strict):
+    data: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="The encoded image file (JPEG, PNG, WebP, GIF, BMP, TIFF), base64.",
+            json_schema_extra={"contentEncoding": "base64"},
+        ),
+    ]
+
+
+class ImageUrl(_Strict):
+    url: Annotated[
+        str,
+        Field(
+            max_length=2048,
+            pattern=r"^[hH][tT][tT][pP][sS]?://",
+            description="Where to fetch the image from (http or https).",
+        ),
+    ]
+
+
+def _image_source(value: Any) -> str | None:
+    """Which source an `image` object names; None (an error) unless exactly one."""
+    if isinstance(value, dict):
+        named = {"data", "url"} & value.keys()
+        return named.pop() if len(named) == 1 else None
+    if isinstance(value, InlineImage):
+        return "data"
+    if isinstance(value, ImageUrl):
+        return "url"
+    return None
+
+
+ImageSource = Annotated[
+    Annotated[InlineImage, Tag("data")] | Annotated[ImageUrl, Tag("url")],
+    Discriminator(
+        _image_source,
+        custom_error_type="image_source",
+        custom_error_message="image must be an object with exactly one of 'data' or 'url'",
+    ),
+]
+
+
+class ImageEvent(_Strict):
+    """An uploaded image to judge."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=256,
+            description="The producer's id for this upload; verdicts carry it back.",
+        ),
+    ]
+    image: ImageSource = Field(description="Exactly one of `data` or `url`.")
+    policy_id: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[A-Za-z0-9._-]{1,64}$",
+            description="Policy to judge against; the service default when absent.",
+        ),
+    ] = None
+    metadata: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="Producer data echoed in the verdict (size-capped by the service).",
+    )
+    created_at: AwareDatetime | None = Field(
+        None, description="When the upload happened (RFC 3339 with offset)."
+    )
+
+
+@dataclass(frozen=True)
+class EventLimits:
+    max_event_bytes: int
+    max_metadata_bytes: int
+
+
+def parse_event(value: bytes | None, limits: EventLimits) -> ImageEvent:
+    """Validate one record value into an `ImageEvent`, or raise the error that names why not."""
+    if value is None:
+        raise InvalidEvent("record has no value (a tombstone?); expected a JSON image event")
+    if len(value) > limits.max_event_bytes:
+        raise EventTooLarge(
+            f"record value is {len(value)} bytes; the limit is {limits.max_event_bytes}"
+        )
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJson(f"record value is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidEvent(f"expected a JSON object, got {type(document).__name__}")
+    try:
+        event = ImageEvent.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidEvent(describe_validation_error(exc)) from None
+    metadata_bytes = len(orjson.dumps(event.metadata))
+    if metadata_bytes > limits.max_metadata_bytes:
+        raise InvalidEvent(
+            f"metadata is {metadata_bytes} bytes as JSON; the limit is {limits.max_metadata_bytes}"
+        )
+    return event
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
+    """One line a producer can act on: where each problem is and what it is, inputs omitted."""
+    errors = exc.errors(include_url=False, include_input=False)
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '<event>'}: {e['msg']}" for e in errors]
+    more = f" (+{len(parts) - limit} more)" if len(parts) > limit else ""
+    return "invalid image event: " + "; ".join(parts[:limit]) + more

@@ -1,0 +1,115 @@
+"""The outbound contract: a verdict per judged event, or a dead letter saying why there is none.
+
+Both are JSON (schemas in `service/schemas/`), keyed like the input record, with headers
+`traceparent` (the event's trace) and `event-id`; dead letters add `error-code`.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic_core import to_json
+
+SCHEMA_VERSION: Literal[1] = 1
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Source(_Out):
+    """Where the judged record was read from."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class ModelInfo(_Out):
+    """Who decided: the model's own name and version, and the Triton model that served it."""
+
+    name: str
+    version: str
+    triton_model: str
+    triton_version: str
+
+
+class Timings(_Out):
+    decode_ms: float = Field(description="Time to decode and downscale the image.")
+    guard_ms: float = Field(description="Time the guard model took, retries included.")
+    total_ms: float = Field(description="From taking the record to having the verdict.")
+
+
+class Verdict(_Out):
+    """The guard model's assessment of one image event against one policy."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str
+    rating: Literal["Safe", "Unsafe"]
+    category: str = Field(description='The policy\'s label, e.g. "O4: Nudity Content".')
+    category_code: str = Field(description='The label\'s code, e.g. "O4", or "NA".')
+    rationale: str
+    policy_id: str
+    policy_version: str
+    model: ModelInfo
+    image_sha256: str
+    metadata: dict[str, JsonValue]
+    source: Source
+    trace_id: str | None = Field(description="W3C trace id (32 hex digits) of the event.")
+    timings: Timings
+    decided_at: datetime
+
+
+class DeadLetterError(_Out):
+    code: str = Field(description="Stable, machine-readable reason; see the README.")
+    message: str = Field(description="What went wrong, for a human.")
+    model_output: str | None = Field(
+        None, description="The guard's raw answer, when the answer was what failed."
+    )
+
+
+class Header(_Out):
+    key: str
+    value: str | None = Field(None, description="The header value, when it is UTF-8 text.")
+    value_base64: str | None = Field(None, description="The header value otherwise.")
+
+
+class DeadLetter(_Out):
+    """An input record that produced no verdict, and why."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str | None
+    error: DeadLetterError
+    source: Source
+    original: str | None = Field(
+        description="The original record value, base64, cut to the configured size."
+    )
+    original_size: int = Field(description="Size of the original record value in bytes.")
+    original_truncated: bool
+    original_headers: list[Header]
+    trace_id: str | None
+    failed_at: datetime
+
+
+def keep_original(value: bytes | None, limit: int) -> tuple[str | None, int, bool]:
+    """The original value for a dead letter: base64 of at most `limit` bytes."""
+    if value is None:
+        return None, 0, False
+    return base64.b64encode(value[:limit]).decode("ascii"), len(value), len(value) > limit
+
+
+def describe_headers(headers: list[tuple[str, bytes]]) -> list[Header]:
+    described = []
+    for key, raw in headers:
+        try:
+            described.append(Header(key=key, value=raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            described.append(Header(key=key, value_base64=base64.b64encode(raw).decode("ascii")))
+    return described
+
+
+def serialize(record: Verdict | DeadLetter) -> bytes:
+    return to_json(record)

@@ -1,0 +1,108 @@
+"""The committed JSON Schema files say what the service accepts and emits.
+
+Producers and consumers in other languages validate against these files, so they are checked
+here with an independent validator (jsonschema) against the models' real behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from jsonschema import Draft202012Validator
+
+from service import contract
+from service.errors import EventTooLarge, InvalidEvent, InvalidJson
+from service.events import EventLimits, parse_event
+from service.samples import all_samples
+from service.verdicts import (
+    DeadLetter,
+    DeadLetterError,
+    ModelInfo,
+    Source,
+    Timings,
+    Verdict,
+    describe_headers,
+    serialize,
+)
+
+LIMITS = EventLimits(max_event_bytes=12 << 20, max_metadata_bytes=4096)
+
+
+def validator(name: str) -> Draft202012Validator:
+    schema = json.loads((contract.SCHEMA_DIR / name).read_text())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("sample", all_samples("c-"), ids=lambda s: s.name)
+def test_the_event_schema_agrees_with_the_parser_on_the_sample_events(sample: Any) -> None:
+    try:
+        document = orjson.loads(sample.value)
+    except orjson.JSONDecodeError:
+        return  # not JSON: nothing for a schema to say
+    schema_ok = validator("image-event.v1.json").is_valid(document)
+    try:
+        parse_event(sample.value, LIMITS)
+        parsed = True
+    except (InvalidJson, InvalidEvent, EventTooLarge):
+        parsed = False
+    # The schema is the structural contract; base64 content and size caps are checked only by
+    # the service, so the schema may accept what the parser refuses but never the reverse.
+    assert schema_ok or not parsed
+    if sample.name in ("no event_id",):
+        assert not schema_ok
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"image": {"data": "AAAA"}},
+        {"event_id": "a", "image": {"data": "AAAA", "url": "https://x.test/a"}},
+        {"event_id": "a", "image": {}},
+        {"event_id": "a", "image": {"url": "ftp://x.test/a"}},
+        {"event_id": "a", "image": {"data": "AAAA"}, "extra": 1},
+        {"event_id": "", "image": {"data": "AAAA"}},
+        {"event_id": "a", "image": {"data": "AAAA"}, "schema_version": 2},
+    ],
+)
+def test_the_event_schema_rejects_what_the_parser_rejects(document: dict[str, Any]) -> None:
+    assert not validator("image-event.v1.json").is_valid(document)
+    with pytest.raises(InvalidEvent):
+        parse_event(orjson.dumps(document), LIMITS)
+
+
+def test_verdicts_and_dead_letters_validate_against_their_schemas() -> None:
+    source = Source(topic="images", partition=0, offset=3)
+    verdict = Verdict(
+        event_id="e",
+        rating="Unsafe",
+        category="O4: Nudity Content",
+        category_code="O4",
+        rationale="r",
+        policy_id="llavaguard-v1.2",
+        policy_version="1.2.0",
+        model=ModelInfo(name="m", version="1", triton_model="guard", triton_version="1"),
+        image_sha256="0" * 64,
+        metadata={"a": [1, {"b": None}]},
+        source=source,
+        trace_id=None,
+        timings=Timings(decode_ms=1.0, guard_ms=2.0, total_ms=3.5),
+        decided_at=datetime.now(UTC),
+    )
+    letter = DeadLetter(
+        event_id=None,
+        error=DeadLetterError(code="invalid_json", message="m"),
+        source=source,
+        original="AAAA",
+        original_size=3,
+        original_truncated=False,
+        original_headers=describe_headers([("traceparent", b"00-..."), ("bin", b"\xff")]),
+        trace_id="1" * 32,
+        failed_at=datetime.now(UTC),
+    )
+    validator("verdict.v1.json").validate(json.loads(serialize(verdict)))
+    validator("dead-letter.v1.json").validate(json.loads(serialize(letter)))

@@ -1,0 +1,206 @@
+"""Encoded image bytes → bounded, oriented, RGB pixels the guard model can take.
+
+Everything here is synchronous and CPU-bound: the pipeline runs `decode_image` in a thread
+pool (Pillow releases the GIL while decoding), so a large image never stalls the event loop.
+Only the formats in `ALLOWED_FORMATS` are ever handed to a Pillow plugin: Pillow's other
+readers (EPS through Ghostscript, for one) are not code we want strangers' bytes to reach.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import ImageDecodeFailed, ImageTooLarge, InvalidEvent, UnsupportedImageFormat
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# Formats people upload that we do not decode, recognised so the dead letter can say
+# "unsupported" rather than "corrupt". Checked only after the allowed readers gave up.
+_KNOWN_UNSUPPORTED: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"%PDF", "PDF"),
+    (0, b"%!PS", "PostScript"),
+    (0, b"\xc5\xd0\xd3\xc6", "EPS"),
+    (0, b"<svg", "SVG"),
+    (0, b"<?xml", "SVG/XML"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"8BPS", "PSD"),
+    (0, b"qoif", "QOI"),
+    (0, b"DDS ", "DDS"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (0, b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (0, b"\xffO\xffQ", "JPEG 2000"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+)
+
+_WHITE = (255, 255, 255, 255)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_image_bytes: int
+    max_image_pixels: int
+    max_image_side: int
+    resize_side: int
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    pixels: npt.NDArray[np.uint8]
+    """Shape (height, width, 3), RGB, C-contiguous, after orientation and downscaling."""
+    format: str
+    width: int
+    """Width of the image as uploaded (after EXIF orientation), before downscaling."""
+    height: int
+    sha256: str
+    """Hex digest of the encoded bytes, so a verdict can be matched to a stored file."""
+    encoded_bytes: int
+
+
+def decode_base64(data: str, max_bytes: int) -> bytes:
+    """Decode the event's base64 image, refusing it before decoding when it is too large."""
+    if len(data) // 4 * 3 > max_bytes + 2:
+        raise ImageTooLarge(
+            f"inline image is about {len(data) // 4 * 3} bytes; the limit is {max_bytes}"
+        )
+    try:
+        encoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidEvent(f"image.data is not valid base64: {exc}") from None
+    if len(encoded) > max_bytes:
+        raise ImageTooLarge(f"inline image is {len(encoded)} bytes; the limit is {max_bytes}")
+    if not encoded:
+        raise ImageDecodeFailed("image.data decodes to zero bytes")
+    return encoded
+
+
+def decode_inline(data: str, limits: ImageLimits) -> DecodedImage:
+    """An event's base64 image to pixels (both steps are CPU work for the decode pool)."""
+    return decode_image(decode_base64(data, limits.max_image_bytes), limits)
+
+
+def decode_image(encoded: bytes, limits: ImageLimits) -> DecodedImage:
+    """Decode, check limits, orient, convert to RGB and downscale one encoded image."""
+    if len(encoded) > limits.max_image_bytes:
+        raise ImageTooLarge(f"image is {len(encoded)} bytes; the limit is {limits.max_image_bytes}")
+    image = _open(encoded)
+    declared = image.size
+    _check_dimensions(declared, limits)
+    if image.format == "JPEG":
+        # Let libjpeg decode at a reduced scale when we are going to downscale anyway.
+        image.draft("RGB", (limits.resize_side, limits.resize_side))
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        raise ImageDecodeFailed(f"{image.format} image could not be decoded: {exc}") from None
+    oriented = _orient(image)
+    width, height = _as_viewed(declared, image)
+    rgb = _to_rgb(oriented)
+    rgb.thumbnail((limits.resize_side, limits.resize_side), Image.Resampling.BICUBIC)
+    pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return DecodedImage(
+        pixels=pixels,
+        format=str(image.format),
+        width=width,
+        height=height,
+        sha256=hashlib.sha256(encoded).hexdigest(),
+        encoded_bytes=len(encoded),
+    )
+
+
+def _open(encoded: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(encoded), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except UnidentifiedImageError:
+        known = sniff_unsupported(encoded)
+        if known:
+            raise UnsupportedImageFormat(
+                f"{known} images are not supported; send one of {', '.join(ALLOWED_FORMATS)}"
+            ) from None
+        raise ImageDecodeFailed(
+            f"not a recognisable {'/'.join(ALLOWED_FORMATS)} image "
+            f"(starts with {encoded[:8].hex(' ')})"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        raise ImageDecodeFailed(f"image header could not be read: {exc}") from None
+
+
+def sniff_unsupported(encoded: bytes) -> str | None:
+    """Name the format of bytes we recognise but do not decode, if we do."""
+    head = encoded[:64].lstrip() if encoded[:1].isspace() else encoded[:64]
+    for offset, magic, name in _KNOWN_UNSUPPORTED:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def _check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeFailed(f"image declares an empty size {width}x{height}")
+    if max(width, height) > limits.max_image_side:
+        raise ImageTooLarge(
+            f"image is {width}x{height}; the longest side may be {limits.max_image_side}"
+        )
+    if width * height > limits.max_image_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; "
+            f"the limit is {limits.max_image_pixels}"
+        )
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError):
+        return image
+
+
+def _as_viewed(declared: tuple[int, int], image: Image.Image) -> tuple[int, int]:
+    """The declared size turned as its EXIF orientation turns the picture."""
+    width, height = declared
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError):
+        orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as a viewer would see it: transparency composited over white, deep images scaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(image)), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _scale_to_uint8(values: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
+    """Map 16-bit or float greyscale onto 0-255 by the range its type implies."""
+    as_float = values.astype(np.float64)
+    if np.issubdtype(values.dtype, np.floating):
+        top = 1.0 if as_float.size and float(np.nanmax(as_float)) <= 1.0 else 65535.0
+    else:
+        top = 255.0 if as_float.size and float(as_float.max()) <= 255 else 65535.0
+    scaled = np.clip(np.nan_to_num(as_float) / top * 255.0, 0, 255)
+    return np.rint(scaled).astype(np.uint8)

@@ -1,0 +1,94 @@
+"""Triton Python-backend glue for the CPU guard: request tensors in, `nudenet_rules`, answers out.
+
+Each request of a batch gets its own response. A request whose image cannot be judged gets an
+error response and the others are still judged; the images that can be judged go through the
+detector in one onnxruntime run. Nothing raises out of `execute`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from nudenet_rules import (
+    Detector,
+    InvalidImageError,
+    RGBImage,
+    answer_json,
+    image_from_tensor,
+    judge,
+    model_version,
+    parse_settings,
+)
+
+IMAGE_INPUT = "image_bytes_input"
+TEXT_OUTPUT = "text_output"
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        parameters = {
+            name: value["string_value"] for name, value in config.get("parameters", {}).items()
+        }
+        # An InvalidSettingsError here fails the model load with its message, which is the
+        # point: a guard with misread rules must not answer.
+        settings = parse_settings(parameters)
+        self._policy = settings.policy
+        self._max_image_side = settings.max_image_side
+        self._version = model_version(settings.policy, version("nudenet"))
+        self._detector = Detector(settings.intra_op_num_threads)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        images: list[RGBImage] = []
+        judged: list[int] = []
+        for index, request in enumerate(requests):
+            try:
+                images.append(self._image(request))
+                judged.append(index)
+            except InvalidImageError as exc:
+                # INVALID_ARG, not the default INTERNAL: the client must not retry this one.
+                responses[index] = _error_response(str(exc), pb_utils.TritonError.INVALID_ARG)
+        for index, response in zip(judged, self._judge(images), strict=True):
+            responses[index] = response
+        return responses
+
+    def finalize(self) -> None:
+        # Frees the onnxruntime session (weights and arenas) when Triton unloads the model.
+        del self._detector
+
+    def _image(self, request: Any) -> RGBImage:
+        tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
+        if tensor is None:
+            raise InvalidImageError(f"{IMAGE_INPUT} is missing")
+        return image_from_tensor(tensor.as_numpy(), self._max_image_side)
+
+    def _judge(self, images: list[RGBImage]) -> list[Any]:
+        """One response per image, from one detector run over all of them."""
+        try:
+            detections = self._detector.detect(images)
+        # Broad on purpose: whatever onnxruntime raises becomes each request's error, and
+        # never escapes execute.
+        except Exception as exc:
+            pb_utils.Logger.log_error(f"guard: detector failed on {len(images)} images: {exc!r}")
+            return [
+                _error_response(f"detector failed: {exc}", pb_utils.TritonError.INTERNAL)
+                for _ in images
+            ]
+        return [
+            _text_response(answer_json(judge(found, self._policy), self._version))
+            for found in detections
+        ]
+
+
+def _text_response(text: str) -> Any:
+    answer = np.array([[text.encode("utf-8")]], dtype=np.object_)
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(TEXT_OUTPUT, answer)])
+
+
+def _error_response(message: str, code: Any) -> Any:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

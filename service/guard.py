@@ -1,0 +1,193 @@
+"""Ask the guard model in Triton about one image, over gRPC (asyncio).
+
+The tensor contract is the one of TensorRT-LLM's multimodal ensemble, so this client talks to
+the CPU guard of `triton_models/cpu` and to a GPU TensorRT-LLM deployment unchanged:
+
+    text_input         BYTES  [1, 1]           the policy prompt
+    image_bytes_input  UINT8  [1, 1, H, W, 3]  one decoded RGB image
+    max_tokens         INT32  [1, 1]
+    temperature, top_p FP32   [1, 1]
+    top_k              INT32  [1, 1]
+    end_id, pad_id     INT32  [1, 1]           only when configured
+    seed               UINT64 [1, 1]           only when configured
+    → text_output      BYTES  [1, 1] (or [1])  the model's answer
+
+tritonclient raises one `InferenceServerException` for everything, its gRPC status as a
+string; `classify_triton_error` is the single place that turns it into a retriable
+`GuardUnavailable` or a final `GuardError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from service.errors import GuardError, GuardFailed, GuardUnavailable
+
+log = logging.getLogger(__name__)
+
+TEXT_OUTPUT = "text_output"
+
+# Statuses after which the same request can succeed later: the server or its queue is the
+# problem, not the request.
+_RETRIABLE_STATUSES = frozenset(
+    {
+        "StatusCode.UNAVAILABLE",
+        "StatusCode.DEADLINE_EXCEEDED",
+        "StatusCode.RESOURCE_EXHAUSTED",
+        "StatusCode.ABORTED",
+        "StatusCode.CANCELLED",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None = None
+    end_id: int | None = None
+    pad_id: int | None = None
+
+
+@dataclass(frozen=True)
+class GuardReply:
+    text: str
+    model_name: str
+    model_version: str
+
+
+def build_inputs(
+    prompt: str, pixels: npt.NDArray[np.uint8], sampling: Sampling
+) -> list[InferInput]:
+    """The request tensors for one prompt and one (H, W, 3) RGB image."""
+    tensors: list[tuple[str, npt.NDArray[np.generic]]] = [
+        ("text_input", np.array([[prompt.encode()]], dtype=np.object_)),
+        ("image_bytes_input", pixels.reshape((1, 1, *pixels.shape))),
+        ("max_tokens", np.array([[sampling.max_tokens]], dtype=np.int32)),
+        ("temperature", np.array([[sampling.temperature]], dtype=np.float32)),
+        ("top_p", np.array([[sampling.top_p]], dtype=np.float32)),
+        ("top_k", np.array([[sampling.top_k]], dtype=np.int32)),
+    ]
+    optional: list[tuple[str, int | None, type[np.generic]]] = [
+        ("end_id", sampling.end_id, np.int32),
+        ("pad_id", sampling.pad_id, np.int32),
+        ("seed", sampling.seed, np.uint64),
+    ]
+    tensors += [(name, np.array([[v]], dtype=t)) for name, v, t in optional if v is not None]
+    inputs = []
+    for name, array in tensors:
+        tensor = InferInput(name, list(array.shape), _triton_dtype(array))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _triton_dtype(array: npt.NDArray[np.generic]) -> str:
+    return {
+        np.dtype(np.object_): "BYTES",
+        np.dtype(np.uint8): "UINT8",
+        np.dtype(np.int32): "INT32",
+        np.dtype(np.uint64): "UINT64",
+        np.dtype(np.float32): "FP32",
+    }[array.dtype]
+
+
+def classify_triton_error(exc: InferenceServerException, model: str) -> GuardFailed:
+    """Translate tritonclient's one exception type into ours, by gRPC status."""
+    status = exc.status() or "no status"
+    message = f"Triton model {model!r}: {status}: {exc.message()}"
+    if status in _RETRIABLE_STATUSES:
+        return GuardUnavailable(message)
+    return GuardError(message)
+
+
+def read_text_output(values: npt.NDArray[np.object_] | None, model: str) -> str:
+    if values is None or values.size == 0:
+        raise GuardError(f"Triton model {model!r} returned no {TEXT_OUTPUT}")
+    first = values.reshape(-1)[0]
+    return first.decode("utf-8", errors="replace") if isinstance(first, bytes) else str(first)
+
+
+class GuardClient:
+    """One gRPC channel to Triton, shared by every in-flight event."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        sampling: Sampling,
+        *,
+        version: str = "",
+        timeout_s: float = 60.0,
+    ) -> None:
+        self._client = triton_aio.InferenceServerClient(url)
+        self.url = url
+        self.model = model
+        self.version = version
+        self._sampling = sampling
+        self._timeout_s = timeout_s
+        self._outputs = [InferRequestedOutput(TEXT_OUTPUT)]
+
+    async def wait_ready(self, timeout_s: float, poll_s: float = 0.5) -> None:
+        """Return once the server and the model are ready; GuardUnavailable after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while True:
+            try:
+                if not await self._client.is_server_ready(client_timeout=poll_s * 4):
+                    last = "server is not ready"
+                elif not await self._client.is_model_ready(
+                    self.model, self.version, client_timeout=poll_s * 4
+                ):
+                    last = f"model {self.model!r} is not ready (is it in the model repository?)"
+                else:
+                    return
+            except InferenceServerException as exc:
+                last = f"{exc.status() or 'error'}: {exc.message()}"
+            if time.monotonic() >= deadline:
+                raise GuardUnavailable(
+                    f"Triton at {self.url} not ready after {timeout_s:.0f}s: {last}"
+                )
+            log.info("waiting for Triton at %s: %s", self.url, last)
+            await asyncio.sleep(poll_s)
+
+    async def ask(
+        self,
+        prompt: str,
+        pixels: npt.NDArray[np.uint8],
+        headers: Mapping[str, str] | None = None,
+    ) -> GuardReply:
+        """One inference; `headers` carry the trace context as gRPC metadata to Triton."""
+        inputs = build_inputs(prompt, pixels, self._sampling)
+        try:
+            result = await self._client.infer(
+                self.model,
+                inputs,
+                model_version=self.version,
+                outputs=self._outputs,
+                client_timeout=self._timeout_s,
+                headers=dict(headers) if headers else None,
+            )
+        except InferenceServerException as exc:
+            raise classify_triton_error(exc, self.model) from None
+        response = result.get_response()
+        return GuardReply(
+            text=read_text_output(result.as_numpy(TEXT_OUTPUT), self.model),
+            model_name=response.model_name,
+            model_version=response.model_version,
+        )
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,113 @@
+"""The Triton client: the tensor contract, error mapping, and calls to the real server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from service import stack
+from service.errors import GuardError, GuardUnavailable
+from service.guard import GuardClient, Sampling, build_inputs, classify_triton_error
+from service.guard import read_text_output as read_text
+from tests.conftest import free_port
+
+SAMPLING = Sampling(max_tokens=500, temperature=0.2, top_p=0.95, top_k=50)
+
+
+def described(inputs: list[object]) -> dict[str, tuple[str, list[int]]]:
+    return {i.name(): (i.datatype(), i.shape()) for i in inputs}  # type: ignore[attr-defined]
+
+
+def test_the_request_has_the_multimodal_ensemble_contract() -> None:
+    pixels = np.zeros((48, 64, 3), np.uint8)
+    assert described(build_inputs("policy", pixels, SAMPLING)) == {
+        "text_input": ("BYTES", [1, 1]),
+        "image_bytes_input": ("UINT8", [1, 1, 48, 64, 3]),
+        "max_tokens": ("INT32", [1, 1]),
+        "temperature": ("FP32", [1, 1]),
+        "top_p": ("FP32", [1, 1]),
+        "top_k": ("INT32", [1, 1]),
+    }
+
+
+def test_token_ids_and_seed_are_sent_only_when_configured() -> None:
+    sampling = Sampling(500, 0.2, 0.95, 50, seed=7, end_id=151645, pad_id=151643)
+    inputs = described(build_inputs("p", np.zeros((2, 2, 3), np.uint8), sampling))
+    assert inputs["seed"] == ("UINT64", [1, 1])
+    assert inputs["end_id"] == inputs["pad_id"] == ("INT32", [1, 1])
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ("StatusCode.UNAVAILABLE", GuardUnavailable),
+        ("StatusCode.DEADLINE_EXCEEDED", GuardUnavailable),
+        ("StatusCode.RESOURCE_EXHAUSTED", GuardUnavailable),
+        ("StatusCode.INVALID_ARGUMENT", GuardError),
+        ("StatusCode.NOT_FOUND", GuardError),
+        ("StatusCode.INTERNAL", GuardError),
+        (None, GuardError),
+    ],
+)
+def test_triton_statuses_map_to_retriable_or_final_errors(
+    status: str | None, expected: type[Exception]
+) -> None:
+    error = classify_triton_error(InferenceServerException("it failed", status=status), "guard")
+    assert type(error) is expected
+    assert "guard" in error.message
+    assert "it failed" in error.message
+
+
+def test_text_output_is_read_from_either_shape_and_missing_output_is_an_error() -> None:
+    assert read_text(np.array([[b"{}"]], dtype=np.object_), "guard") == "{}"
+    assert read_text(np.array([b"\xff ok"], dtype=np.object_), "guard") == "\ufffd ok"
+    with pytest.raises(GuardError, match="no text_output"):
+        read_text(None, "guard")
+
+
+async def test_waiting_for_an_absent_server_fails_with_a_clear_message() -> None:
+    port = free_port()
+    guard = GuardClient(f"127.0.0.1:{port}", "guard", SAMPLING)
+    try:
+        with pytest.raises(GuardUnavailable, match=f"127.0.0.1:{port} not ready after 1s"):
+            await guard.wait_ready(timeout_s=1, poll_s=0.2)
+    finally:
+        await guard.close()
+
+
+@pytest.mark.stack
+async def test_the_cpu_guard_answers_in_llavaguard_json(embedded_stack: stack.StackState) -> None:
+    guard = GuardClient(embedded_stack.triton_grpc, "guard", SAMPLING)
+    try:
+        await guard.wait_ready(timeout_s=30)
+        reply = await guard.ask("policy", np.full((32, 48, 3), 127, np.uint8))
+    finally:
+        await guard.close()
+    answer = json.loads(reply.text)
+    assert (answer["rating"], answer["category"]) == ("Safe", "NA: None applying")
+    assert (reply.model_name, reply.model_version) == ("guard", "1")
+
+
+@pytest.mark.stack
+async def test_a_request_the_model_refuses_is_a_final_guard_error(
+    embedded_stack: stack.StackState,
+) -> None:
+    guard = GuardClient(embedded_stack.triton_grpc, "guard", SAMPLING)
+    try:
+        with pytest.raises(GuardError, match="INVALID_ARGUMENT"):
+            await guard.ask("policy", np.zeros((0, 8, 3), np.uint8))
+    finally:
+        await guard.close()
+
+
+@pytest.mark.stack
+async def test_an_unknown_model_is_never_ready(embedded_stack: stack.StackState) -> None:
+    guard = GuardClient(embedded_stack.triton_grpc, "no-such-model", SAMPLING)
+    try:
+        with pytest.raises(GuardUnavailable, match="'no-such-model' is not ready"):
+            await guard.wait_ready(timeout_s=1, poll_s=0.2)
+    finally:
+        await guard.close()

@@ -1,0 +1,260 @@
+"""One record in, one outcome out: event → image → guard → verdict, or a dead letter.
+
+This is the whole moderation flow and the one place that decides between a verdict, a dead
+letter and a retry. It knows nothing of Kafka: `service.kafka` hands it a `Record` and
+publishes what it returns, so it runs in unit tests with a fake guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Tracer
+
+from service.errors import GuardstreamError, UrlNotSupported
+from service.events import EventLimits, ImageEvent, InlineImage, parse_event
+from service.guard import GuardReply
+from service.images import DecodedImage, ImageLimits, decode_inline
+from service.policies import Assessment, Policy, PolicyRegistry, parse_answer
+from service.tracing import grpc_metadata, trace_id_of
+from service.verdicts import (
+    DeadLetter,
+    DeadLetterError,
+    ModelInfo,
+    Source,
+    Timings,
+    Verdict,
+    describe_headers,
+    keep_original,
+)
+
+log = logging.getLogger(__name__)
+
+Outcome = Verdict | DeadLetter
+
+
+@dataclass(frozen=True)
+class Record:
+    """A consumed record, as the pipeline needs it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+    @property
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+class Guard(Protocol):
+    async def ask(
+        self,
+        prompt: str,
+        pixels: npt.NDArray[np.uint8],
+        headers: Mapping[str, str] | None = None,
+    ) -> GuardReply: ...
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retries of a retriable guard failure: `attempts` tries, exponential backoff, full jitter."""
+
+    attempts: int
+    first_backoff_s: float
+    max_backoff_s: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_backoff_s, self.first_backoff_s * 2**attempt))
+
+
+@dataclass(frozen=True)
+class PipelineLimits:
+    event: EventLimits
+    image: ImageLimits
+    dead_letter_original_bytes: int
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        policies: PolicyRegistry,
+        default_policy: str,
+        guard: Guard,
+        limits: PipelineLimits,
+        decode_pool: Executor,
+        retry: Retry,
+        tracer: Tracer,
+    ) -> None:
+        self._policies = policies
+        self._default_policy = default_policy
+        self._guard = guard
+        self._limits = limits
+        self._decode_pool = decode_pool
+        self._retry = retry
+        self._tracer = tracer
+
+    async def judge(self, record: Record) -> Outcome:
+        """The outcome of one record; never raises for anything the record contains."""
+        started = time.perf_counter()
+        event: ImageEvent | None = None
+        try:
+            event = parse_event(record.value, self._limits.event)
+            policy = self._policies.get(event.policy_id or self._default_policy)
+            decode_started = time.perf_counter()
+            image = await self._decode(event)
+            guard_started = time.perf_counter()
+            reply = await self._ask(policy, image)
+            assessment = parse_answer(reply.text, policy)
+            timings = Timings(
+                decode_ms=_ms(guard_started - decode_started),
+                guard_ms=_ms(time.perf_counter() - guard_started),
+                total_ms=_ms(time.perf_counter() - started),
+            )
+            return _verdict(record, event, policy, image, reply, assessment, timings)
+        except GuardstreamError as exc:
+            return self._dead_letter(record, event, exc)
+        except Exception as exc:
+            # A bug of ours must not stop the partition or lose the record: dead-letter it
+            # with the generic code and leave the traceback in the log.
+            log.exception("internal error judging %s", record.where)
+            return self._dead_letter(
+                record, event, GuardstreamError(f"internal error: {type(exc).__name__}: {exc}")
+            )
+
+    async def _decode(self, event: ImageEvent) -> DecodedImage:
+        if not isinstance(event.image, InlineImage):
+            raise UrlNotSupported(
+                "image.url events are not fetched by this version; send image.data (base64)"
+            )
+        with self._tracer.start_as_current_span("decode image") as span:
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(
+                self._decode_pool, decode_inline, event.image.data, self._limits.image
+            )
+            span.set_attributes(
+                {
+                    "guardstream.image.format": image.format,
+                    "guardstream.image.width": image.width,
+                    "guardstream.image.height": image.height,
+                    "guardstream.image.bytes": image.encoded_bytes,
+                }
+            )
+            return image
+
+    async def _ask(self, policy: Policy, image: DecodedImage) -> GuardReply:
+        prompt = policy.render_prompt()
+        attempt = 0
+        while True:
+            with self._tracer.start_as_current_span("guard infer", kind=SpanKind.CLIENT) as span:
+                span.set_attributes(
+                    {
+                        "rpc.system": "grpc",
+                        "rpc.service": "inference.GRPCInferenceService",
+                        "rpc.method": "ModelInfer",
+                        "guardstream.attempt": attempt + 1,
+                    }
+                )
+                try:
+                    return await self._guard.ask(prompt, image.pixels, grpc_metadata())
+                except GuardstreamError as exc:
+                    span.set_attribute("error.type", exc.code)
+                    if not exc.retriable or attempt + 1 >= self._retry.attempts:
+                        raise
+            attempt += 1
+            await asyncio.sleep(self._retry.delay(attempt - 1))
+
+    def _dead_letter(
+        self, record: Record, event: ImageEvent | None, exc: GuardstreamError
+    ) -> DeadLetter:
+        original, size, truncated = keep_original(
+            record.value, self._limits.dead_letter_original_bytes
+        )
+        return DeadLetter(
+            event_id=event.event_id if event else event_id_hint(record),
+            error=DeadLetterError(
+                code=exc.code, message=exc.message, model_output=getattr(exc, "model_output", None)
+            ),
+            source=_source(record),
+            original=original,
+            original_size=size,
+            original_truncated=truncated,
+            original_headers=describe_headers(list(record.headers)),
+            trace_id=trace_id_of(trace.get_current_span()),
+            failed_at=datetime.now(UTC),
+        )
+
+
+def _verdict(
+    record: Record,
+    event: ImageEvent,
+    policy: Policy,
+    image: DecodedImage,
+    reply: GuardReply,
+    assessment: Assessment,
+    timings: Timings,
+) -> Verdict:
+    identity = assessment.model
+    return Verdict(
+        event_id=event.event_id,
+        rating=assessment.rating,
+        category=assessment.category.label,
+        category_code=assessment.category.code,
+        rationale=assessment.rationale,
+        policy_id=policy.id,
+        policy_version=policy.version,
+        model=ModelInfo(
+            name=identity.name if identity else reply.model_name,
+            version=identity.version if identity else reply.model_version,
+            triton_model=reply.model_name,
+            triton_version=reply.model_version,
+        ),
+        image_sha256=image.sha256,
+        metadata=event.metadata,
+        source=_source(record),
+        trace_id=trace_id_of(trace.get_current_span()),
+        timings=timings,
+        decided_at=datetime.now(UTC),
+    )
+
+
+def event_id_hint(record: Record) -> str | None:
+    """The producer's event id for a record that failed validation, when one can be seen.
+
+    Dead letters should carry the id back to the producer even when the event is invalid for
+    another reason; the `event-id` header (raw events) or a string `event_id` field count.
+    """
+    for key, value in record.headers:
+        if key == "event-id":
+            return value.decode("utf-8", errors="replace")[:256]
+    if record.value is None or len(record.value) > 1_048_576:
+        return None
+    try:
+        document = orjson.loads(record.value)
+    except orjson.JSONDecodeError:
+        return None
+    candidate = document.get("event_id") if isinstance(document, dict) else None
+    return candidate if isinstance(candidate, str) and 0 < len(candidate) <= 256 else None
+
+
+def _source(record: Record) -> Source:
+    return Source(topic=record.topic, partition=record.partition, offset=record.offset)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

@@ -1,0 +1,202 @@
+"""Pipeline.judge with a scripted guard: what becomes a verdict, a dead letter, or a retry."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from PIL import Image
+
+from service.app import limits_from
+from service.client import encode_event, image_event
+from service.config import Settings
+from service.errors import GuardError, GuardUnavailable
+from service.guard import GuardReply
+from service.pipeline import Outcome, Pipeline, Record, Retry
+from service.policies import PolicyRegistry
+from service.verdicts import DeadLetter, Verdict
+
+SAFE = json.dumps({"rating": "Safe", "category": "NA: None applying", "rationale": "a cat"})
+
+
+class ScriptedGuard:
+    """Answers (or fails) from a script, and remembers what it was asked."""
+
+    def __init__(self, *script: str | Exception) -> None:
+        self.script = list(script)
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    async def ask(
+        self,
+        prompt: str,
+        pixels: npt.NDArray[np.uint8],
+        headers: Mapping[str, str] | None = None,
+    ) -> GuardReply:
+        self.calls.append((prompt, pixels.shape))
+        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(step, Exception):
+            raise step
+        return GuardReply(text=step, model_name="guard", model_version="7")
+
+
+def jpeg(width: int = 64, height: int = 48) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def record(value: bytes | None, headers: tuple[tuple[str, bytes], ...] = ()) -> Record:
+    return Record(topic="images", partition=2, offset=41, key=b"k", value=value, headers=headers)
+
+
+def event_record(**fields: object) -> Record:
+    fields.setdefault("image", jpeg())
+    return record(encode_event(image_event("ev-1", **fields)))  # type: ignore[arg-type]
+
+
+async def judge(guard: ScriptedGuard, rec: Record, **settings: object) -> Outcome:
+    config = Settings(image_resize_side=32, dead_letter_original_bytes=100, **settings)  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as pool:
+        pipeline = Pipeline(
+            policies=PolicyRegistry.load(),
+            default_policy="llavaguard-v1.2",
+            guard=guard,
+            limits=limits_from(config),
+            decode_pool=pool,
+            retry=Retry(attempts=3, first_backoff_s=0.001),
+            tracer=TracerProvider().get_tracer("test"),
+        )
+        return await pipeline.judge(rec)
+
+
+def dead(outcome: Outcome) -> DeadLetter:
+    assert isinstance(outcome, DeadLetter), outcome
+    return outcome
+
+
+async def test_a_parsed_answer_becomes_a_verdict_with_full_provenance() -> None:
+    guard = ScriptedGuard(SAFE)
+    outcome = await judge(guard, event_record(metadata={"user": "u"}))
+    assert isinstance(outcome, Verdict)
+    assert (outcome.rating, outcome.category, outcome.category_code) == (
+        "Safe",
+        "NA: None applying",
+        "NA",
+    )
+    assert outcome.rationale == "a cat"
+    assert (outcome.policy_id, outcome.policy_version) == ("llavaguard-v1.2", "1.2.0")
+    assert outcome.model.model_dump() == {
+        "name": "guard",
+        "version": "7",
+        "triton_model": "guard",
+        "triton_version": "7",
+    }
+    assert outcome.metadata == {"user": "u"}
+    assert outcome.source.model_dump() == {"topic": "images", "partition": 2, "offset": 41}
+    assert outcome.timings.total_ms >= outcome.timings.guard_ms >= 0
+
+
+async def test_the_guard_gets_the_policy_prompt_and_downscaled_rgb_pixels() -> None:
+    guard = ScriptedGuard(SAFE)
+    await judge(guard, event_record(image=jpeg(640, 480)))
+    prompt, shape = guard.calls[0]
+    assert prompt == PolicyRegistry.load().get("llavaguard-v1.2").render_prompt()
+    assert shape == (24, 32, 3)
+
+
+async def test_a_model_that_names_itself_is_named_in_the_verdict() -> None:
+    answer = json.dumps(
+        {
+            "rating": "Unsafe",
+            "category": "O4",
+            "rationale": "r",
+            "model": {"name": "nudenet-320n-rules", "version": "3.4.2+rules.x"},
+        }
+    )
+    outcome = await judge(ScriptedGuard(answer), event_record())
+    assert isinstance(outcome, Verdict)
+    assert (outcome.model.name, outcome.model.version) == ("nudenet-320n-rules", "3.4.2+rules.x")
+    assert (outcome.model.triton_model, outcome.model.triton_version) == ("guard", "7")
+    assert (outcome.category, outcome.category_code) == ("O4: Nudity Content", "O4")
+
+
+async def test_an_unavailable_guard_is_retried_and_then_answers() -> None:
+    guard = ScriptedGuard(GuardUnavailable("down"), GuardUnavailable("down"), SAFE)
+    outcome = await judge(guard, event_record())
+    assert isinstance(outcome, Verdict)
+    assert len(guard.calls) == 3
+
+
+async def test_retries_are_bounded_and_end_as_guard_unavailable() -> None:
+    guard = ScriptedGuard(GuardUnavailable("Triton: StatusCode.UNAVAILABLE"))
+    letter = dead(await judge(guard, event_record()))
+    assert letter.error.code == "guard_unavailable"
+    assert len(guard.calls) == 3
+
+
+async def test_a_refused_request_is_not_retried() -> None:
+    guard = ScriptedGuard(GuardError("StatusCode.INVALID_ARGUMENT: bad shape"))
+    letter = dead(await judge(guard, event_record()))
+    assert (letter.error.code, letter.error.message) == (
+        "guard_error",
+        "StatusCode.INVALID_ARGUMENT: bad shape",
+    )
+    assert len(guard.calls) == 1
+
+
+async def test_an_unparseable_answer_is_dead_lettered_with_the_raw_answer() -> None:
+    letter = dead(await judge(ScriptedGuard("I think it is fine."), event_record()))
+    assert letter.error.code == "unparseable_model_output"
+    assert letter.error.model_output == "I think it is fine."
+
+
+async def test_url_events_are_dead_lettered_without_asking_the_guard() -> None:
+    guard = ScriptedGuard(SAFE)
+    letter = dead(
+        await judge(guard, record(encode_event(image_event("u", url="https://x.test/a"))))
+    )
+    assert letter.error.code == "url_not_supported"
+    assert guard.calls == []
+
+
+async def test_a_bug_becomes_an_internal_error_dead_letter_not_a_crash() -> None:
+    letter = dead(await judge(ScriptedGuard(RuntimeError("boom")), event_record()))
+    assert letter.error.code == "internal_error"
+    assert "RuntimeError: boom" in letter.error.message
+    assert letter.event_id == "ev-1"
+
+
+async def test_dead_letters_keep_a_capped_copy_of_the_original_and_its_headers() -> None:
+    value = b'{"event_id": "ev-9", "image": {"data": "' + b"A" * 500 + b'"}, "x": 1}'
+    letter = dead(await judge(ScriptedGuard(SAFE), record(value, (("h", b"\xff\x00"),))))
+    assert letter.error.code == "invalid_event"
+    assert letter.event_id == "ev-9"
+    assert (letter.original_size, letter.original_truncated) == (len(value), True)
+    assert letter.original is not None
+    assert len(letter.original) == 136
+    assert [h.model_dump(exclude_none=True) for h in letter.original_headers] == [
+        {"key": "h", "value_base64": "/wA="}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "headers", "expected"),
+    [
+        (b"not json", (("event-id", b"from-header"),), "from-header"),
+        (b'{"event_id": 5}', (), None),
+        (b'{"event_id": "from-body", "image": 1}', (), "from-body"),
+        (b"[]", (), None),
+        (None, (), None),
+    ],
+)
+async def test_invalid_events_carry_the_producers_event_id_when_it_can_be_seen(
+    value: bytes | None, headers: tuple[tuple[str, bytes], ...], expected: str | None
+) -> None:
+    letter = dead(await judge(ScriptedGuard(SAFE), record(value, headers)))
+    assert letter.event_id == expected

@@ -1,0 +1,259 @@
+"""Command line: `python -m service <command>`; `--help` documents every command and setting."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from service import contract, stack
+from service.config import ENV_PREFIX, Settings
+from service.errors import GuardstreamError
+from service.kafka import PublishFailed
+
+log = logging.getLogger("service")
+
+_OTEL_HELP = """\
+OpenTelemetry (standard variables, read by the SDK):
+  OTEL_SERVICE_NAME              service.name of the spans (default: guardstream)
+  OTEL_TRACES_EXPORTER           otlp | console | none (default: otlp when an OTLP endpoint is
+                                 set, else none)
+  OTEL_EXPORTER_OTLP_ENDPOINT    collector address, e.g. http://otel-collector:4317
+  OTEL_EXPORTER_OTLP_PROTOCOL    grpc (default) | http/protobuf
+  OTEL_TRACES_SAMPLER[_ARG]      e.g. parentbased_traceidratio with 0.1
+  OTEL_RESOURCE_ATTRIBUTES       extra resource attributes, k=v,k=v
+"""
+
+
+def settings_help() -> str:
+    """Every GUARDSTREAM_* setting with its default and meaning, from the Settings model."""
+    lines = ["Settings (environment variables; defaults in brackets):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None else default
+        lines.append(f"  {ENV_PREFIX}{name.upper()}  [{shown}]")
+        lines += textwrap.wrap(
+            field.description or "", width=92, initial_indent=" " * 6, subsequent_indent=" " * 6
+        )
+    return "\n".join(lines) + "\n\n" + _OTEL_HELP
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="guardstream: judge image events from Kafka with a guard model in Triton "
+        "and publish verdicts.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=settings_help(),
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser(
+        "run",
+        help="consume image events and publish verdicts until SIGTERM/SIGINT",
+        description="Consume image events, judge each with the guard model, publish verdicts "
+        "and dead letters, commit offsets. Stops cleanly on SIGTERM or SIGINT: fetching stops, "
+        "in-flight events finish within GUARDSTREAM_DRAIN_TIMEOUT_S, offsets are committed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=settings_help(),
+    )
+
+    stack_parser = commands.add_parser(
+        "stack",
+        help="start, inspect or stop the embedded broker + Triton (development)",
+        description="The embedded development stack: a Kafka-protocol broker (noida-db) and a "
+        "CPU tritonserver serving triton_models/cpu, both from PyPI wheels, run in the "
+        "background. `up` prints the addresses to point the service at.",
+    )
+    stack_parser.add_argument("action", choices=["up", "status", "down"])
+    _add_stack_options(stack_parser)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole flow on the embedded stack with sample images, showing outcomes",
+        description="Start the embedded stack (unless one runs), start `run` as a child "
+        "process, publish sample photos, generated images and bad events, print each verdict "
+        "or dead letter as it arrives, then stop everything it started.",
+    )
+    _add_stack_options(demo)
+    demo.add_argument(
+        "--keep-stack", action="store_true", help="leave the stack running afterwards"
+    )
+
+    schemas = commands.add_parser(
+        "schemas",
+        help="write the JSON Schema files of the event contract (service/schemas/)",
+    )
+    schemas.add_argument(
+        "--check", action="store_true", help="exit 1 if the committed files are stale"
+    )
+
+    produce = commands.add_parser(
+        "produce",
+        help="publish image files as events (uses GUARDSTREAM_BOOTSTRAP_SERVERS/INPUT_TOPIC)",
+    )
+    produce.add_argument("files", nargs="+", type=Path, help="image files to publish")
+    produce.add_argument("--policy-id", default=None, help="policy to judge against")
+    return parser
+
+
+def _add_stack_options(parser: argparse.ArgumentParser) -> None:
+    defaults = stack.StackConfig()
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=defaults.state_dir,
+        help="where pids, logs and broker data live [%(default)s]",
+    )
+    parser.add_argument(
+        "--kafka-port", type=int, default=defaults.kafka_port, help="broker port [%(default)s]"
+    )
+    parser.add_argument(
+        "--triton-http-port",
+        type=int,
+        default=defaults.triton_http_port,
+        help="Triton HTTP port [%(default)s]",
+    )
+    parser.add_argument(
+        "--triton-grpc-port",
+        type=int,
+        default=defaults.triton_grpc_port,
+        help="Triton gRPC port [%(default)s]",
+    )
+    parser.add_argument(
+        "--triton-metrics-port",
+        type=int,
+        default=defaults.triton_metrics_port,
+        help="Triton metrics port [%(default)s]",
+    )
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=defaults.model_repository,
+        help="Triton model repository [%(default)s]",
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=defaults.partitions,
+        help="partitions of the topics it creates [%(default)s]",
+    )
+
+
+def stack_config(args: argparse.Namespace) -> stack.StackConfig:
+    return stack.StackConfig(
+        state_dir=args.state_dir,
+        kafka_port=args.kafka_port,
+        triton_http_port=args.triton_http_port,
+        triton_grpc_port=args.triton_grpc_port,
+        triton_metrics_port=args.triton_metrics_port,
+        model_repository=args.model_repository,
+        partitions=args.partitions,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "run":
+        return run(settings)
+    if args.command == "stack":
+        return stack_command(args)
+    if args.command == "demo":
+        from service.demo import run_demo
+
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        return run_demo(stack_config(args), keep_stack=args.keep_stack)
+    if args.command == "schemas":
+        return schemas_command(check=args.check)
+    return produce_command(settings, args.files, args.policy_id)
+
+
+def run(settings: Settings) -> int:
+    from service.app import serve
+    from service.tracing import setup_tracing
+
+    provider = setup_tracing()
+
+    async def serve_until_signalled() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(serve_until_signalled())
+    except (GuardstreamError, PublishFailed) as exc:
+        log.error("stopped: %s", exc)
+        return 1
+    finally:
+        provider.shutdown()
+    log.info("stopped cleanly")
+    return 0
+
+
+def stack_command(args: argparse.Namespace) -> int:
+    config = stack_config(args)
+    if args.action == "up":
+        try:
+            state = stack.up(config)
+        except stack.StackError as exc:
+            print(f"stack did not start: {exc}", file=sys.stderr)
+            return 1
+        print(state.describe())
+        print(f"logs              {config.state_dir}/kafka.log, {config.state_dir}/triton.log")
+        return 0
+    if args.action == "status":
+        recorded, checks = stack.status(config.state_dir)
+        if recorded is not None:
+            print(recorded.describe())
+        print("\n".join(checks))
+        return 0 if recorded is not None and all(c.endswith("ok") for c in checks) else 1
+    stopped = stack.down(config.state_dir)
+    print("stack stopped" if stopped else f"no stack recorded in {config.state_dir}")
+    return 0
+
+
+def schemas_command(*, check: bool) -> int:
+    if check:
+        stale = contract.stale()
+        for name in stale:
+            print(f"stale: service/schemas/{name} (run: python -m service schemas)")
+        return 1 if stale else 0
+    for path in contract.write():
+        print(f"wrote {path}")
+    return 0
+
+
+def produce_command(settings: Settings, files: list[Path], policy_id: str | None) -> int:
+    from service.client import ImageEventProducer, image_event
+
+    async def publish() -> None:
+        async with ImageEventProducer(settings.bootstrap_servers, settings.input_topic) as out:
+            for path in files:
+                event = image_event(path.name, image=path.read_bytes(), policy_id=policy_id)
+                sent = await out.send(event)
+                print(f"{path}: {sent.topic}[{sent.partition}]@{sent.offset}")
+
+    asyncio.run(publish())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

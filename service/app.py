@@ -1,0 +1,82 @@
+"""Wire the service together from its settings and serve until asked to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from opentelemetry.trace import Tracer
+
+from service.config import Settings
+from service.events import EventLimits
+from service.guard import GuardClient, Sampling
+from service.images import ImageLimits
+from service.kafka import ModerationConsumer
+from service.pipeline import Pipeline, PipelineLimits, Retry
+from service.policies import PolicyRegistry
+from service.tracing import describe_exporter, get_tracer
+
+log = logging.getLogger(__name__)
+
+
+def limits_from(settings: Settings) -> PipelineLimits:
+    return PipelineLimits(
+        event=EventLimits(
+            max_event_bytes=settings.max_event_bytes,
+            max_metadata_bytes=settings.max_metadata_bytes,
+        ),
+        image=ImageLimits(
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_image_side=settings.max_image_side,
+            resize_side=settings.image_resize_side,
+        ),
+        dead_letter_original_bytes=settings.dead_letter_original_bytes,
+    )
+
+
+def guard_from(settings: Settings) -> GuardClient:
+    return GuardClient(
+        settings.triton_url,
+        settings.guard_model,
+        Sampling(
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            seed=settings.seed,
+            end_id=settings.end_id,
+            pad_id=settings.pad_id,
+        ),
+        version=settings.guard_model_version,
+        timeout_s=settings.guard_timeout_s,
+    )
+
+
+async def serve(settings: Settings, stop: asyncio.Event, tracer: Tracer | None = None) -> None:
+    """Run the consumer until `stop` is set; the start-up order fails fast on bad config."""
+    policies = PolicyRegistry.load(settings.policy_dir)
+    policies.get(settings.default_policy)
+    guard = guard_from(settings)
+    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    try:
+        log.info("waiting for Triton at %s, model %r", settings.triton_url, settings.guard_model)
+        await guard.wait_ready(settings.guard_startup_timeout_s)
+        log.info("Triton model %r is ready; traces go to %s", guard.model, describe_exporter())
+        pipeline = Pipeline(
+            policies=policies,
+            default_policy=settings.default_policy,
+            guard=guard,
+            limits=limits_from(settings),
+            decode_pool=decode_pool,
+            retry=Retry(
+                attempts=settings.guard_retries + 1,
+                first_backoff_s=settings.guard_retry_backoff_s,
+            ),
+            tracer=tracer or get_tracer(),
+        )
+        await ModerationConsumer(settings, pipeline, tracer or get_tracer()).run(stop)
+    finally:
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+        await guard.close()

@@ -1,0 +1,222 @@
+"""`python -m service demo`: the whole flow on the embedded stack, outcomes shown as they land.
+
+It runs the real service as a child process (`python -m service run`, exactly what a pod
+runs), publishes `service.samples` through the producer helper, and reads the verdicts and
+dead-letters topics like any downstream consumer would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+from service import stack
+from service.client import ImageEventProducer
+from service.config import Settings
+from service.samples import Sample, all_samples
+from service.tracing import one_line
+
+_COLUMNS = (("event", 26), ("outcome", 11), ("rating / code", 26), ("ms", 7), ("detail", 64))
+
+
+def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
+    started = time.monotonic()
+    settings = Settings()
+    already = stack.read_state(config.state_dir)
+    print("starting the embedded stack (broker + Triton with the CPU guard) ...", flush=True)
+    try:
+        state = stack.up(config)
+    except stack.StackError as exc:
+        print(f"stack did not start: {exc}", file=sys.stderr)
+        return 1
+    print(state.describe(), flush=True)
+    started_here = already is None or already.kafka_pid != state.kafka_pid
+    demo_dir = config.state_dir.parent / "demo"
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    service_traces = demo_dir / "service-traces.jsonl"
+    producer_traces = demo_dir / "producer-traces.jsonl"
+    service = _start_service(state, settings, demo_dir, service_traces)
+    try:
+        _trace_to(producer_traces)
+        run_id = uuid.uuid4().hex[:6]
+        samples = all_samples(prefix=f"demo-{run_id}-")
+        print(
+            f"\nservice started (pid {service.pid}, log {demo_dir / 'service.log'}); "
+            f"publishing {len(samples)} events to {settings.input_topic!r}\n",
+            flush=True,
+        )
+        seen = asyncio.run(_publish_and_watch(state.bootstrap_servers, settings, samples))
+    finally:
+        service.send_signal(signal.SIGTERM)
+        code = service.wait(timeout=settings.drain_timeout_s + 30)
+        trace.get_tracer_provider().shutdown()  # type: ignore[attr-defined]
+        if started_here and not keep_stack:
+            stack.down(config.state_dir)
+    print(f"\nservice stopped on SIGTERM with exit code {code}")
+    _show_trace(seen, [producer_traces, service_traces])
+    missing = len(samples) - len(seen)
+    print(
+        f"\n{len(seen)} of {len(samples)} events answered "
+        f"({sum(1 for o in seen.values() if 'rating' in o)} verdicts, "
+        f"{sum(1 for o in seen.values() if 'error' in o)} dead letters) "
+        f"in {time.monotonic() - started:.1f}s; "
+        f"stack {'left running' if keep_stack or not started_here else 'stopped'}."
+    )
+    return 0 if missing == 0 and code == 0 else 1
+
+
+def _start_service(
+    state: stack.StackState, settings: Settings, demo_dir: Path, traces: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": state.bootstrap_servers,
+        "GUARDSTREAM_TRITON_URL": state.triton_grpc,
+        "OTEL_TRACES_EXPORTER": "console",
+    }
+    with (demo_dir / "service.log").open("wb") as log, traces.open("wb") as spans:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service", "run"], stdout=spans, stderr=log, env=env
+        )
+
+
+def _trace_to(path: Path) -> None:
+    """The demo is an upload service too: its publish spans start each event's trace."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "demo-uploader"}))
+    out = path.open("w")
+    provider.add_span_processor(
+        SimpleSpanProcessor(ConsoleSpanExporter(out=out, formatter=one_line))
+    )
+    trace.set_tracer_provider(provider)
+
+
+async def _publish_and_watch(
+    bootstrap: str, settings: Settings, samples: list[Sample]
+) -> dict[bytes, dict[str, Any]]:
+    """Publish every sample, then print outcomes until each has one (or 180 s pass)."""
+    watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    await watcher.start()
+    try:
+        await watcher.topics()  # loads the metadata partitions_for_topic reads
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in (settings.verdict_topic, settings.dead_letter_topic)
+            for p in sorted(watcher.partitions_for_topic(topic) or ())
+        ]
+        watcher.assign(partitions)
+        await watcher.seek_to_end(*partitions)
+        for tp in partitions:
+            await watcher.position(tp)  # fix the start before publishing
+        expected = {s.value: s for s in samples}
+        async with ImageEventProducer(bootstrap, settings.input_topic) as producer:
+            for sample in samples:
+                await producer.send_raw(sample.value, event_id=sample.event_id)
+        _print_row([name for name, _ in _COLUMNS])
+        seen: dict[bytes, dict[str, Any]] = {}
+        deadline = time.monotonic() + 180
+        while len(seen) < len(samples) and time.monotonic() < deadline:
+            batches = await watcher.getmany(timeout_ms=500)
+            for message in (m for batch in batches.values() for m in batch):
+                outcome = json.loads(message.value)
+                key = _match(outcome, expected)
+                if key is not None and key not in seen:
+                    seen[key] = outcome
+                    _print_outcome(expected[key], outcome)
+        return seen
+    finally:
+        await watcher.stop()
+
+
+def _match(outcome: dict[str, Any], expected: dict[bytes, Sample]) -> bytes | None:
+    """Which published value an outcome answers (dead letters of invalid JSON carry no id)."""
+    for value, sample in expected.items():
+        if sample.event_id is not None and outcome.get("event_id") == sample.event_id:
+            return value
+    original = outcome.get("original")
+    if original:
+        import base64
+
+        raw = base64.b64decode(original)
+        return raw if raw in expected else None
+    return None
+
+
+def _print_outcome(sample: Sample, outcome: dict[str, Any]) -> None:
+    if "rating" in outcome:
+        got = f"{outcome['rating']}/{outcome['category_code']}"
+        row = [
+            sample.name,
+            "verdict",
+            f"{outcome['rating']} {outcome['category']}",
+            f"{outcome['timings']['total_ms']:.0f}",
+            outcome["rationale"],
+        ]
+    else:
+        got = f"dead:{outcome['error']['code']}"
+        row = [
+            sample.name,
+            "dead letter",
+            outcome["error"]["code"],
+            "",
+            outcome["error"]["message"],
+        ]
+    if got != sample.expect:
+        row[-1] = f"(expected {sample.expect}) {row[-1]}"
+    _print_row(row)
+
+
+def _print_row(cells: Iterable[str]) -> None:
+    parts = []
+    for (_, width), cell in zip(_COLUMNS, cells, strict=True):
+        text = " ".join(str(cell).split())
+        parts.append(text[: width - 1] + "…" if len(text) > width else text.ljust(width))
+    print(" ".join(parts).rstrip(), flush=True)
+
+
+def _show_trace(seen: dict[bytes, dict[str, Any]], files: list[Path]) -> None:
+    """Print one verdict's trace: the upload's publish span and the service's spans under it."""
+    verdict = next((o for o in seen.values() if "rating" in o and o.get("trace_id")), None)
+    if verdict is None:
+        return
+    spans = [
+        s for s in _read_spans(files) if s["context"]["trace_id"] == "0x" + verdict["trace_id"]
+    ]
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for span in spans:
+        children.setdefault(span.get("parent_id"), []).append(span)
+    print(
+        f"\ntrace {verdict['trace_id']} of {verdict['event_id']} "
+        f"({len(spans)} spans; files {', '.join(str(f) for f in files)}):"
+    )
+
+    def walk(parent: str | None, depth: int) -> None:
+        for span in sorted(children.get(parent, []), key=lambda s: s["start_time"]):
+            service = span["resource"]["attributes"].get("service.name", "?")
+            print(f"  {'  ' * depth}{span['name']:<{40 - 2 * depth}} {span['kind']:<22} {service}")
+            walk(span["context"]["span_id"], depth + 1)
+
+    walk(None, 0)
+    print("  (set OTEL_EXPORTER_OTLP_ENDPOINT to send the service's spans to a collector)")
+
+
+def _read_spans(files: list[Path]) -> list[dict[str, Any]]:
+    spans = []
+    for path in files:
+        if path.exists():
+            spans += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return spans

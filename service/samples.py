@@ -1,0 +1,167 @@
+"""Sample events for the demo and the end-to-end tests: real photos, made images, bad input.
+
+Each sample knows the outcome it should have: a (rating, category code) verdict or a
+dead-letter code. Photos come from scikit-image's `skimage.data` (the `demo` extra).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from service.client import encode_event, image_event
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    value: bytes
+    expect: str
+    """'Safe/NA', 'Unsafe/O4', ... for a verdict; 'dead:<code>' for a dead letter."""
+    event_id: str | None
+
+
+# skimage.data photos we rate Safe, and the one NudeNet gets wrong: the colour wheel in
+# color.png scores 0.83 as BUTTOCKS_EXPOSED, above the default O4 threshold of 0.5.
+PHOTOS: dict[str, str] = {
+    "astronaut.png": "Safe/NA",
+    "chelsea.png": "Safe/NA",
+    "coffee.png": "Safe/NA",
+    "rocket.jpg": "Safe/NA",
+    "camera.png": "Safe/NA",
+    "hubble_deep_field.jpg": "Safe/NA",
+    "color.png": "Unsafe/O4",
+}
+
+
+# Kafka's default record limit is 1 MB, and base64 adds a third: bigger photos are sent as
+# JPEG, as upload services do (or they send a URL).
+_INLINE_BUDGET = 600_000
+
+
+def photo_bytes(name: str) -> bytes:
+    """The file as shipped inside scikit-image (no download), re-encoded if too big to inline."""
+    from importlib import resources
+
+    data = (resources.files("skimage") / "data" / name).read_bytes()
+    if len(data) <= _INLINE_BUDGET:
+        return data
+    return _encode(Image.open(io.BytesIO(data)).convert("RGB"), "JPEG", quality=90)
+
+
+def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _gradient(width: int, height: int) -> npt.NDArray[np.uint8]:
+    x = np.linspace(0, 255, width, dtype=np.float32)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    channels: npt.NDArray[np.float32] = np.stack(
+        [
+            np.broadcast_to(x, (height, width)),
+            np.broadcast_to(y, (height, width)),
+            np.full((height, width), 128.0),
+        ],
+        axis=-1,
+    )
+    return channels.astype(np.uint8)
+
+
+def made_images() -> dict[str, bytes]:
+    """Images built here, one per decoding path worth showing."""
+    rng = np.random.default_rng(7)
+    gradient = Image.fromarray(_gradient(640, 360))
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # EXIF "rotate 90° clockwise": a phone photo held upright
+    rgba = Image.fromarray(np.dstack([_gradient(300, 200), np.full((200, 300), 96, np.uint8)]))
+    deep = (np.linspace(0, 65535, 256 * 256).reshape(256, 256)).astype(np.uint16)
+    frames = [Image.fromarray(_gradient(120, 80)).rotate(a) for a in (0, 30, 60)]
+    animated = io.BytesIO()
+    frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return {
+        "gradient.webp": _encode(gradient, "WEBP", quality=80),
+        "cmyk-rotated.jpg": _encode(gradient.convert("CMYK"), "JPEG", exif=rotated),
+        "alpha.png": _encode(rgba, "PNG"),
+        "grey16.png": _encode(Image.fromarray(deep), "PNG"),
+        "animated.gif": animated.getvalue(),
+        "noise.bmp": _encode(Image.fromarray(rng.integers(0, 255, (64, 96, 3), np.uint8)), "BMP"),
+        "large.tiff": _encode(
+            Image.fromarray(_gradient(2400, 1600)), "TIFF", compression="tiff_adobe_deflate"
+        ),
+    }
+
+
+def bad_events(prefix: str) -> list[Sample]:
+    """One event per dead-letter code a producer can cause."""
+    jpeg = _encode(Image.fromarray(_gradient(400, 300)), "JPEG")
+    huge = _encode(Image.new("1", (7000, 7000)), "PNG")  # 49 Mpx declared, 6 KB on the wire
+
+    def event(suffix: str, **kwargs: object) -> tuple[str, bytes]:
+        event_id = f"{prefix}{suffix}"
+        return event_id, encode_event(image_event(event_id, **kwargs))  # type: ignore[arg-type]
+
+    samples = [Sample("not JSON", b"\x89 this is not json {", "dead:invalid_json", None)]
+    samples.append(
+        Sample("no event_id", b'{"image": {"data": "AAAA"}}', "dead:invalid_event", None)
+    )
+    event_id = f"{prefix}bad-base64"
+    samples.append(
+        Sample(
+            "bad base64",
+            b'{"event_id": "%s", "image": {"data": "@@not base64@@"}}' % event_id.encode(),
+            "dead:invalid_event",
+            event_id,
+        )
+    )
+    cases: list[tuple[str, str, Callable[[], tuple[str, bytes]]]] = [
+        (
+            "truncated JPEG",
+            "dead:image_decode_failed",
+            lambda: event("truncated", image=jpeg[: len(jpeg) // 2]),
+        ),
+        (
+            "PDF file",
+            "dead:unsupported_image_format",
+            lambda: event("pdf", image=b"%PDF-1.7\n1 0 obj\n<< >>\nendobj\n"),
+        ),
+        ("49 Mpx PNG", "dead:image_too_large", lambda: event("huge", image=huge)),
+        (
+            "image URL",
+            "dead:url_not_supported",
+            lambda: event("url", url="https://images.example.com/u/42.jpg"),
+        ),
+        (
+            "unknown policy",
+            "dead:unknown_policy",
+            lambda: event("policy", image=jpeg, policy_id="no-such-policy"),
+        ),
+    ]
+    for name, expect, build in cases:
+        event_id, value = build()
+        samples.append(Sample(name, value, expect, event_id))
+    return samples
+
+
+def all_samples(prefix: str) -> list[Sample]:
+    """Photos, made images and bad events, with event ids starting with `prefix`."""
+    samples = []
+    for name, expect in PHOTOS.items():
+        event_id = f"{prefix}{name}"
+        value = encode_event(
+            image_event(
+                event_id, image=photo_bytes(name), metadata={"file": name, "source": "skimage.data"}
+            )
+        )
+        samples.append(Sample(name, value, expect, event_id))
+    for name, data in made_images().items():
+        event_id = f"{prefix}{name}"
+        value = encode_event(image_event(event_id, image=data, metadata={"file": name}))
+        samples.append(Sample(name, value, "Safe/NA", event_id))
+    return samples + bad_events(prefix)

@@ -1,0 +1,146 @@
+"""`python -m service`: help that documents every setting, commands that behave as documented."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service import stack
+from service.client import ImageEventProducer, image_event
+from service.config import Settings
+from service.samples import photo_bytes
+from tests.conftest import Topics, free_port
+from tests.outputs import collect, committed_offsets
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["run"]])
+def test_help_documents_every_setting_and_the_otel_variables(command: list[str]) -> None:
+    result = cli(*command, "--help")
+    assert result.returncode == 0
+    for name, field in Settings.model_fields.items():
+        assert f"GUARDSTREAM_{name.upper()}" in result.stdout
+        assert field.description
+        assert field.description.split()[0] in result.stdout
+    for variable in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_SERVICE_NAME"):
+        assert variable in result.stdout
+
+
+def test_every_command_has_help() -> None:
+    top = cli("--help").stdout
+    for command in ("run", "stack", "demo", "schemas", "produce"):
+        assert command in top
+        assert cli(command, "--help").returncode == 0
+
+
+def test_invalid_settings_are_refused_before_anything_starts() -> None:
+    result = cli("run", env={"GUARDSTREAM_MAX_IN_FLIGHT": "0"})
+    assert result.returncode == 2
+    assert "max_in_flight" in result.stderr
+
+
+def test_committed_json_schemas_match_the_models() -> None:
+    result = cli("schemas", "--check")
+    assert (result.returncode, result.stdout) == (0, "")
+
+
+def test_run_exits_nonzero_with_a_clear_message_when_triton_never_becomes_ready() -> None:
+    port = free_port()
+    result = cli(
+        "run",
+        env={
+            "GUARDSTREAM_TRITON_URL": f"127.0.0.1:{port}",
+            "GUARDSTREAM_GUARD_STARTUP_TIMEOUT_S": "1",
+        },
+    )
+    assert result.returncode == 1
+    assert f"Triton at 127.0.0.1:{port} not ready after 1s" in result.stderr
+
+
+@pytest.mark.stack
+async def test_run_serves_until_sigterm_then_commits_and_exits_zero(
+    embedded_stack: stack.StackState, topics: Topics
+) -> None:
+    env = {
+        **os.environ,
+        "GUARDSTREAM_BOOTSTRAP_SERVERS": embedded_stack.bootstrap_servers,
+        "GUARDSTREAM_TRITON_URL": embedded_stack.triton_grpc,
+        "GUARDSTREAM_INPUT_TOPIC": topics.input,
+        "GUARDSTREAM_VERDICT_TOPIC": topics.verdicts,
+        "GUARDSTREAM_DEAD_LETTER_TOPIC": topics.dead_letters,
+        "GUARDSTREAM_GROUP_ID": topics.group,
+    }
+    service = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "run",
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with ImageEventProducer(embedded_stack.bootstrap_servers, topics.input) as producer:
+            for i in range(12):
+                await producer.send(image_event(f"sigterm-{i}", image=photo_bytes("rocket.jpg")))
+        outcomes = await collect(embedded_stack.bootstrap_servers, topics, 12)
+        service.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(service.communicate(), 60)
+    finally:
+        if service.returncode is None:
+            service.kill()
+    log = stderr.decode()
+    assert service.returncode == 0, log
+    assert "stopped cleanly" in log
+    assert sum(map(len, outcomes.values())) == 12
+    committed, ends = await committed_offsets(embedded_stack.bootstrap_servers, topics)
+    assert committed == ends
+    assert sum(ends.values()) == 12
+
+
+@pytest.mark.stack
+def test_stack_commands_start_report_and_stop_a_stack(tmp_path: Path) -> None:
+    ports = {
+        "--kafka-port": free_port(),
+        "--triton-http-port": free_port(),
+        "--triton-grpc-port": free_port(),
+        "--triton-metrics-port": free_port(),
+    }
+    options = ["--state-dir", str(tmp_path), *(str(x) for kv in ports.items() for x in kv)]
+    started = time.monotonic()
+    up = cli("stack", "up", *options)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert f"kafka bootstrap   127.0.0.1:{ports['--kafka-port']}" in up.stdout
+        assert f"triton grpc       127.0.0.1:{ports['--triton-grpc-port']}" in up.stdout
+        status = cli("stack", "status", *options)
+        assert status.returncode == 0
+        assert "triton ready    ok" in status.stdout
+        again = cli("stack", "up", *options)
+        assert again.returncode == 0
+        assert again.stdout.splitlines()[0] == up.stdout.splitlines()[0]
+    finally:
+        down = cli("stack", "down", *options)
+    assert down.returncode == 0
+    assert "stack stopped" in down.stdout
+    assert cli("stack", "status", *options).returncode == 1
+    assert time.monotonic() - started < 120

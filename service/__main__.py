@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -247,9 +248,10 @@ def produce_command(settings: Settings, files: list[Path], policy_id: str | None
     async def publish() -> None:
         async with ImageEventProducer(settings.bootstrap_servers, settings.input_topic) as out:
             for path in files:
-                event = image_event(path.name, image=path.read_bytes(), policy_id=policy_id)
+                event_id = f"{path.stem}-{uuid.uuid4().hex[:12]}"
+                event = image_event(event_id, image=path.read_bytes(), policy_id=policy_id)
                 sent = await out.send(event)
-                print(f"{path}: {sent.topic}[{sent.partition}]@{sent.offset}")
+                print(f"{path}: event {event_id} at {sent.topic}[{sent.partition}]@{sent.offset}")
 
     asyncio.run(publish())
     return 0

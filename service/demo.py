@@ -8,6 +8,7 @@ dead-letters topics like any downstream consumer would.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ from service.config import Settings
 from service.samples import Sample, all_samples
 from service.tracing import one_line
 
-_COLUMNS = (("event", 26), ("outcome", 11), ("rating / code", 26), ("ms", 7), ("detail", 64))
+_COLUMNS = (("event", 22), ("outcome", 11), ("rating / code", 26), ("ms", 5), ("detail", 90))
 
 
 def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
@@ -149,8 +150,6 @@ def _match(outcome: dict[str, Any], expected: dict[bytes, Sample]) -> bytes | No
             return value
     original = outcome.get("original")
     if original:
-        import base64
-
         raw = base64.b64decode(original)
         return raw if raw in expected else None
     return None

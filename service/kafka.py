@@ -103,11 +103,15 @@ class ModerationConsumer:
         interval = self._settings.commit_interval_ms / 1000
         while not stop.is_set() and self._failure is None:
             free = self._settings.max_in_flight - self.in_flight
-            if free <= 0:
+            if free > 0:
+                self._resume()
+            else:
                 await self._wait_for_slot(stop)
-                continue
-            self._resume()
-            batches = await self._consumer.getmany(timeout_ms=100, max_records=free)
+            # Polled even when paused: aiokafka counts polls to decide we are still alive.
+            # Whatever it returns is taken (a partition assigned since the pause is not paused).
+            batches = await self._consumer.getmany(
+                timeout_ms=100 if free > 0 else 0, max_records=max(free, 1)
+            )
             for tp, messages in batches.items():
                 for message in messages:
                     self._start(tp, message)
@@ -116,10 +120,10 @@ class ModerationConsumer:
                 next_commit = time.monotonic() + interval
 
     async def _wait_for_slot(self, stop: asyncio.Event) -> None:
-        """Window full: pause fetching but keep polling, so the group keeps us as a member."""
-        paused = self._consumer.assignment() - self._consumer.paused()
-        if paused:
-            self._consumer.pause(*paused)
+        """Window full: pause fetching until a record finishes (or a second passes)."""
+        unpaused = self._consumer.assignment() - self._consumer.paused()
+        if unpaused:
+            self._consumer.pause(*unpaused)
         self._slot_freed.clear()
         waits = [asyncio.ensure_future(self._slot_freed.wait()), asyncio.ensure_future(stop.wait())]
         try:
@@ -127,7 +131,6 @@ class ModerationConsumer:
         finally:
             for wait in waits:
                 wait.cancel()
-        await self._consumer.getmany(timeout_ms=0)
 
     def _resume(self) -> None:
         paused = self._consumer.paused()
@@ -266,7 +269,8 @@ class ModerationConsumer:
             self._offsets.pop(tp, None)
             self._committed.pop(tp, None)
             self._tasks.pop(tp, None)
-        log.info("partitions revoked: %s", _describe_partitions(revoked))
+        if revoked:
+            log.info("partitions revoked: %s", _describe_partitions(revoked))
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

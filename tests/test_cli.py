@@ -88,6 +88,8 @@ async def test_run_serves_until_sigterm_then_commits_and_exits_zero(
         "GUARDSTREAM_VERDICT_TOPIC": topics.verdicts,
         "GUARDSTREAM_DEAD_LETTER_TOPIC": topics.dead_letters,
         "GUARDSTREAM_GROUP_ID": topics.group,
+        # A window of 2 keeps it paused most of the time: polling and commits must go on.
+        "GUARDSTREAM_MAX_IN_FLIGHT": "2",
     }
     service = await asyncio.create_subprocess_exec(
         sys.executable,

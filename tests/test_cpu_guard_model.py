@@ -15,17 +15,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import cv2
+import nudenet
 import numpy as np
 import pytest
+import skimage
 from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from tritonclient.grpc import model_config_pb2
-
-cv2 = pytest.importorskip("cv2")
-nudenet = pytest.importorskip("nudenet")
-skimage = pytest.importorskip("skimage")
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "triton_models" / "cpu" / "guard"
 SAMPLES = Path(skimage.__file__).parent / "data"

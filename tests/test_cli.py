@@ -15,7 +15,7 @@ import pytest
 from service import stack
 from service.client import ImageEventProducer, image_event
 from service.config import Settings
-from service.samples import photo_bytes
+from service.samples import all_samples, photo_bytes
 from tests.conftest import Topics, free_port
 from tests.outputs import collect, committed_offsets
 
@@ -146,3 +146,26 @@ def test_stack_commands_start_report_and_stop_a_stack(tmp_path: Path) -> None:
     assert "stack stopped" in down.stdout
     assert cli("stack", "status", *options).returncode == 1
     assert time.monotonic() - started < 120
+
+
+@pytest.mark.stack
+def test_demo_shows_every_sample_outcome_and_a_trace_then_cleans_up(tmp_path: Path) -> None:
+    ports = [
+        ("--kafka-port", free_port()),
+        ("--triton-http-port", free_port()),
+        ("--triton-grpc-port", free_port()),
+        ("--triton-metrics-port", free_port()),
+    ]
+    state_dir = tmp_path / "stack"
+    options = ["--state-dir", str(state_dir), *(str(x) for kv in ports for x in kv)]
+    result = cli("demo", *options, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    samples = all_samples("x-")
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("verdict", "dead"), 23)]
+    assert len(rows) == len(samples)
+    assert "(expected" not in result.stdout
+    assert f"{len(samples)} of {len(samples)} events answered" in result.stdout
+    assert "service stopped on SIGTERM with exit code 0" in result.stdout
+    assert "    images process" in result.stdout
+    assert (tmp_path / "demo" / "service-traces.jsonl").stat().st_size > 0
+    assert stack.read_state(state_dir) is None  # the stack it started is stopped

@@ -16,13 +16,16 @@ instead of a silently different request; new fields arrive with a new `schema_ve
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -84,10 +87,29 @@ ImageSource = Annotated[
 ]
 
 
+def _not_a_boolean(value: Any) -> Any:
+    # JSON's true is not the integer 1, whatever Python thinks.
+    if isinstance(value, bool):
+        raise ValueError("must be the integer 1, not a boolean")
+    return value
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339_text(value: Any) -> Any:
+    # pydantic would also take Unix timestamps (numbers or digit strings): the schema does not.
+    if isinstance(value, datetime) or value is None:
+        return value
+    if not (isinstance(value, str) and _RFC3339.fullmatch(value)):
+        raise ValueError("must be an RFC 3339 date-time string with an offset")
+    return value
+
+
 class ImageEvent(_Strict):
     """An uploaded image to judge."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Annotated[Literal[1], BeforeValidator(_not_a_boolean)] = SCHEMA_VERSION
     event_id: Annotated[
         str,
         Field(
@@ -108,7 +130,7 @@ class ImageEvent(_Strict):
         default_factory=dict,
         description="Producer data echoed in the verdict (size-capped by the service).",
     )
-    created_at: AwareDatetime | None = Field(
+    created_at: Annotated[AwareDatetime | None, BeforeValidator(_rfc3339_text)] = Field(
         None, description="When the upload happened (RFC 3339 with offset)."
     )
 
@@ -137,7 +159,10 @@ def parse_event(value: bytes | None, limits: EventLimits) -> ImageEvent:
         event = ImageEvent.model_validate(document)
     except ValidationError as exc:
         raise InvalidEvent(describe_validation_error(exc)) from None
-    metadata_bytes = len(orjson.dumps(event.metadata))
+    try:
+        metadata_bytes = len(orjson.dumps(event.metadata))
+    except orjson.JSONEncodeError:
+        raise InvalidEvent("metadata is nested too deeply") from None
     if metadata_bytes > limits.max_metadata_bytes:
         raise InvalidEvent(
             f"metadata is {metadata_bytes} bytes as JSON; the limit is {limits.max_metadata_bytes}"
@@ -148,6 +173,12 @@ def parse_event(value: bytes | None, limits: EventLimits) -> ImageEvent:
 def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
     """One line a producer can act on: where each problem is and what it is, inputs omitted."""
     errors = exc.errors(include_url=False, include_input=False)
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or '<event>'}: {e['msg']}" for e in errors]
+    parts = [f"{_location(e['loc'])}: {e['msg']}" for e in errors]
     more = f" (+{len(parts) - limit} more)" if len(parts) > limit else ""
     return "invalid image event: " + "; ".join(parts[:limit]) + more
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """A field path for a message: producers' keys may hold anything, logs must stay one line."""
+    path = ".".join(str(part)[:64] for part in loc) or "<event>"
+    return "".join(c if c.isprintable() else "?" for c in path)

@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import io
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ _KNOWN_UNSUPPORTED: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\xc5\xd0\xd3\xc6", "EPS"),
     (0, b"<svg", "SVG"),
     (0, b"<?xml", "SVG/XML"),
+    (0, b"<!DOCTYPE svg", "SVG"),
     (0, b"\x00\x00\x01\x00", "ICO"),
     (0, b"8BPS", "PSD"),
     (0, b"qoif", "QOI"),
@@ -106,8 +108,8 @@ def decode_image(encoded: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageTooLarge(str(exc)) from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
         raise ImageDecodeFailed(f"{image.format} image could not be decoded: {exc}") from None
-    oriented = _orient(image)
-    width, height = _as_viewed(declared, image)
+    oriented, turned = _orient(image)
+    width, height = (declared[1], declared[0]) if turned else declared
     rgb = _to_rgb(oriented)
     rgb.thumbnail((limits.resize_side, limits.resize_side), Image.Resampling.BICUBIC)
     pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
@@ -142,7 +144,7 @@ def _open(encoded: bytes) -> Image.Image:
 
 def sniff_unsupported(encoded: bytes) -> str | None:
     """Name the format of bytes we recognise but do not decode, if we do."""
-    head = encoded[:64].lstrip() if encoded[:1].isspace() else encoded[:64]
+    head = encoded[:64].removeprefix(b"\xef\xbb\xbf").lstrip()
     for offset, magic, name in _KNOWN_UNSUPPORTED:
         if head[offset : offset + len(magic)] == magic:
             return name
@@ -164,43 +166,36 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
         )
 
 
-def _orient(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation; a broken EXIF block leaves the image as stored."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError):
-        return image
+# What Pillow raises on a malformed EXIF block: struct.error among them, when a tag's stored
+# type does not match Pillow's tag table and exif_transpose rewrites the block.
+_EXIF_ERRORS = (OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError, struct.error)
 
 
-def _as_viewed(declared: tuple[int, int], image: Image.Image) -> tuple[int, int]:
-    """The declared size turned as its EXIF orientation turns the picture."""
-    width, height = declared
+def _orient(image: Image.Image) -> tuple[Image.Image, bool]:
+    """Apply the EXIF orientation; True when width and height swapped. A broken EXIF block
+    leaves the image as stored."""
     try:
         orientation = image.getexif().get(0x0112, 1)
-    except (OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError):
-        orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        return ImageOps.exif_transpose(image), orientation in (5, 6, 7, 8)
+    except _EXIF_ERRORS:
+        return image, False
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB as a viewer would see it: transparency composited over white, deep images scaled."""
-    if image.mode == "RGB":
-        return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return Image.fromarray(_scale_to_uint8(np.asarray(image)), "L").convert("RGB")
+        return Image.fromarray(_scale_to_uint8(np.asarray(image), image.mode), "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE)
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _scale_to_uint8(values: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
-    """Map 16-bit or float greyscale onto 0-255 by the range its type implies."""
-    as_float = values.astype(np.float64)
-    if np.issubdtype(values.dtype, np.floating):
-        top = 1.0 if as_float.size and float(np.nanmax(as_float)) <= 1.0 else 65535.0
-    else:
-        top = 255.0 if as_float.size and float(as_float.max()) <= 255 else 65535.0
-    scaled = np.clip(np.nan_to_num(as_float) / top * 255.0, 0, 255)
+def _scale_to_uint8(values: npt.NDArray[np.generic], mode: str) -> npt.NDArray[np.uint8]:
+    """Map deep greyscale onto 0-255 by the range its mode implies, not by its content (a dark
+    16-bit picture must stay dark): 16-bit and 32-bit integer images as 0-65535 (32-bit ones
+    come from 16-bit sources in practice), float images as 0.0-1.0."""
+    top = 1.0 if mode == "F" else 65535.0
+    scaled = np.clip(np.nan_to_num(values.astype(np.float64)) / top * 255.0, 0, 255)
     return np.rint(scaled).astype(np.uint8)

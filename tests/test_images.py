@@ -318,12 +318,6 @@ def _exif_orientation_6_with_mistyped_tag() -> bytes:
     return b"Exif\x00\x00MM\x00*" + struct.pack(">IH", 8, 2) + entries + struct.pack(">I", 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ImageOps.exif_transpose re-serialises the EXIF block and raises struct.error on "
-    "a tag whose stored type does not match Pillow's tag table; _orient does not catch "
-    "struct.error, so it escapes decode_image instead of leaving the picture as stored",
-)
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 def test_exif_with_a_mistyped_tag_next_to_an_orientation_does_not_fail_decoding(
     fmt: str,
@@ -383,12 +377,6 @@ def test_half_transparent_black_over_white_is_mid_grey() -> None:
     assert np.all(np.abs(pixels.astype(int) - 127) <= 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _to_rgb returns mode RGB images unchanged, so an RGB PNG's tRNS colour key "
-    "(info['transparency']) is ignored and its transparent pixels keep their colour instead of "
-    "becoming white",
-)
 def test_rgb_png_with_a_transparent_colour_key_is_composited_over_white() -> None:
     image = Image.new("RGB", (4, 2), RED)
     image.putpixel((0, 0), BLACK)
@@ -446,18 +434,13 @@ def test_16_bit_greyscale_png_maps_its_range_onto_0_to_255() -> None:
     np.testing.assert_array_equal(pixels[0], [[0, 0, 0], [128, 128, 128], [255, 255, 255]])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _scale_to_uint8 picks the 16-bit scale from the data, not the mode: an I;16 "
-    "image whose brightest pixel is <= 255 (a dark 16-bit picture) is read as 8-bit, so 255/65535 "
-    "comes out as 255 (white) instead of 1",
-)
 def test_dark_16_bit_greyscale_png_keeps_its_16_bit_scale() -> None:
-    encoded = _encode(Image.fromarray(np.array([[0, 128, 255]], np.uint16)), "PNG")
+    encoded = _encode(Image.fromarray(np.array([[0, 128, 129, 255]], np.uint16)), "PNG")
 
     pixels = decode_image(encoded, LIMITS).pixels
 
-    np.testing.assert_array_equal(pixels[0, :, 0], [0, 1, 1])
+    # value / 65535 * 255, rounded: 128 -> 0.498, 129 -> 0.502, 255 -> 0.992
+    np.testing.assert_array_equal(pixels[0, :, 0], [0, 0, 1, 1])
 
 
 def test_float_tiff_in_0_to_1_maps_onto_0_to_255() -> None:

@@ -7,8 +7,8 @@ dead-letter code. Photos come from scikit-image's `skimage.data` (the `demo` ext
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -98,70 +98,67 @@ def made_images() -> dict[str, bytes]:
     }
 
 
+def event_sample(
+    name: str, expect: str, event_id: str, *, image: bytes | None = None, **fields: Any
+) -> Sample:
+    return Sample(
+        name, encode_event(image_event(event_id, image=image, **fields)), expect, event_id
+    )
+
+
 def bad_events(prefix: str) -> list[Sample]:
     """One event per dead-letter code a producer can cause."""
     jpeg = _encode(Image.fromarray(_gradient(400, 300)), "JPEG")
     huge = _encode(Image.new("1", (7000, 7000)), "PNG")  # 49 Mpx declared, 6 KB on the wire
-
-    def event(suffix: str, **kwargs: object) -> tuple[str, bytes]:
-        event_id = f"{prefix}{suffix}"
-        return event_id, encode_event(image_event(event_id, **kwargs))  # type: ignore[arg-type]
-
-    samples = [Sample("not JSON", b"\x89 this is not json {", "dead:invalid_json", None)]
-    samples.append(
-        Sample("no event_id", b'{"image": {"data": "AAAA"}}', "dead:invalid_event", None)
-    )
-    event_id = f"{prefix}bad-base64"
-    samples.append(
+    pdf = b"%PDF-1.7\n1 0 obj\n<< >>\nendobj\n"
+    bad_base64 = b'{"event_id": "%sbad-base64", "image": {"data": "@@not base64@@"}}'
+    return [
+        Sample("not JSON", b"\x89 this is not json {", "dead:invalid_json", None),
+        Sample("no event_id", b'{"image": {"data": "AAAA"}}', "dead:invalid_event", None),
         Sample(
             "bad base64",
-            b'{"event_id": "%s", "image": {"data": "@@not base64@@"}}' % event_id.encode(),
+            bad_base64 % prefix.encode(),
             "dead:invalid_event",
-            event_id,
-        )
-    )
-    cases: list[tuple[str, str, Callable[[], tuple[str, bytes]]]] = [
-        (
+            f"{prefix}bad-base64",
+        ),
+        event_sample(
             "truncated JPEG",
             "dead:image_decode_failed",
-            lambda: event("truncated", image=jpeg[: len(jpeg) // 2]),
+            f"{prefix}truncated",
+            image=jpeg[: len(jpeg) // 2],
         ),
-        (
-            "PDF file",
-            "dead:unsupported_image_format",
-            lambda: event("pdf", image=b"%PDF-1.7\n1 0 obj\n<< >>\nendobj\n"),
-        ),
-        ("49 Mpx PNG", "dead:image_too_large", lambda: event("huge", image=huge)),
-        (
+        event_sample("PDF file", "dead:unsupported_image_format", f"{prefix}pdf", image=pdf),
+        event_sample("49 Mpx PNG", "dead:image_too_large", f"{prefix}huge", image=huge),
+        event_sample(
             "image URL",
             "dead:url_not_supported",
-            lambda: event("url", url="https://images.example.com/u/42.jpg"),
+            f"{prefix}url",
+            url="https://images.example.com/u/42.jpg",
         ),
-        (
+        event_sample(
             "unknown policy",
             "dead:unknown_policy",
-            lambda: event("policy", image=jpeg, policy_id="no-such-policy"),
+            f"{prefix}policy",
+            image=jpeg,
+            policy_id="no-such-policy",
         ),
     ]
-    for name, expect, build in cases:
-        event_id, value = build()
-        samples.append(Sample(name, value, expect, event_id))
-    return samples
 
 
 def all_samples(prefix: str) -> list[Sample]:
     """Photos, made images and bad events, with event ids starting with `prefix`."""
-    samples = []
-    for name, expect in PHOTOS.items():
-        event_id = f"{prefix}{name}"
-        value = encode_event(
-            image_event(
-                event_id, image=photo_bytes(name), metadata={"file": name, "source": "skimage.data"}
-            )
+    photos = [
+        event_sample(
+            name,
+            expect,
+            f"{prefix}{name}",
+            image=photo_bytes(name),
+            metadata={"file": name, "source": "skimage.data"},
         )
-        samples.append(Sample(name, value, expect, event_id))
-    for name, data in made_images().items():
-        event_id = f"{prefix}{name}"
-        value = encode_event(image_event(event_id, image=data, metadata={"file": name}))
-        samples.append(Sample(name, value, "Safe/NA", event_id))
-    return samples + bad_events(prefix)
+        for name, expect in PHOTOS.items()
+    ]
+    made = [
+        event_sample(name, "Safe/NA", f"{prefix}{name}", image=data, metadata={"file": name})
+        for name, data in made_images().items()
+    ]
+    return photos + made + bad_events(prefix)

@@ -23,8 +23,8 @@ from opentelemetry.trace import SpanKind
 
 from service import stack
 from service.app import serve
-from service.client import ImageEventProducer, encode_event, image_event
-from service.samples import PHOTOS, Sample, all_samples, photo_bytes
+from service.client import ImageEventProducer
+from service.samples import PHOTOS, Sample, all_samples, event_sample, photo_bytes
 from tests.conftest import Topics
 from tests.outputs import collect, committed_offsets
 
@@ -49,17 +49,18 @@ def extra_samples(prefix: str) -> list[Sample]:
     """Events beyond the demo's mix, to reach every code and a few more shapes of bad input."""
     color = photo_bytes("color.png")
 
-    def event(suffix: str, expect: str, **fields: Any) -> Sample:
-        event_id = f"{prefix}{suffix}"
-        return Sample(suffix, encode_event(image_event(event_id, **fields)), expect, event_id)
-
     return [
-        event(
-            "weapons-only", "dead:unparseable_model_output", image=color, policy_id="weapons-only"
+        event_sample(
+            "weapons-only",
+            "dead:unparseable_model_output",
+            f"{prefix}weapons-only",
+            image=color,
+            policy_id="weapons-only",
         ),
-        event(
-            "chelsea-as-jpeg-with-meta",
+        event_sample(
+            "chelsea-with-metadata",
             "Safe/NA",
+            f"{prefix}chelsea-with-metadata",
             image=photo_bytes("chelsea.png"),
             metadata={"user": "u-1", "tags": ["cat", "pet"], "nested": {"n": 1.5}},
         ),
@@ -252,7 +253,7 @@ def test_verdicts_carry_provenance_key_and_headers(run: Run) -> None:
 def test_metadata_is_echoed_and_the_image_hash_is_of_the_uploaded_bytes(run: Run) -> None:
     import hashlib
 
-    sent = next(p for p in run.published.values() if p.sample.name == "chelsea-as-jpeg-with-meta")
+    sent = next(p for p in run.published.values() if p.sample.name == "chelsea-with-metadata")
     verdict = run.outcomes[sent.key][0][1]
     assert verdict["metadata"] == {"user": "u-1", "tags": ["cat", "pet"], "nested": {"n": 1.5}}
     assert verdict["image_sha256"] == hashlib.sha256(photo_bytes("chelsea.png")).hexdigest()

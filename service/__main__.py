@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from service import contract, stack
 from service.config import ENV_PREFIX, Settings
+from service.delivery import PublishFailed
 from service.errors import GuardstreamError
-from service.kafka import PublishFailed
 
 log = logging.getLogger("service")
 

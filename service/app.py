@@ -8,11 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from opentelemetry.trace import Tracer
 
+from service.breaker import Breaker
 from service.config import Settings
 from service.events import EventLimits
 from service.guard import GuardClient, Sampling
 from service.images import ImageLimits
 from service.kafka import ModerationConsumer
+from service.metrics import Metrics
 from service.pipeline import Pipeline, PipelineLimits, Retry
 from service.policies import PolicyRegistry
 from service.tracing import describe_exporter, get_tracer
@@ -54,8 +56,15 @@ def guard_from(settings: Settings) -> GuardClient:
     )
 
 
-async def serve(settings: Settings, stop: asyncio.Event, tracer: Tracer | None = None) -> None:
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    tracer: Tracer | None = None,
+    metrics: Metrics | None = None,
+) -> None:
     """Run the consumer until `stop` is set; the start-up order fails fast on bad config."""
+    tracer = tracer or get_tracer()
+    metrics = metrics or Metrics()
     policies = PolicyRegistry.load(settings.policy_dir)
     policies.get(settings.default_policy)
     guard = guard_from(settings)
@@ -64,6 +73,12 @@ async def serve(settings: Settings, stop: asyncio.Event, tracer: Tracer | None =
         log.info("waiting for Triton at %s, model %r", settings.triton_url, settings.guard_model)
         await guard.wait_ready(settings.guard_startup_timeout_s)
         log.info("Triton model %r is ready; traces go to %s", guard.model, describe_exporter())
+        breaker = Breaker(
+            settings.breaker_failures,
+            guard.is_ready,
+            settings.breaker_probe_interval_s,
+            on_change=lambda is_open: metrics.breaker_open.set(1 if is_open else 0),
+        )
         pipeline = Pipeline(
             policies=policies,
             default_policy=settings.default_policy,
@@ -74,9 +89,16 @@ async def serve(settings: Settings, stop: asyncio.Event, tracer: Tracer | None =
                 attempts=settings.guard_retries + 1,
                 first_backoff_s=settings.guard_retry_backoff_s,
             ),
-            tracer=tracer or get_tracer(),
+            breaker=breaker,
+            deadline_s=settings.event_deadline_s,
+            metrics=metrics,
+            tracer=tracer,
         )
-        await ModerationConsumer(settings, pipeline, tracer or get_tracer()).run(stop)
+        consumer = ModerationConsumer(settings, pipeline, breaker, metrics, tracer)
+        try:
+            await consumer.run(stop)
+        finally:
+            await breaker.close()
     finally:
         decode_pool.shutdown(wait=False, cancel_futures=True)
         await guard.close()

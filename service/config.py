@@ -8,6 +8,7 @@ descriptions are the documentation. OpenTelemetry reads its own standard `OTEL_*
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,8 +38,39 @@ class Settings(BaseSettings):
     )
 
     # Delivery
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        "at-least-once",
+        description="at-least-once: publish, then commit offsets. exactly-once: outcomes and "
+        "offsets in one Kafka transaction (needs a stable transactional id per instance).",
+    )
+    transactional_id: str = Field(
+        "",
+        description="exactly-once only: this instance's transactional id; empty means "
+        "<group_id>-<hostname>, stable for StatefulSet pods. A restarted instance with the same "
+        "id fences its predecessor.",
+    )
     max_in_flight: int = Field(
-        64, ge=1, le=10_000, description="Events being judged at once, across all partitions."
+        64,
+        ge=1,
+        le=10_000,
+        description="Records taken but not yet finished (outcome acknowledged), all partitions.",
+    )
+    max_in_flight_bytes: int = Field(
+        64 * MiB,
+        ge=1024,
+        description="Bytes of record values taken but not yet finished; fetching pauses above.",
+    )
+    event_deadline_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest one event may take (not counting time paused by the guard "
+        "breaker); then it is dead-lettered as deadline_exceeded.",
+    )
+    publish_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long publishing an outcome is retried through broker errors before "
+        "the service stops (uncommitted, so nothing is lost).",
     )
     commit_interval_ms: int = Field(
         500, ge=10, description="How often finished offsets are committed, in milliseconds."
@@ -61,6 +93,15 @@ class Settings(BaseSettings):
     )
     guard_retry_backoff_s: float = Field(
         0.2, gt=0, description="First retry delay; doubled each retry, with jitter."
+    )
+    breaker_failures: int = Field(
+        5,
+        ge=1,
+        description="Consecutive unavailable/timeout answers from Triton that open the breaker: "
+        "consumption pauses, waiting events keep their retries, a probe closes it.",
+    )
+    breaker_probe_interval_s: float = Field(
+        1.0, gt=0, description="How often an open breaker asks Triton whether the model is ready."
     )
     guard_startup_timeout_s: float = Field(
         120.0, gt=0, description="How long `run` waits for Triton and the model to be ready."
@@ -118,4 +159,13 @@ class Settings(BaseSettings):
     )
 
     # Operations
+    health_host: str = Field(
+        "0.0.0.0", description="Address of the /livez, /readyz, /metrics server."
+    )
+    health_port: int = Field(
+        8080, ge=0, le=65535, description="Port of /livez, /readyz and /metrics; 0 picks one."
+    )
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line with trace ids; text: for people."
+    )

@@ -11,6 +11,7 @@ GuardstreamError                       code                      retriable
 │   ├── ImageTooLarge                  image_too_large
 │   ├── UnsupportedImageFormat         unsupported_image_format
 │   └── ImageDecodeFailed              image_decode_failed
+├── DeadlineExceeded                   deadline_exceeded
 ├── GuardFailed                        (the guard model could not answer)
 │   ├── GuardUnavailable               guard_unavailable         yes
 │   └── GuardError                     guard_error
@@ -74,6 +75,12 @@ class ImageDecodeFailed(EventRejected):
     code = "image_decode_failed"
 
 
+class DeadlineExceeded(GuardstreamError):
+    """The event took longer than its deadline: a poison pill must not hold its partition."""
+
+    code = "deadline_exceeded"
+
+
 class GuardFailed(GuardstreamError):
     """The guard model gave no answer."""
 
@@ -111,6 +118,7 @@ DEAD_LETTER_CODES: tuple[str, ...] = (
     ImageTooLarge.code,
     UnsupportedImageFormat.code,
     ImageDecodeFailed.code,
+    DeadlineExceeded.code,
     GuardUnavailable.code,
     GuardError.code,
     UnparseableModelOutput.code,

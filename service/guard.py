@@ -143,25 +143,29 @@ class GuardClient:
     async def wait_ready(self, timeout_s: float, poll_s: float = 0.5) -> None:
         """Return once the server and the model are ready; GuardUnavailable after timeout_s."""
         deadline = time.monotonic() + timeout_s
-        last = "no answer yet"
-        while True:
-            try:
-                if not await self._client.is_server_ready(client_timeout=poll_s * 4):
-                    last = "server is not ready"
-                elif not await self._client.is_model_ready(
-                    self.model, self.version, client_timeout=poll_s * 4
-                ):
-                    last = f"model {self.model!r} is not ready (is it in the model repository?)"
-                else:
-                    return
-            except InferenceServerException as exc:
-                last = f"{exc.status() or 'error'}: {exc.message()}"
+        while (problem := await self.not_ready(poll_s * 4)) is not None:
             if time.monotonic() >= deadline:
                 raise GuardUnavailable(
-                    f"Triton at {self.url} not ready after {timeout_s:.0f}s: {last}"
+                    f"Triton at {self.url} not ready after {timeout_s:.0f}s: {problem}"
                 )
-            log.info("waiting for Triton at %s: %s", self.url, last)
+            log.info("waiting for Triton at %s: %s", self.url, problem)
             await asyncio.sleep(poll_s)
+
+    async def not_ready(self, timeout_s: float) -> str | None:
+        """Why the model cannot take requests now, or None when it can."""
+        try:
+            if not await self._client.is_server_ready(client_timeout=timeout_s):
+                return "server is not ready"
+            if not await self._client.is_model_ready(
+                self.model, self.version, client_timeout=timeout_s
+            ):
+                return f"model {self.model!r} is not ready (is it in the model repository?)"
+        except InferenceServerException as exc:
+            return f"{exc.status() or 'error'}: {exc.message()}"
+        return None
+
+    async def is_ready(self, timeout_s: float = 2.0) -> bool:
+        return await self.not_ready(timeout_s) is None
 
     async def ask(
         self,

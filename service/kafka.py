@@ -1,19 +1,19 @@
-"""Consume → judge → publish → commit, at least once.
+"""Consume → judge → deliver → commit; the window, pausing, rebalances and shutdown.
 
-The delivery contract lives here and nowhere else:
-
-1. Records are taken from the input topic while fewer than `max_in_flight` are unfinished;
-   when the window is full the assigned partitions are paused and the consumer keeps polling,
-   so the group does not evict it for being slow.
+1. Records are taken from the input topic while the window has room: at most
+   `max_in_flight` records and `max_in_flight_bytes` of values not yet finished. When it is
+   full, or while the guard breaker is open, every assigned partition is paused and the
+   consumer keeps polling, so the group does not evict it.
 2. Each record is judged concurrently by `Pipeline.judge`, which always returns a verdict or a
-   dead letter.
-3. That outcome is published with an idempotent, `acks=all` producer; the record counts as
-   finished only once the broker has acknowledged the outcome.
-4. Every `commit_interval_ms`, and when partitions are revoked or the service stops, each
-   partition's offset is committed up to its first unfinished record (`PartitionOffsets`), so
-   outcomes are published in any order but commits never pass unfinished work.
-5. A publish that fails even after the producer's own retries stops the service without
-   committing that record: it is judged again after a restart rather than lost.
+   dead letter, and handed to the `Delivery` (`service.delivery`): at least once publishes it
+   now, exactly once holds it for the next transaction.
+3. Every `commit_interval_ms`, each partition's offset is committed up to its first unfinished
+   record (`PartitionOffsets`), by the consumer (at least once) or inside the transaction that
+   publishes those outcomes (exactly once). Commits never pass unfinished work.
+4. Revoked partitions get `drain_timeout_s` to finish, are committed, and everything held for
+   them is dropped; the new owner re-judges what was not committed.
+5. On stop (SIGTERM): fetching stops, in-flight records get `drain_timeout_s`, the last commit
+   is made, then the producer and the consumer close.
 """
 
 from __future__ import annotations
@@ -23,38 +23,87 @@ import logging
 import time
 from collections.abc import Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
+from service.breaker import Breaker
 from service.config import Settings
+from service.delivery import AtLeastOnce, Delivery, ExactlyOnce, Outgoing, describe
+from service.metrics import Metrics
 from service.offsets import PartitionOffsets
-from service.pipeline import Outcome, Pipeline, Record
-from service.tracing import extract, inject
+from service.pipeline import Pipeline, Record
+from service.tracing import extract
 from service.verdicts import DeadLetter, serialize
 
 log = logging.getLogger(__name__)
 
-_JSON = ("content-type", b"application/json")
 
+class Window:
+    """Records taken and not yet finished, by count and by bytes of their values."""
 
-class PublishFailed(Exception):
-    """An outcome could not be published; its record must not be committed."""
+    def __init__(self, max_records: int, max_bytes: int, metrics: Metrics) -> None:
+        self._max_records = max_records
+        self._max_bytes = max_bytes
+        self._metrics = metrics
+        self._sizes: dict[TopicPartition, dict[int, int]] = {}
+        self.records = 0
+        self.bytes = 0
+
+    def room(self) -> int:
+        """How many more records may be taken now (one at least when empty, whatever its size)."""
+        if self.records and self.bytes >= self._max_bytes:
+            return 0
+        return max(0, self._max_records - self.records)
+
+    def take(self, tp: TopicPartition, offset: int, size: int) -> None:
+        self._sizes.setdefault(tp, {})[offset] = size
+        self._changed(1, size)
+
+    def release(self, tp: TopicPartition, offsets: Iterable[int]) -> None:
+        sizes = self._sizes.get(tp, {})
+        for offset in offsets:
+            size = sizes.pop(offset, None)
+            if size is not None:
+                self._changed(-1, -size)
+
+    def release_below(self, tp: TopicPartition, position: int) -> None:
+        self.release(tp, [o for o in self._sizes.get(tp, {}) if o < position])
+
+    def forget(self, tp: TopicPartition) -> None:
+        self.release(tp, list(self._sizes.get(tp, {})))
+        self._sizes.pop(tp, None)
+
+    def _changed(self, records: int, size: int) -> None:
+        self.records += records
+        self.bytes += size
+        self._metrics.in_flight.set(self.records)
+        self._metrics.in_flight_bytes.set(self.bytes)
 
 
 class ModerationConsumer:
-    def __init__(self, settings: Settings, pipeline: Pipeline, tracer: Tracer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        breaker: Breaker,
+        metrics: Metrics,
+        tracer: Tracer,
+    ) -> None:
         self._settings = settings
         self._pipeline = pipeline
+        self._breaker = breaker
+        self._metrics = metrics
         self._tracer = tracer
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
-        self._slot_freed = asyncio.Event()
+        self._window = Window(settings.max_in_flight, settings.max_in_flight_bytes, metrics)
+        self._changed = asyncio.Event()
         self._failure: BaseException | None = None
-        self._consumer = AIOKafkaConsumer(
+        self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,
             group_id=settings.group_id,
             client_id=settings.client_id,
@@ -62,29 +111,24 @@ class ModerationConsumer:
             auto_offset_reset=settings.auto_offset_reset,
             isolation_level="read_committed",
         )
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
-            client_id=settings.client_id,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
+        self._delivery: Delivery = (
+            ExactlyOnce(settings, metrics, tracer)
+            if settings.delivery == "exactly-once"
+            else AtLeastOnce(settings, self.consumer, metrics, tracer)
         )
 
-    @property
-    def in_flight(self) -> int:
-        return sum(len(tasks) for tasks in self._tasks.values())
-
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set, then drain, commit and close. Raises if publishing failed."""
-        await self._producer.start()
+        """Serve until `stop` is set, then drain, commit and close. Raises if delivery failed."""
+        await self._delivery.start()
         try:
-            await self._consumer.start()
+            await self.consumer.start()
             try:
-                self._consumer.subscribe([self._settings.input_topic], listener=_Rebalance(self))
+                self.consumer.subscribe([self._settings.input_topic], listener=_Rebalance(self))
                 log.info(
-                    "consuming %s as group %s; verdicts to %s, dead letters to %s",
+                    "consuming %s as group %s (%s); verdicts to %s, dead letters to %s",
                     self._settings.input_topic,
                     self._settings.group_id,
+                    self._settings.delivery,
                     self._settings.verdict_topic,
                     self._settings.dead_letter_topic,
                 )
@@ -92,9 +136,9 @@ class ModerationConsumer:
                 await self._drain(self._all_tasks())
                 await self._commit()
             finally:
-                await self._consumer.stop()
+                await self.consumer.stop()
         finally:
-            await self._producer.stop()
+            await self._delivery.stop()
         if self._failure is not None:
             raise self._failure
 
@@ -102,15 +146,16 @@ class ModerationConsumer:
         next_commit = time.monotonic()
         interval = self._settings.commit_interval_ms / 1000
         while not stop.is_set() and self._failure is None:
-            free = self._settings.max_in_flight - self.in_flight
-            if free > 0:
+            room = 0 if self._breaker.is_open else self._window.room()
+            if room > 0:
                 self._resume()
             else:
-                await self._wait_for_slot(stop)
+                await self._pause_until_changed(stop, max_wait_s=min(1.0, interval))
             # Polled even when paused: aiokafka counts polls to decide we are still alive.
             # Whatever it returns is taken (a partition assigned since the pause is not paused).
-            batches = await self._consumer.getmany(
-                timeout_ms=100 if free > 0 else 0, max_records=max(free, 1)
+            batches = await self.consumer.getmany(
+                timeout_ms=min(100, int(interval * 1000)) if room > 0 else 0,
+                max_records=max(room, 1),
             )
             for tp, messages in batches.items():
                 for message in messages:
@@ -119,39 +164,45 @@ class ModerationConsumer:
                 await self._commit()
                 next_commit = time.monotonic() + interval
 
-    async def _wait_for_slot(self, stop: asyncio.Event) -> None:
-        """Window full: pause fetching until a record finishes (or a second passes)."""
-        unpaused = self._consumer.assignment() - self._consumer.paused()
+    async def _pause_until_changed(self, stop: asyncio.Event, max_wait_s: float) -> None:
+        """Pause fetching until a record finishes or is committed, the breaker closes, or stop."""
+        unpaused = self.consumer.assignment() - self.consumer.paused()
         if unpaused:
-            self._consumer.pause(*unpaused)
-        self._slot_freed.clear()
-        waits = [asyncio.ensure_future(self._slot_freed.wait()), asyncio.ensure_future(stop.wait())]
+            self.consumer.pause(*unpaused)
+        self._changed.clear()
+        waits: list[asyncio.Future[object]] = [
+            asyncio.ensure_future(self._changed.wait()),
+            asyncio.ensure_future(stop.wait()),
+        ]
+        if self._breaker.is_open:
+            waits.append(asyncio.ensure_future(self._breaker.wait_closed()))
         try:
-            await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=max_wait_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
 
     def _resume(self) -> None:
-        paused = self._consumer.paused()
+        paused = self.consumer.paused()
         if paused:
-            self._consumer.resume(*paused)
+            self.consumer.resume(*paused)
 
     def _start(self, tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:
         offsets = self._offsets.setdefault(tp, PartitionOffsets())
         offsets.take(message.offset)
-        task = asyncio.create_task(self._handle(_record(message), offsets))
-        tasks = self._tasks.setdefault(tp, set())
-        tasks.add(task)
+        self._window.take(tp, message.offset, len(message.value or b""))
+        self._metrics.consumed.labels(tp.topic, str(tp.partition)).inc()
+        task = asyncio.create_task(self._handle(tp, _record(message), offsets))
+        self._tasks.setdefault(tp, set()).add(task)
         task.add_done_callback(lambda t: self._finished(tp, t))
 
     def _finished(self, tp: TopicPartition, task: asyncio.Task[None]) -> None:
         self._tasks.get(tp, set()).discard(task)
-        self._slot_freed.set()
+        self._changed.set()
         if not task.cancelled() and task.exception() is not None and self._failure is None:
             self._failure = task.exception()
 
-    async def _handle(self, record: Record, offsets: PartitionOffsets) -> None:
+    async def _handle(self, tp: TopicPartition, record: Record, offsets: PartitionOffsets) -> None:
         attributes: dict[str, AttributeValue] = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
@@ -174,55 +225,44 @@ class ModerationConsumer:
             if isinstance(outcome, DeadLetter):
                 span.set_attribute("error.type", outcome.error.code)
                 span.set_status(Status(StatusCode.ERROR, outcome.error.message))
+                log.warning(
+                    "dead letter %s for %s: %s",
+                    outcome.error.code,
+                    record.where,
+                    outcome.error.message,
+                    extra={"event_id": outcome.event_id, "code": outcome.error.code},
+                )
             else:
                 span.set_attribute("guardstream.rating", outcome.rating)
                 span.set_attribute("guardstream.category_code", outcome.category_code)
-            await self._publish(outcome, record)
-        offsets.finish(record.offset)
-        if isinstance(outcome, DeadLetter):
-            log.warning(
-                "dead letter %s for %s: %s",
-                outcome.error.code,
-                record.where,
-                outcome.error.message,
-            )
-        else:
-            log.debug("verdict %s %s for %s", outcome.rating, outcome.category_code, record.where)
-
-    async def _publish(self, outcome: Outcome, record: Record) -> None:
-        topic = (
-            self._settings.dead_letter_topic
-            if isinstance(outcome, DeadLetter)
-            else self._settings.verdict_topic
-        )
-        with self._tracer.start_as_current_span(
-            f"{topic} publish",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "publish",
-                "messaging.destination.name": topic,
-            },
-        ):
-            headers = [*inject(), _JSON]
-            if outcome.event_id is not None:
-                headers.append(("event-id", outcome.event_id.encode()))
-            if isinstance(outcome, DeadLetter):
-                headers.append(("error-code", outcome.error.code.encode()))
-            try:
-                delivery = await self._producer.send(
-                    topic, value=serialize(outcome), key=record.key, headers=headers
+                log.debug(
+                    "verdict %s %s for %s",
+                    outcome.rating,
+                    outcome.category_code,
+                    record.where,
+                    extra={"event_id": outcome.event_id},
                 )
-                await delivery
-            except KafkaError as exc:
-                raise PublishFailed(
-                    f"could not publish the outcome of {record.where} to {topic}: {exc!r}"
-                ) from exc
+            published = await self._delivery.hand_over(
+                Outgoing(
+                    source=tp,
+                    offset=record.offset,
+                    topic=self._settings.dead_letter_topic
+                    if isinstance(outcome, DeadLetter)
+                    else self._settings.verdict_topic,
+                    key=record.key,
+                    value=serialize(outcome),
+                    outcome=outcome,
+                    timestamp_ms=record.timestamp_ms,
+                    context=otel_context.get_current(),
+                )
+            )
+        offsets.finish(record.offset)
+        if published:
+            self._window.release(tp, [record.offset])
 
     async def _commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Commit each partition up to its first unfinished record, if that moved."""
-        wanted = self._consumer.assignment() if partitions is None else set(partitions)
+        wanted = self.consumer.assignment() if partitions is None else set(partitions)
         offsets = {}
         for tp in wanted:
             tracker = self._offsets.get(tp)
@@ -231,15 +271,17 @@ class ModerationConsumer:
                 offsets[tp] = position
         if not offsets:
             return
-        try:
-            await self._consumer.commit(offsets)
-        except KafkaError as exc:
-            # Not fatal: the offsets stay uncommitted and are tried again next interval; if
-            # the partition moved to another member meanwhile, it re-judges those records.
-            log.warning("commit of %s failed: %r", _describe(offsets), exc)
-            return
-        self._committed.update(offsets)
-        log.debug("committed %s", _describe(offsets))
+        committed = await self._delivery.commit(offsets)
+        for tp, position in committed.items():
+            self._committed[tp] = position
+            self._window.release_below(tp, position)
+            self._metrics.committed.labels(tp.topic, str(tp.partition)).set(position)
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(highwater - position)
+        if committed:
+            self._changed.set()
+            log.debug("committed %s", describe(committed))
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
         if not tasks:
@@ -265,12 +307,19 @@ class ModerationConsumer:
             tasks |= self._tasks.get(tp, set())
         await self._drain(tasks)
         await self._commit(revoked)
+        self._delivery.forget(revoked)
         for tp in revoked:
             self._offsets.pop(tp, None)
             self._committed.pop(tp, None)
             self._tasks.pop(tp, None)
+            self._window.forget(tp)
         if revoked:
             log.info("partitions revoked: %s", _describe_partitions(revoked))
+
+    def assignment(self) -> str:
+        """The partitions this instance owns, in words (for /readyz)."""
+        assigned = self.consumer.assignment()
+        return f"{len(assigned)} partitions assigned" if assigned else "waiting for an assignment"
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -292,11 +341,8 @@ def _record(message: ConsumerRecord[bytes, bytes]) -> Record:
         key=message.key,
         value=message.value,
         headers=tuple(message.headers),
+        timestamp_ms=message.timestamp,
     )
-
-
-def _describe(offsets: dict[TopicPartition, int]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]={o}" for tp, o in sorted(offsets.items()))
 
 
 def _describe_partitions(partitions: Iterable[TopicPartition]) -> str:

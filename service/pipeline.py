@@ -23,10 +23,12 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
-from service.errors import GuardstreamError, UrlNotSupported
+from service.breaker import Breaker
+from service.errors import DeadlineExceeded, GuardstreamError, UrlNotSupported
 from service.events import EventLimits, ImageEvent, InlineImage, parse_event
 from service.guard import GuardReply
 from service.images import DecodedImage, ImageLimits, decode_inline
+from service.metrics import Metrics
 from service.policies import Assessment, Policy, PolicyRegistry, parse_answer
 from service.tracing import grpc_metadata, trace_id_of
 from service.verdicts import (
@@ -55,6 +57,8 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int | None = None
+    """The producer's (or broker's) timestamp, for end-to-end latency."""
 
     @property
     def where(self) -> str:
@@ -99,6 +103,9 @@ class Pipeline:
         limits: PipelineLimits,
         decode_pool: Executor,
         retry: Retry,
+        breaker: Breaker,
+        deadline_s: float,
+        metrics: Metrics,
         tracer: Tracer,
     ) -> None:
         self._policies = policies
@@ -107,10 +114,27 @@ class Pipeline:
         self._limits = limits
         self._decode_pool = decode_pool
         self._retry = retry
+        self._breaker = breaker
+        self._deadline_s = deadline_s
+        self._metrics = metrics
         self._tracer = tracer
 
     async def judge(self, record: Record) -> Outcome:
         """The outcome of one record; never raises for anything the record contains."""
+        try:
+            async with asyncio.timeout(self._deadline_s) as deadline:
+                return await self._judge(record, deadline)
+        except TimeoutError:
+            return self._dead_letter(
+                record,
+                None,
+                DeadlineExceeded(
+                    f"judging took longer than {self._deadline_s:g}s (time paused for a guard "
+                    "outage not counted)"
+                ),
+            )
+
+    async def _judge(self, record: Record, deadline: asyncio.Timeout) -> Outcome:
         started = time.perf_counter()
         event: ImageEvent | None = None
         try:
@@ -119,7 +143,7 @@ class Pipeline:
             decode_started = time.perf_counter()
             image = await self._decode(event)
             guard_started = time.perf_counter()
-            reply = await self._ask(policy, image)
+            reply = await self._ask(policy, image, deadline)
             assessment = parse_answer(reply.text, policy)
             timings = Timings(
                 decode_ms=_ms(guard_started - decode_started),
@@ -157,10 +181,15 @@ class Pipeline:
             )
             return image
 
-    async def _ask(self, policy: Policy, image: DecodedImage) -> GuardReply:
+    async def _ask(
+        self, policy: Policy, image: DecodedImage, deadline: asyncio.Timeout
+    ) -> GuardReply:
+        """Ask the guard, retrying what may pass; an outage waits on the breaker instead."""
         prompt = policy.render_prompt()
+        tries_left = self._retry.attempts
         attempt = 0
         while True:
+            await self._wait_out_outage(deadline)
             with self._tracer.start_as_current_span("guard infer", kind=SpanKind.CLIENT) as span:
                 span.set_attributes(
                     {
@@ -170,14 +199,39 @@ class Pipeline:
                         "guardstream.attempt": attempt + 1,
                     }
                 )
+                started = time.perf_counter()
                 try:
-                    return await self._guard.ask(prompt, image.pixels, grpc_metadata())
+                    reply = await self._guard.ask(prompt, image.pixels, grpc_metadata())
                 except GuardstreamError as exc:
+                    self._metrics.guard_latency.labels(exc.code).observe(
+                        time.perf_counter() - started
+                    )
                     span.set_attribute("error.type", exc.code)
-                    if not exc.retriable or attempt + 1 >= self._retry.attempts:
+                    if not exc.retriable:
+                        self._breaker.record_success()  # Triton answered: it is up
                         raise
+                    outage = self._breaker.record_failure()
+                    tries_left -= 0 if outage else 1
+                    if tries_left <= 0:
+                        raise
+                else:
+                    self._metrics.guard_latency.labels("ok").observe(time.perf_counter() - started)
+                    self._breaker.record_success()
+                    return reply
+            self._metrics.guard_retries.inc()
+            await asyncio.sleep(self._retry.delay(attempt))
             attempt += 1
-            await asyncio.sleep(self._retry.delay(attempt - 1))
+
+    async def _wait_out_outage(self, deadline: asyncio.Timeout) -> None:
+        """Wait for an open breaker with the event's deadline stopped meanwhile."""
+        if not self._breaker.is_open:
+            return
+        loop = asyncio.get_running_loop()
+        when = deadline.when()
+        remaining = None if when is None else when - loop.time()
+        deadline.reschedule(None)
+        await self._breaker.wait_closed()
+        deadline.reschedule(None if remaining is None else loop.time() + remaining)
 
     def _dead_letter(
         self, record: Record, event: ImageEvent | None, exc: GuardstreamError

@@ -109,17 +109,12 @@ def up(config: StackConfig) -> StackState:
     ):
         _require_free(config.host, port)
     deadline = time.monotonic() + config.startup_timeout_s
-    kafka = _spawn(_broker_command(config), config.state_dir / "kafka.log", os.environ.copy())
+    kafka = start_broker(config, deadline)
     try:
-        _wait_for_port(
-            config.host, config.kafka_port, kafka, config.state_dir / "kafka.log", deadline
-        )
         asyncio.run(
             create_topics(f"{config.host}:{config.kafka_port}", config.topics, config.partitions)
         )
-        triton = _spawn(
-            _triton_command(config), config.state_dir / "triton.log", _triton_environment()
-        )
+        triton = start_triton(config, deadline)
     except BaseException:
         _terminate(kafka.pid, "noida-db", 10.0)
         raise
@@ -135,12 +130,39 @@ def up(config: StackConfig) -> StackState:
         topics=list(config.topics),
     )
     _write_state(config.state_dir, state)
-    try:
-        _wait_for_triton(state, triton, config.state_dir / "triton.log", deadline)
-    except BaseException:
-        down(config.state_dir)
-        raise
     return state
+
+
+def start_broker(config: StackConfig, deadline: float) -> subprocess.Popen[bytes]:
+    """Start the broker alone (its data directory survives restarts) and wait for its port."""
+    log_path = config.state_dir / "kafka.log"
+    kafka = _spawn(_broker_command(config), log_path, os.environ.copy())
+    try:
+        _wait_for_port(config.host, config.kafka_port, kafka, log_path, deadline)
+    except BaseException:
+        _terminate(kafka.pid, "noida-db", 10.0)
+        raise
+    return kafka
+
+
+def start_triton(config: StackConfig, deadline: float) -> subprocess.Popen[bytes]:
+    """Start tritonserver alone and wait until it reports ready."""
+    log_path = config.state_dir / "triton.log"
+    triton = _spawn(_triton_command(config), log_path, _triton_environment())
+    ready = f"http://{config.host}:{config.triton_http_port}/v2/health/ready"
+    try:
+        while not _http_ok(ready):
+            if triton.poll() is not None:
+                raise StackError(
+                    f"tritonserver exited with {triton.returncode}:\n{_tail(log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise StackError(f"tritonserver not ready in time:\n{_tail(log_path)}")
+            time.sleep(0.25)
+    except BaseException:
+        _terminate(triton.pid, "tritonserver", 10.0)
+        raise
+    return triton
 
 
 def status(state_dir: Path) -> tuple[StackState | None, list[str]]:
@@ -287,17 +309,6 @@ def _wait_for_port(
         if time.monotonic() > deadline:
             raise StackError(f"broker did not open {host}:{port}:\n{_tail(log_path)}")
         time.sleep(0.1)
-
-
-def _wait_for_triton(
-    state: StackState, process: subprocess.Popen[bytes], log_path: Path, deadline: float
-) -> None:
-    while not _http_ok(f"{state.triton_http}/v2/health/ready"):
-        if process.poll() is not None:
-            raise StackError(f"tritonserver exited with {process.returncode}:\n{_tail(log_path)}")
-        if time.monotonic() > deadline:
-            raise StackError(f"tritonserver not ready in time:\n{_tail(log_path)}")
-        time.sleep(0.25)
 
 
 def _require_free(host: str, port: int) -> None:

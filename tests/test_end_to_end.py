@@ -130,8 +130,9 @@ class Run:
     topics: Topics
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["at-least-once", "exactly-once"])
 async def run(
+    request: pytest.FixtureRequest,
     embedded_stack: stack.StackState,
     spans: InMemorySpanExporter,
     tmp_path_factory: pytest.TempPathFactory,
@@ -144,7 +145,12 @@ async def run(
     policy_dir = tmp_path_factory.mktemp("policies")
     (policy_dir / "weapons-only.toml").write_text(WEAPONS_ONLY_POLICY)
     settings = topics.settings(
-        embedded_stack, policy_dir=policy_dir, max_event_bytes=800_000, max_in_flight=16
+        embedded_stack,
+        policy_dir=policy_dir,
+        max_event_bytes=800_000,
+        max_in_flight=16,
+        delivery=request.param,
+        transactional_id=f"e2e-{tag}",
     )
     prefix = f"e2e-{tag}-"
     samples = all_samples(prefix) + extra_samples(prefix)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,10 +16,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from PIL import Image
 
 from service.app import limits_from
+from service.breaker import Breaker
 from service.client import encode_event, image_event
 from service.config import Settings
 from service.errors import GuardError, GuardUnavailable
 from service.guard import GuardReply
+from service.metrics import Metrics
 from service.pipeline import Outcome, Pipeline, Record, Retry
 from service.policies import PolicyRegistry
 from service.verdicts import DeadLetter, Verdict
@@ -28,7 +32,7 @@ SAFE = json.dumps({"rating": "Safe", "category": "NA: None applying", "rationale
 class ScriptedGuard:
     """Answers (or fails) from a script, and remembers what it was asked."""
 
-    def __init__(self, *script: str | Exception) -> None:
+    def __init__(self, *script: str | Exception | float) -> None:
         self.script = list(script)
         self.calls: list[tuple[str, tuple[int, ...]]] = []
 
@@ -42,6 +46,9 @@ class ScriptedGuard:
         step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if isinstance(step, Exception):
             raise step
+        if isinstance(step, float):  # a slow answer
+            await asyncio.sleep(step)
+            step = SAFE
         return GuardReply(text=step, model_name="guard", model_version="7")
 
 
@@ -60,19 +67,34 @@ def event_record(**fields: object) -> Record:
     return record(encode_event(image_event("ev-1", **fields)))  # type: ignore[arg-type]
 
 
-async def judge(guard: ScriptedGuard, rec: Record, **settings: object) -> Outcome:
-    config = Settings(image_resize_side=32, dead_letter_original_bytes=100, **settings)  # type: ignore[arg-type]
+def make_pipeline(
+    guard: ScriptedGuard,
+    pool: ThreadPoolExecutor,
+    breaker: Breaker | None = None,
+    deadline_s: float = 30.0,
+) -> Pipeline:
+    config = Settings(image_resize_side=32, dead_letter_original_bytes=100)
+    return Pipeline(
+        policies=PolicyRegistry.load(),
+        default_policy="llavaguard-v1.2",
+        guard=guard,
+        limits=limits_from(config),
+        decode_pool=pool,
+        retry=Retry(attempts=3, first_backoff_s=0.001),
+        breaker=breaker or Breaker(100, always_ready, 0.01),
+        deadline_s=deadline_s,
+        metrics=Metrics(),
+        tracer=TracerProvider().get_tracer("test"),
+    )
+
+
+async def always_ready() -> bool:
+    return True
+
+
+async def judge(guard: ScriptedGuard, rec: Record) -> Outcome:
     with ThreadPoolExecutor(1) as pool:
-        pipeline = Pipeline(
-            policies=PolicyRegistry.load(),
-            default_policy="llavaguard-v1.2",
-            guard=guard,
-            limits=limits_from(config),
-            decode_pool=pool,
-            retry=Retry(attempts=3, first_backoff_s=0.001),
-            tracer=TracerProvider().get_tracer("test"),
-        )
-        return await pipeline.judge(rec)
+        return await make_pipeline(guard, pool).judge(rec)
 
 
 def dead(outcome: Outcome) -> DeadLetter:
@@ -200,3 +222,48 @@ async def test_invalid_events_carry_the_producers_event_id_when_it_can_be_seen(
 ) -> None:
     letter = dead(await judge(ScriptedGuard(SAFE), record(value, headers)))
     assert letter.event_id == expected
+
+
+class Outage:
+    """A Triton that is down until `seconds` have passed, as the breaker's probe sees it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.until = time.monotonic() + seconds
+
+    async def ready(self) -> bool:
+        return time.monotonic() >= self.until
+
+
+async def test_an_outage_waits_on_the_breaker_instead_of_spending_the_events_retries() -> None:
+    outage = Outage(0.3)
+    down = GuardUnavailable("StatusCode.UNAVAILABLE")
+    guard = ScriptedGuard(down, down, down, down, down, down, SAFE)
+    breaker = Breaker(2, outage.ready, probe_interval_s=0.05)
+    with ThreadPoolExecutor(1) as pool:
+        outcome = await make_pipeline(guard, pool, breaker).judge(event_record())
+    await breaker.close()
+    assert isinstance(outcome, Verdict), outcome
+    assert len(guard.calls) == 7  # six failures, more than the 3 attempts an event has
+
+
+async def test_a_slow_event_is_dead_lettered_at_its_deadline() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        outcome = await make_pipeline(ScriptedGuard(5.0), pool, deadline_s=0.2).judge(
+            event_record()
+        )
+    letter = dead(outcome)
+    assert letter.error.code == "deadline_exceeded"
+    assert letter.event_id == "ev-1"
+    assert time.monotonic() - started < 2
+
+
+async def test_time_waiting_for_an_open_breaker_does_not_count_against_the_deadline() -> None:
+    outage = Outage(0.6)
+    down = GuardUnavailable("StatusCode.UNAVAILABLE")
+    breaker = Breaker(1, outage.ready, probe_interval_s=0.05)
+    with ThreadPoolExecutor(1) as pool:
+        pipeline = make_pipeline(ScriptedGuard(down, SAFE), pool, breaker, deadline_s=0.4)
+        outcome = await pipeline.judge(event_record())
+    await breaker.close()
+    assert isinstance(outcome, Verdict), outcome

@@ -1,0 +1,348 @@
+"""Getting outcomes to the broker and offsets committed: at least once, or exactly once.
+
+`service.kafka` judges records concurrently and hands each outcome to a `Delivery`:
+
+- `AtLeastOnce` publishes it at once with an idempotent producer and reports it finished when
+  the broker acknowledges it; offsets are committed by the consumer afterwards, so a crash
+  between the two re-publishes at most the records in flight.
+- `ExactlyOnce` keeps outcomes until the next commit and then, in one Kafka transaction, adds
+  the consumed offsets (`send_offsets_to_transaction`) and publishes the outcomes of every
+  partition's finished prefix. Consumers reading with `read_committed` see each outcome once:
+  an aborted or interrupted transaction leaves neither outcomes nor offsets behind.
+
+aiokafka 0.14 has two known transaction bugs that shape the commit: a race when offsets are
+added after the records of the same transaction (aiokafka issue 1004: add them first) and a
+KeyError when offset commits of one producer overlap (issue 1098: one `send_offsets_to_
+transaction` per transaction, one transaction at a time).
+
+Broker errors that may pass (connection lost, leader moved, timeouts) are retried until
+`publish_timeout_s`; a producer that cannot continue (sequence numbers lost when a broker died
+mid-write) is replaced. What is still failing after that stops the service, uncommitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+)
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Tracer
+
+from service.config import Settings
+from service.metrics import Metrics
+from service.pipeline import Outcome
+from service.tracing import inject
+from service.verdicts import DeadLetter
+
+log = logging.getLogger(__name__)
+
+_JSON = ("content-type", b"application/json")
+_PRODUCER_BROKEN = (OutOfOrderSequenceNumber,)
+
+
+class PublishFailed(Exception):
+    """Outcomes could not be published in time, or this instance was fenced: stop, uncommitted."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One outcome as the record to publish, with what metrics and tracing need."""
+
+    source: TopicPartition
+    offset: int
+    topic: str
+    key: bytes | None
+    value: bytes
+    outcome: Outcome
+    timestamp_ms: int | None
+    context: Context
+    """The trace context of the record's process span: the publish span's parent."""
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """The current (publish) span's context, the content type, the event id, the code."""
+        headers = [*inject(), _JSON]
+        if self.outcome.event_id is not None:
+            headers.append(("event-id", self.outcome.event_id.encode()))
+        if isinstance(self.outcome, DeadLetter):
+            headers.append(("error-code", self.outcome.error.code.encode()))
+        return headers
+
+
+class Delivery(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def hand_over(self, outgoing: Outgoing) -> bool:
+        """Take an outcome; True when it is already safely published (the record finished)."""
+        ...
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int]:
+        """Commit the finished prefix of each partition; the positions actually committed."""
+        ...
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop what is held for partitions this instance no longer owns."""
+        ...
+
+
+def retriable(exc: KafkaError) -> bool:
+    return bool(getattr(exc, "retriable", False)) or isinstance(
+        exc, (KafkaConnectionError, KafkaTimeoutError, *_PRODUCER_BROKEN)
+    )
+
+
+class _Producer:
+    """One aiokafka producer, replaced when it breaks (by whichever caller sees it first)."""
+
+    def __init__(self, factory: Callable[[], AIOKafkaProducer]) -> None:
+        self._factory = factory
+        self.current = factory()
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self.current.start()
+
+    async def stop(self) -> None:
+        await self.current.stop()
+
+    async def replace(self, broken: AIOKafkaProducer) -> None:
+        async with self._lock:
+            if self.current is not broken:
+                return
+            log.warning("replacing the Kafka producer after an error it cannot recover from")
+            with contextlib.suppress(KafkaError):  # it is broken: a clean close is a bonus
+                await broken.stop()
+            fresh = self._factory()
+            await fresh.start()
+            self.current = fresh
+
+
+def _record_outcome(metrics: Metrics, outgoing: Outgoing) -> None:
+    outcome = outgoing.outcome
+    if isinstance(outcome, DeadLetter):
+        metrics.dead_letters.labels(outcome.error.code).inc()
+    else:
+        metrics.verdicts.labels(outcome.rating, outcome.category_code).inc()
+    if outgoing.timestamp_ms is not None and outgoing.timestamp_ms > 0:
+        metrics.end_to_end_latency.observe(max(0.0, time.time() - outgoing.timestamp_ms / 1000))
+
+
+def _publish_span_attributes(topic: str) -> dict[str, str]:
+    return {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+        "messaging.destination.name": topic,
+    }
+
+
+class AtLeastOnce:
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: AIOKafkaConsumer,
+        metrics: Metrics,
+        tracer: Tracer,
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._metrics = metrics
+        self._tracer = tracer
+        self._producer = _Producer(
+            lambda: AIOKafkaProducer(
+                bootstrap_servers=settings.bootstrap_servers,
+                client_id=settings.client_id,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+            )
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def hand_over(self, outgoing: Outgoing) -> bool:
+        with self._tracer.start_as_current_span(
+            f"{outgoing.topic} publish",
+            kind=SpanKind.PRODUCER,
+            attributes=_publish_span_attributes(outgoing.topic),
+        ):
+            await self._publish(outgoing, outgoing.headers())
+        _record_outcome(self._metrics, outgoing)
+        return True
+
+    async def _publish(self, outgoing: Outgoing, headers: list[tuple[str, bytes]]) -> None:
+        deadline = time.monotonic() + self._settings.publish_timeout_s
+        backoff = 0.1
+        while True:
+            producer = self._producer.current
+            try:
+                delivery = await producer.send(
+                    outgoing.topic, value=outgoing.value, key=outgoing.key, headers=headers
+                )
+                await delivery
+                return
+            except KafkaError as exc:
+                if not retriable(exc) or time.monotonic() + backoff > deadline:
+                    raise PublishFailed(
+                        f"could not publish the outcome of {_where(outgoing)} to "
+                        f"{outgoing.topic}: {exc!r}"
+                    ) from exc
+                log.warning("publish to %s failed, retrying: %r", outgoing.topic, exc)
+                if isinstance(exc, _PRODUCER_BROKEN):
+                    await self._producer.replace(producer)
+            self._metrics.publish_retries.inc()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int]:
+        try:
+            await self._consumer.commit(dict(offsets))
+        except KafkaError as exc:
+            # Not fatal: the offsets stay uncommitted and are tried again next interval; if
+            # the partition moved to another member meanwhile, it re-judges those records.
+            log.warning("commit of %s failed: %r", describe(offsets), exc)
+            return {}
+        return offsets
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Nothing is held: every outcome is published as soon as it exists."""
+
+
+class ExactlyOnce:
+    def __init__(self, settings: Settings, metrics: Metrics, tracer: Tracer) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._tracer = tracer
+        self.transactional_id = settings.transactional_id or (
+            f"{settings.group_id}-{socket.gethostname()}"
+        )
+        self._producer = _Producer(
+            lambda: AIOKafkaProducer(
+                bootstrap_servers=settings.bootstrap_servers,
+                client_id=settings.client_id,
+                transactional_id=self.transactional_id,
+                linger_ms=5,
+            )
+        )
+        self._held: dict[TopicPartition, dict[int, Outgoing]] = {}
+        self._failing_since: float | None = None
+
+    async def start(self) -> None:
+        # Starting registers the transactional id with the coordinator, which aborts whatever
+        # a previous instance with the same id left open and fences it from committing more.
+        await self._producer.start()
+        log.info("exactly-once delivery with transactional id %r", self.transactional_id)
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def hand_over(self, outgoing: Outgoing) -> bool:
+        self._held.setdefault(outgoing.source, {})[outgoing.offset] = outgoing
+        return False
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int]:
+        batch = [
+            outgoing
+            for tp, position in offsets.items()
+            for offset, outgoing in sorted(self._held.get(tp, {}).items())
+            if offset < position
+        ]
+        producer = self._producer.current
+        try:
+            await self._transaction(producer, offsets, batch)
+        except ProducerFenced as exc:
+            raise PublishFailed(
+                f"transactional id {self.transactional_id!r} was taken over by another "
+                "instance; this one stops"
+            ) from exc
+        except (KafkaError, TimeoutError, KeyError) as exc:
+            # KeyError: aiokafka issue 1098, raised from its sender on overlapping commits.
+            self._failed(exc)
+            await self._producer.replace(producer)
+            return {}
+        self._failing_since = None
+        for outgoing in batch:
+            del self._held[outgoing.source][outgoing.offset]
+            _record_outcome(self._metrics, outgoing)
+        return offsets
+
+    async def _transaction(
+        self,
+        producer: AIOKafkaProducer,
+        offsets: Mapping[TopicPartition, int],
+        batch: list[Outgoing],
+    ) -> None:
+        async with asyncio.timeout(self._settings.publish_timeout_s):
+            await producer.begin_transaction()
+            try:
+                await producer.send_offsets_to_transaction(dict(offsets), self._settings.group_id)
+                deliveries = [await self._send(producer, outgoing) for outgoing in batch]
+                await asyncio.gather(*deliveries)
+            except BaseException:
+                await _abort(producer)
+                raise
+            await producer.commit_transaction()
+
+    async def _send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> asyncio.Future[object]:
+        parent = trace.get_current_span(outgoing.context)
+        with self._tracer.start_as_current_span(
+            f"{outgoing.topic} publish",
+            context=trace.set_span_in_context(parent),
+            kind=SpanKind.PRODUCER,
+            attributes=_publish_span_attributes(outgoing.topic),
+        ):
+            future: asyncio.Future[object] = await producer.send(
+                outgoing.topic, value=outgoing.value, key=outgoing.key, headers=outgoing.headers()
+            )
+            return future
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._failing_since = self._failing_since or now
+        if now - self._failing_since > self._settings.publish_timeout_s:
+            raise PublishFailed(
+                f"transactions failing for {now - self._failing_since:.0f}s: {exc!r}"
+            ) from exc
+        self._metrics.publish_retries.inc()
+        log.warning("transaction failed, outcomes kept for the next one: %r", exc)
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self._held.pop(tp, None)
+
+
+async def _abort(producer: AIOKafkaProducer) -> None:
+    try:
+        async with asyncio.timeout(10):
+            await producer.abort_transaction()
+    except (KafkaError, TimeoutError) as exc:
+        # The producer is replaced next; its new epoch aborts the transaction on the broker.
+        log.warning("abort failed: %r", exc)
+
+
+def _where(outgoing: Outgoing) -> str:
+    return f"{outgoing.source.topic}[{outgoing.source.partition}]@{outgoing.offset}"
+
+
+def describe(offsets: Mapping[TopicPartition, int]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]={o}" for tp, o in sorted(offsets.items()))

@@ -1,0 +1,87 @@
+"""Prometheus metrics, one registry per service instance (so tests can run several).
+
+Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, base units.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Guard calls take milliseconds on a GPU and seconds on a CPU or under load.
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter(
+            "guardstream_events_consumed_total",
+            "Records taken from the input topic.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.verdicts = Counter(
+            "guardstream_verdicts_total",
+            "Verdicts published, by rating and category code.",
+            ["rating", "category"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "guardstream_dead_letters_total",
+            "Dead letters published, by error code.",
+            ["code"],
+            registry=r,
+        )
+        self.guard_latency = Histogram(
+            "guardstream_guard_latency_seconds",
+            "Duration of one guard request to Triton (each attempt).",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_latency = Histogram(
+            "guardstream_end_to_end_latency_seconds",
+            "From the input record's timestamp to its outcome being acknowledged.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "guardstream_in_flight_events",
+            "Records taken whose outcome is not yet acknowledged.",
+            registry=r,
+        )
+        self.in_flight_bytes = Gauge(
+            "guardstream_in_flight_bytes",
+            "Bytes of record values taken whose outcome is not yet acknowledged.",
+            registry=r,
+        )
+        self.guard_retries = Counter(
+            "guardstream_guard_retries_total",
+            "Guard requests retried after a retriable failure.",
+            registry=r,
+        )
+        self.publish_retries = Counter(
+            "guardstream_publish_retries_total",
+            "Outcome publications retried after a retriable broker error.",
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "guardstream_guard_breaker_open",
+            "1 while the guard circuit breaker is open (consumption paused), else 0.",
+            registry=r,
+        )
+        self.lag = Gauge(
+            "guardstream_partition_lag",
+            "Records between the committed offset and the partition's high watermark.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.committed = Gauge(
+            "guardstream_committed_offset",
+            "Last offset committed for the partition (the next record to read).",
+            ["topic", "partition"],
+            registry=r,
+        )

@@ -17,6 +17,7 @@ from service import contract, stack
 from service.config import ENV_PREFIX, Settings
 from service.delivery import PublishFailed
 from service.errors import GuardstreamError
+from service.logs import setup_logging
 
 log = logging.getLogger("service")
 
@@ -166,10 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    setup_logging(
+        settings.log_level, json_format=args.command == "run" and settings.log_format == "json"
     )
     if args.command == "run":
         return run(settings)
@@ -178,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from service.demo import run_demo
 
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)
         return run_demo(stack_config(args), keep_stack=args.keep_stack)
     if args.command == "schemas":
         return schemas_command(check=args.check)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+from aiokafka.errors import KafkaError
 from opentelemetry.trace import Tracer
 
 from service.breaker import Breaker
 from service.config import Settings
 from service.events import EventLimits
 from service.guard import GuardClient, Sampling
+from service.health import Check, HealthServer
 from service.images import ImageLimits
 from service.kafka import ModerationConsumer
 from service.metrics import Metrics
@@ -56,6 +59,43 @@ def guard_from(settings: Settings) -> GuardClient:
     )
 
 
+class Readiness:
+    """What /readyz reports: partitions, broker, guard model, breaker (as each part starts)."""
+
+    def __init__(self, guard: GuardClient, check_timeout_s: float) -> None:
+        self._guard = guard
+        self._timeout_s = check_timeout_s
+        self.consumer: ModerationConsumer | None = None
+        self.breaker: Breaker | None = None
+
+    async def readiness(self) -> Mapping[str, Check]:
+        guard, broker = await asyncio.gather(self._guard_check(), self._broker_check())
+        return {
+            "partitions": Check(True, self.consumer.assignment())
+            if self.consumer
+            else Check(False, "starting: waiting for Triton"),
+            "broker": broker,
+            "guard": guard,
+            "breaker": Check(False, "open: consumption paused")
+            if self.breaker and self.breaker.is_open
+            else Check(True, "closed"),
+        }
+
+    async def _guard_check(self) -> Check:
+        problem = await self._guard.not_ready(self._timeout_s)
+        return Check(problem is None, problem or f"model {self._guard.model!r} ready")
+
+    async def _broker_check(self) -> Check:
+        if self.consumer is None:
+            return Check(False, "not connected yet")
+        try:
+            # A metadata request: answered only by a reachable broker.
+            topics = await self.consumer.consumer.topics()
+        except KafkaError as exc:
+            return Check(False, f"unreachable: {exc!r}")
+        return Check(True, f"reachable ({len(topics)} topics visible)")
+
+
 async def serve(
     settings: Settings,
     stop: asyncio.Event,
@@ -68,7 +108,16 @@ async def serve(
     policies = PolicyRegistry.load(settings.policy_dir)
     policies.get(settings.default_policy)
     guard = guard_from(settings)
+    readiness = Readiness(guard, settings.health_check_timeout_s)
+    health = HealthServer(
+        settings.health_host,
+        settings.health_port,
+        readiness,
+        metrics,
+        check_timeout_s=settings.health_check_timeout_s,
+    )
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    await health.start()  # first, so /livez answers and /readyz says why while Triton starts
     try:
         log.info("waiting for Triton at %s, model %r", settings.triton_url, settings.guard_model)
         await guard.wait_ready(settings.guard_startup_timeout_s)
@@ -95,6 +144,7 @@ async def serve(
             tracer=tracer,
         )
         consumer = ModerationConsumer(settings, pipeline, breaker, metrics, tracer)
+        readiness.consumer, readiness.breaker = consumer, breaker
         try:
             await consumer.run(stop)
         finally:
@@ -102,3 +152,4 @@ async def serve(
     finally:
         decode_pool.shutdown(wait=False, cancel_futures=True)
         await guard.close()
+        await health.stop()

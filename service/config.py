@@ -165,6 +165,12 @@ class Settings(BaseSettings):
     health_port: int = Field(
         8080, ge=0, le=65535, description="Port of /livez, /readyz and /metrics; 0 picks one."
     )
+    health_check_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="Longest /readyz waits for its checks before answering 503; keep it under "
+        "the probe's timeoutSeconds.",
+    )
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one JSON object per line with trace ids; text: for people."

@@ -12,9 +12,11 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,17 +53,20 @@ def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
     demo_dir.mkdir(parents=True, exist_ok=True)
     service_traces = demo_dir / "service-traces.jsonl"
     producer_traces = demo_dir / "producer-traces.jsonl"
-    service = _start_service(state, settings, demo_dir, service_traces)
+    health = f"http://{state.host}:{_free_port(state.host)}"
+    service = _start_service(state, health, demo_dir, service_traces)
     try:
         _trace_to(producer_traces)
         run_id = uuid.uuid4().hex[:6]
         samples = all_samples(prefix=f"demo-{run_id}-")
         print(
-            f"\nservice started (pid {service.pid}, log {demo_dir / 'service.log'}); "
+            f"\nservice started (pid {service.pid}, log {demo_dir / 'service.log'}, "
+            f"{health}/readyz and /metrics); "
             f"publishing {len(samples)} events to {settings.input_topic!r}\n",
             flush=True,
         )
         seen = asyncio.run(_publish_and_watch(state.bootstrap_servers, settings, samples))
+        _show_metrics(health)
     finally:
         service.send_signal(signal.SIGTERM)
         code = service.wait(timeout=settings.drain_timeout_s + 30)
@@ -81,19 +86,39 @@ def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
     return 0 if missing == 0 and code == 0 else 1
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 def _start_service(
-    state: stack.StackState, settings: Settings, demo_dir: Path, traces: Path
+    state: stack.StackState, health: str, demo_dir: Path, traces: Path
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "GUARDSTREAM_BOOTSTRAP_SERVERS": state.bootstrap_servers,
         "GUARDSTREAM_TRITON_URL": state.triton_grpc,
+        "GUARDSTREAM_HEALTH_HOST": state.host,
+        "GUARDSTREAM_HEALTH_PORT": health.rsplit(":", 1)[1],
+        "GUARDSTREAM_LOG_FORMAT": "text",
         "OTEL_TRACES_EXPORTER": "console",
     }
     with (demo_dir / "service.log").open("wb") as log, traces.open("wb") as spans:
         return subprocess.Popen(
             [sys.executable, "-m", "service", "run"], stdout=spans, stderr=log, env=env
         )
+
+
+def _show_metrics(health: str) -> None:
+    """What an on-call engineer's dashboard would show for this run."""
+    with urllib.request.urlopen(f"{health}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    shown = ("guardstream_verdicts_total{", "guardstream_dead_letters_total{")
+    print(f"\n{health}/metrics (excerpt):")
+    for line in lines:
+        if line.startswith(shown):
+            print(f"  {line}")
 
 
 def _trace_to(path: Path) -> None:

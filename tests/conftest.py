@@ -74,6 +74,7 @@ class Topics:
             "group_id": self.group,
             "commit_interval_ms": 100,
             "guard_startup_timeout_s": 60,
+            "health_port": 0,
             **overrides,
         }
         return Settings(**values)  # type: ignore[arg-type]
@@ -93,3 +94,15 @@ async def topics(embedded_stack: stack.StackState) -> AsyncIterator[Topics]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault-injection table (also written to .guardstream/fault-table.md), if any
+    fault scenario recorded a row this session."""
+    import sys
+
+    faults = sys.modules.get("tests.faults")
+    table = faults.write_table() if faults is not None else None
+    if table:
+        terminalreporter.write_sep("=", "fault injection")
+        terminalreporter.write_line(table)

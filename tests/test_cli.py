@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from service import stack
@@ -70,6 +71,7 @@ def test_run_exits_nonzero_with_a_clear_message_when_triton_never_becomes_ready(
         env={
             "GUARDSTREAM_TRITON_URL": f"127.0.0.1:{port}",
             "GUARDSTREAM_GUARD_STARTUP_TIMEOUT_S": "1",
+            "GUARDSTREAM_HEALTH_PORT": "0",
         },
     )
     assert result.returncode == 1
@@ -80,6 +82,7 @@ def test_run_exits_nonzero_with_a_clear_message_when_triton_never_becomes_ready(
 async def test_run_serves_until_sigterm_then_commits_and_exits_zero(
     embedded_stack: stack.StackState, topics: Topics
 ) -> None:
+    health = f"http://127.0.0.1:{free_port()}"
     env = {
         **os.environ,
         "GUARDSTREAM_BOOTSTRAP_SERVERS": embedded_stack.bootstrap_servers,
@@ -88,6 +91,8 @@ async def test_run_serves_until_sigterm_then_commits_and_exits_zero(
         "GUARDSTREAM_VERDICT_TOPIC": topics.verdicts,
         "GUARDSTREAM_DEAD_LETTER_TOPIC": topics.dead_letters,
         "GUARDSTREAM_GROUP_ID": topics.group,
+        "GUARDSTREAM_HEALTH_HOST": "127.0.0.1",
+        "GUARDSTREAM_HEALTH_PORT": health.rsplit(":", 1)[1],
         # A window of 2 keeps it paused most of the time: polling and commits must go on.
         "GUARDSTREAM_MAX_IN_FLIGHT": "2",
     }
@@ -105,6 +110,11 @@ async def test_run_serves_until_sigterm_then_commits_and_exits_zero(
             for i in range(12):
                 await producer.send(image_event(f"sigterm-{i}", image=photo_bytes("rocket.jpg")))
         outcomes = await collect(embedded_stack.bootstrap_servers, topics, 12)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{health}/readyz") as response:
+                ready = (response.status, await response.json())
+            async with http.get(f"{health}/metrics") as response:
+                metrics = await response.text()
         service.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(service.communicate(), 60)
     finally:
@@ -114,6 +124,16 @@ async def test_run_serves_until_sigterm_then_commits_and_exits_zero(
     assert service.returncode == 0, log
     assert "stopped cleanly" in log
     assert sum(map(len, outcomes.values())) == 12
+    assert ready[0] == 200, ready
+    assert ready[1]["checks"]["partitions"] == {"ok": True, "detail": "3 partitions assigned"}
+    assert {name for name, check in ready[1]["checks"].items() if check["ok"]} == {
+        "partitions",
+        "broker",
+        "guard",
+        "breaker",
+    }
+    assert 'guardstream_verdicts_total{category="NA",rating="Safe"} 12.0' in metrics
+    assert "guardstream_guard_breaker_open 0.0" in metrics
     committed, ends = await committed_offsets(embedded_stack.bootstrap_servers, topics)
     assert committed == ends
     assert sum(ends.values()) == 12

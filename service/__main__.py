@@ -146,6 +146,13 @@ def _add_stack_options(parser: argparse.ArgumentParser) -> None:
         default=defaults.partitions,
         help="partitions of the topics it creates [%(default)s]",
     )
+    parser.add_argument(
+        "--broker",
+        choices=["noida-db", "tansu"],
+        default=defaults.broker,
+        help="noida-db (transactions, keeps its data) or tansu (in memory, refuses idempotent "
+        "producers: run the service with GUARDSTREAM_ENABLE_IDEMPOTENCE=false) [%(default)s]",
+    )
 
 
 def stack_config(args: argparse.Namespace) -> stack.StackConfig:
@@ -157,6 +164,7 @@ def stack_config(args: argparse.Namespace) -> stack.StackConfig:
         triton_metrics_port=args.triton_metrics_port,
         model_repository=args.model_repository,
         partitions=args.partitions,
+        broker=args.broker,
     )
 
 

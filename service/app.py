@@ -15,7 +15,7 @@ from service.config import Settings
 from service.events import EventLimits
 from service.guard import GuardClient, Sampling
 from service.health import Check, HealthServer
-from service.images import ImageLimits
+from service.images import ImageLimits, use_pixel_limit
 from service.kafka import ModerationConsumer
 from service.metrics import Metrics
 from service.pipeline import Pipeline, PipelineLimits, Retry
@@ -86,8 +86,8 @@ class Readiness:
         return Check(problem is None, problem or f"model {self._guard.model!r} ready")
 
     async def _broker_check(self) -> Check:
-        if self.consumer is None:
-            return Check(False, "not connected yet")
+        if self.consumer is None or not self.consumer.connected:
+            return Check(False, "not connected")
         try:
             # A metadata request: answered only by a reachable broker.
             topics = await self.consumer.consumer.topics()
@@ -107,6 +107,7 @@ async def serve(
     metrics = metrics or Metrics()
     policies = PolicyRegistry.load(settings.policy_dir)
     policies.get(settings.default_policy)
+    use_pixel_limit(settings.max_image_pixels)
     guard = guard_from(settings)
     readiness = Readiness(guard, settings.health_check_timeout_s)
     health = HealthServer(

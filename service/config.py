@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "GUARDSTREAM_"
@@ -31,6 +31,21 @@ class Settings(BaseSettings):
     )
     group_id: str = Field("guardstream", description="Kafka consumer group.")
     client_id: str = Field("guardstream", description="Kafka client id (shows in broker logs).")
+    group_instance_id: str = Field(
+        "",
+        description="Static group membership (KIP-345): a stable id per instance (e.g. the "
+        "StatefulSet pod name) lets a restarted instance take its partitions back at once, "
+        "without a rebalance; empty means dynamic membership.",
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=1000, description="Kafka group session timeout: a silent member is dropped."
+    )
+    max_poll_interval_ms: int = Field(
+        300_000,
+        ge=1000,
+        description="Kafka max.poll.interval.ms, also the rebalance timeout: how long the group "
+        "waits for members to rejoin.",
+    )
     auto_offset_reset: str = Field(
         "earliest",
         pattern="^(earliest|latest)$",
@@ -46,8 +61,14 @@ class Settings(BaseSettings):
     transactional_id: str = Field(
         "",
         description="exactly-once only: this instance's transactional id; empty means "
-        "<group_id>-<hostname>, stable for StatefulSet pods. A restarted instance with the same "
-        "id fences its predecessor.",
+        "<group_id>-<group_instance_id or hostname>, stable for StatefulSet pods. A restarted "
+        "instance with the same id fences its predecessor.",
+    )
+    enable_idempotence: bool = Field(
+        True,
+        description="Idempotent producer (no duplicates from the producer's own retries). "
+        "Turn off only for brokers that refuse it (no IDEMPOTENT_WRITE permission, Tansu); "
+        "exactly-once needs it.",
     )
     max_in_flight: int = Field(
         64,
@@ -175,3 +196,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one JSON object per line with trace ids; text: for people."
     )
+
+    @model_validator(mode="after")
+    def _exactly_once_needs_idempotence(self) -> Settings:
+        if self.delivery == "exactly-once" and not self.enable_idempotence:
+            raise ValueError("delivery=exactly-once needs enable_idempotence=true")
+        return self

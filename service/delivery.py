@@ -126,11 +126,13 @@ class _Producer:
             if self.current is not broken:
                 return
             log.warning("replacing the Kafka producer after an error it cannot recover from")
-            with contextlib.suppress(KafkaError):  # it is broken: a clean close is a bonus
-                await broken.stop()
             fresh = self._factory()
             await fresh.start()
+            # Swapped before the old one closes: a send failing on it with ProducerClosed
+            # sees that it was replaced and retries on the new one.
             self.current = fresh
+            with contextlib.suppress(KafkaError):  # it is broken: a clean close is a bonus
+                await broken.stop()
 
 
 def _record_outcome(metrics: Metrics, outgoing: Outgoing) -> None:
@@ -169,7 +171,7 @@ class AtLeastOnce:
                 bootstrap_servers=settings.bootstrap_servers,
                 client_id=settings.client_id,
                 acks="all",
-                enable_idempotence=True,
+                enable_idempotence=settings.enable_idempotence,
                 linger_ms=5,
             )
         )
@@ -202,13 +204,14 @@ class AtLeastOnce:
                 await delivery
                 return
             except KafkaError as exc:
-                if not retriable(exc) or time.monotonic() + backoff > deadline:
+                replaced = producer is not self._producer.current  # closed by another task
+                if not (replaced or retriable(exc)) or time.monotonic() + backoff > deadline:
                     raise PublishFailed(
                         f"could not publish the outcome of {_where(outgoing)} to "
                         f"{outgoing.topic}: {exc!r}"
                     ) from exc
                 log.warning("publish to %s failed, retrying: %r", outgoing.topic, exc)
-                if isinstance(exc, _PRODUCER_BROKEN):
+                if isinstance(exc, _PRODUCER_BROKEN) and not replaced:
                     await self._producer.replace(producer)
             self._metrics.publish_retries.inc()
             await asyncio.sleep(backoff)
@@ -234,7 +237,7 @@ class ExactlyOnce:
         self._metrics = metrics
         self._tracer = tracer
         self.transactional_id = settings.transactional_id or (
-            f"{settings.group_id}-{socket.gethostname()}"
+            f"{settings.group_id}-{settings.group_instance_id or socket.gethostname()}"
         )
         self._producer = _Producer(
             lambda: AIOKafkaProducer(

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import io
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,17 @@ class DecodedImage:
     sha256: str
     """Hex digest of the encoded bytes, so a verdict can be matched to a stored file."""
     encoded_bytes: int
+
+
+def use_pixel_limit(max_pixels: int) -> None:
+    """Make Pillow's own decompression-bomb threshold ours (a process-wide setting).
+
+    `decode_image` refuses images over the limit from their header before Pillow decodes
+    anything; aligning Pillow keeps it from refusing what an operator allowed, and its warning
+    about images we are about to refuse anyway is silenced.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def decode_base64(data: str, max_bytes: int) -> bytes:

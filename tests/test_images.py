@@ -47,6 +47,16 @@ BLACK = (0, 0, 0)
 
 Pixels = npt.NDArray[np.uint8]
 
+# Captured at import, before any test runs: `serve()`, run in-process by the end-to-end tests,
+# sets this process-wide limit to the service's own.
+PILLOW_DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+@pytest.fixture(autouse=True)
+def _pillows_default_bomb_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin decode_image against Pillow's defaults, whatever ran before them."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_DEFAULT_MAX_PIXELS)
+
 
 def _encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
     out = io.BytesIO()

@@ -123,9 +123,16 @@ async def serve(
         log.info("waiting for Triton at %s, model %r", settings.triton_url, settings.guard_model)
         await guard.wait_ready(settings.guard_startup_timeout_s)
         log.info("Triton model %r is ready; traces go to %s", guard.model, describe_exporter())
+
+        async def guard_ready() -> bool:
+            problem = await guard.not_ready(settings.breaker_probe_interval_s * 4)
+            if problem is not None:
+                log.debug("breaker probe: guard still unavailable: %s", problem)
+            return problem is None
+
         breaker = Breaker(
             settings.breaker_failures,
-            guard.is_ready,
+            guard_ready,
             settings.breaker_probe_interval_s,
             on_change=lambda is_open: metrics.breaker_open.set(1 if is_open else 0),
         )

@@ -50,6 +50,17 @@ _RETRIABLE_STATUSES = frozenset(
 )
 
 
+# tritonclient's own channel defaults (unbounded messages), plus a short reconnect backoff:
+# gRPC's default grows to two minutes, and the breaker's probe should see a restarted Triton
+# within seconds, not minutes.
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_tokens: int
@@ -132,7 +143,7 @@ class GuardClient:
         version: str = "",
         timeout_s: float = 60.0,
     ) -> None:
-        self._client = triton_aio.InferenceServerClient(url)
+        self._client = triton_aio.InferenceServerClient(url, channel_args=_CHANNEL_OPTIONS)
         self.url = url
         self.model = model
         self.version = version
@@ -163,9 +174,6 @@ class GuardClient:
         except InferenceServerException as exc:
             return f"{exc.status() or 'error'}: {exc.message()}"
         return None
-
-    async def is_ready(self, timeout_s: float = 2.0) -> bool:
-        return await self.not_ready(timeout_s) is None
 
     async def ask(
         self,

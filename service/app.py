@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 
 from aiokafka.errors import KafkaError
 from opentelemetry.trace import Tracer
@@ -13,6 +14,7 @@ from opentelemetry.trace import Tracer
 from service.breaker import Breaker
 from service.config import Settings
 from service.events import EventLimits
+from service.fetch import Fetcher, FetchLimits, parse_allowed_hosts, parse_allowed_networks
 from service.guard import GuardClient, Sampling
 from service.health import Check, HealthServer
 from service.images import ImageLimits, use_pixel_limit
@@ -56,6 +58,24 @@ def guard_from(settings: Settings) -> GuardClient:
         ),
         version=settings.guard_model_version,
         timeout_s=settings.guard_timeout_s,
+    )
+
+
+def fetcher_from(settings: Settings) -> Fetcher | None:
+    if not settings.fetch_urls:
+        return None
+    return Fetcher(
+        FetchLimits(
+            max_bytes=settings.max_image_bytes,
+            connect_timeout_s=settings.fetch_connect_timeout_s,
+            read_timeout_s=settings.fetch_read_timeout_s,
+            total_timeout_s=settings.fetch_total_timeout_s,
+            max_redirects=settings.fetch_max_redirects,
+            allowed_hosts=parse_allowed_hosts(settings.fetch_allowed_hosts),
+            allowed_networks=parse_allowed_networks(settings.fetch_allowed_networks),
+            user_agent=f"guardstream/{version('guardstream')}",
+        ),
+        max_connections=settings.max_in_flight,
     )
 
 
@@ -118,6 +138,7 @@ async def serve(
         check_timeout_s=settings.health_check_timeout_s,
     )
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    fetcher = fetcher_from(settings)
     await health.start()  # first, so /livez answers and /readyz says why while Triton starts
     try:
         log.info("waiting for Triton at %s, model %r", settings.triton_url, settings.guard_model)
@@ -150,6 +171,7 @@ async def serve(
             deadline_s=settings.event_deadline_s,
             metrics=metrics,
             tracer=tracer,
+            fetcher=fetcher,
         )
         consumer = ModerationConsumer(settings, pipeline, breaker, metrics, tracer)
         readiness.consumer, readiness.breaker = consumer, breaker
@@ -159,5 +181,7 @@ async def serve(
             await breaker.close()
     finally:
         decode_pool.shutdown(wait=False, cancel_futures=True)
+        if fetcher is not None:
+            await fetcher.close()
         await guard.close()
         await health.stop()

@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.fetch import parse_allowed_networks
 
 ENV_PREFIX = "GUARDSTREAM_"
 MiB = 1024 * 1024
@@ -179,6 +181,37 @@ class Settings(BaseSettings):
         2, ge=1, le=64, description="Threads that decode images off the event loop."
     )
 
+    # Fetching image.url (SSRF defence: see service/fetch.py)
+    fetch_urls: bool = Field(
+        True,
+        description="Fetch `image.url` events; false dead-letters them as url_not_supported.",
+    )
+    fetch_connect_timeout_s: float = Field(
+        3.0, gt=0, description="Longest wait to connect to an image host."
+    )
+    fetch_read_timeout_s: float = Field(
+        5.0, gt=0, description="Longest silence from an image host while reading its answer."
+    )
+    fetch_total_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="Longest a fetch may take in all, redirects included (a slow drip of bytes "
+        "ends here): fetch_timeout.",
+    )
+    fetch_max_redirects: int = Field(
+        3, ge=0, le=10, description="Redirects followed, each one validated like the URL itself."
+    )
+    fetch_allowed_hosts: str = Field(
+        "",
+        description="Comma-separated host names images may come from (`*.example.com` for "
+        "subdomains); empty means any public host.",
+    )
+    fetch_allowed_networks: str = Field(
+        "",
+        description="Comma-separated CIDRs fetched from although not public (an on-prem object "
+        "store, e.g. 10.20.0.0/16); empty: only globally routable addresses.",
+    )
+
     # Operations
     health_host: str = Field(
         "0.0.0.0", description="Address of the /livez, /readyz, /metrics server."
@@ -196,6 +229,12 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one JSON object per line with trace ids; text: for people."
     )
+
+    @field_validator("fetch_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        parse_allowed_networks(value)  # raises ValueError, reported as a settings error
+        return value
 
     @model_validator(mode="after")
     def _exactly_once_needs_idempotence(self) -> Settings:

@@ -26,8 +26,9 @@ from opentelemetry.trace import SpanKind, Tracer
 from service.breaker import Breaker
 from service.errors import DeadlineExceeded, GuardstreamError, UrlNotSupported
 from service.events import EventLimits, ImageEvent, InlineImage, parse_event
+from service.fetch import Fetcher, shown_url
 from service.guard import GuardReply
-from service.images import DecodedImage, ImageLimits, decode_inline
+from service.images import DecodedImage, ImageLimits, decode_image, decode_inline
 from service.metrics import Metrics
 from service.policies import Assessment, Policy, PolicyRegistry, parse_answer
 from service.tracing import grpc_metadata, trace_id_of
@@ -107,7 +108,9 @@ class Pipeline:
         deadline_s: float,
         metrics: Metrics,
         tracer: Tracer,
+        fetcher: Fetcher | None = None,
     ) -> None:
+        """`fetcher` None: `image.url` events are dead-lettered as url_not_supported."""
         self._policies = policies
         self._default_policy = default_policy
         self._guard = guard
@@ -118,6 +121,7 @@ class Pipeline:
         self._deadline_s = deadline_s
         self._metrics = metrics
         self._tracer = tracer
+        self._fetcher = fetcher
 
     async def judge(self, record: Record) -> Outcome:
         """The outcome of one record; never raises for anything the record contains."""
@@ -140,12 +144,19 @@ class Pipeline:
         try:
             event = parse_event(record.value, self._limits.event)
             policy = self._policies.get(event.policy_id or self._default_policy)
+            fetch_started = time.perf_counter()
+            source: InlineImage | bytes = (
+                event.image
+                if isinstance(event.image, InlineImage)
+                else await self._fetch(event.image.url)
+            )
             decode_started = time.perf_counter()
-            image = await self._decode(event)
+            image = await self._decode(source)
             guard_started = time.perf_counter()
             reply = await self._ask(policy, image, deadline)
             assessment = parse_answer(reply.text, policy)
             timings = Timings(
+                fetch_ms=None if event.image is source else _ms(decode_started - fetch_started),
                 decode_ms=_ms(guard_started - decode_started),
                 guard_ms=_ms(time.perf_counter() - guard_started),
                 total_ms=_ms(time.perf_counter() - started),
@@ -161,16 +172,31 @@ class Pipeline:
                 record, event, GuardstreamError(f"internal error: {type(exc).__name__}: {exc}")
             )
 
-    async def _decode(self, event: ImageEvent) -> DecodedImage:
-        if not isinstance(event.image, InlineImage):
+    async def _fetch(self, url: str) -> bytes:
+        if self._fetcher is None:
             raise UrlNotSupported(
-                "image.url events are not fetched by this version; send image.data (base64)"
+                "fetching image.url is turned off here (GUARDSTREAM_FETCH_URLS=false); "
+                "send image.data (base64)"
             )
+        with self._tracer.start_as_current_span("fetch image", kind=SpanKind.CLIENT) as span:
+            # Never the full URL: signed URLs carry credentials in their query.
+            span.set_attribute("url.full", shown_url(url))
+            encoded = await self._fetcher.fetch(url)
+            span.set_attribute("http.response.body.size", len(encoded))
+            return encoded
+
+    async def _decode(self, source: InlineImage | bytes) -> DecodedImage:
+        """The image of an inline event, or of the bytes fetched for a URL event."""
+        loop = asyncio.get_running_loop()
+        limits = self._limits.image
         with self._tracer.start_as_current_span("decode image") as span:
-            loop = asyncio.get_running_loop()
-            image = await loop.run_in_executor(
-                self._decode_pool, decode_inline, event.image.data, self._limits.image
-            )
+            if isinstance(source, InlineImage):
+                decoding = loop.run_in_executor(
+                    self._decode_pool, decode_inline, source.data, limits
+                )
+            else:
+                decoding = loop.run_in_executor(self._decode_pool, decode_image, source, limits)
+            image = await decoding
             span.set_attributes(
                 {
                     "guardstream.image.format": image.format,

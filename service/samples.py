@@ -130,10 +130,10 @@ def bad_events(prefix: str) -> list[Sample]:
         event_sample("PDF file", "dead:unsupported_image_format", f"{prefix}pdf", image=pdf),
         event_sample("49 Mpx PNG", "dead:image_too_large", f"{prefix}huge", image=huge),
         event_sample(
-            "image URL",
-            "dead:url_not_supported",
+            "cloud metadata URL",
+            "dead:url_forbidden",
             f"{prefix}url",
-            url="https://images.example.com/u/42.jpg",
+            url="http://169.254.169.254/latest/meta-data/iam/security-credentials/",
         ),
         event_sample(
             "unknown policy",

@@ -38,6 +38,9 @@ class ModelInfo(_Out):
 
 
 class Timings(_Out):
+    fetch_ms: float | None = Field(
+        None, description="Time to fetch `image.url` (null for inline images)."
+    )
     decode_ms: float = Field(description="Time to decode and downscale the image.")
     guard_ms: float = Field(description="Time the guard model took, retries included.")
     total_ms: float = Field(description="From taking the record to having the verdict.")

@@ -211,7 +211,7 @@ def test_every_dead_letter_code_is_exercised(run: Run) -> None:
         "image_decode_failed",
         "image_too_large",
         "unsupported_image_format",
-        "url_not_supported",
+        "url_forbidden",
         "unparseable_model_output",
         "unknown_policy",
     }

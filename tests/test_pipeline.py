@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
+import ipaddress
 import json
 import time
 from collections.abc import Mapping
@@ -12,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import numpy.typing as npt
 import pytest
+from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 from PIL import Image
 
@@ -20,6 +23,7 @@ from service.breaker import Breaker
 from service.client import encode_event, image_event
 from service.config import Settings
 from service.errors import GuardError, GuardUnavailable
+from service.fetch import Fetcher, FetchLimits, IPAddress, parse_allowed_networks
 from service.guard import GuardReply
 from service.metrics import Metrics
 from service.pipeline import Outcome, Pipeline, Record, Retry
@@ -72,6 +76,7 @@ def make_pipeline(
     pool: ThreadPoolExecutor,
     breaker: Breaker | None = None,
     deadline_s: float = 30.0,
+    fetcher: Fetcher | None = None,
 ) -> Pipeline:
     config = Settings(image_resize_side=32, dead_letter_original_bytes=100)
     return Pipeline(
@@ -85,6 +90,7 @@ def make_pipeline(
         deadline_s=deadline_s,
         metrics=Metrics(),
         tracer=TracerProvider().get_tracer("test"),
+        fetcher=fetcher,
     )
 
 
@@ -178,12 +184,61 @@ async def test_an_unparseable_answer_is_dead_lettered_with_the_raw_answer() -> N
     assert letter.error.model_output == "I think it is fine."
 
 
-async def test_url_events_are_dead_lettered_without_asking_the_guard() -> None:
+async def test_url_events_are_dead_lettered_when_fetching_is_off() -> None:
     guard = ScriptedGuard(SAFE)
     letter = dead(
         await judge(guard, record(encode_event(image_event("u", url="https://x.test/a"))))
     )
     assert letter.error.code == "url_not_supported"
+    assert guard.calls == []
+
+
+async def test_a_fetched_image_is_judged_and_its_fetch_timed() -> None:
+    served = jpeg()
+
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=served, content_type="application/octet-stream")
+
+    async def images_test(host: str, port: int) -> list[IPAddress]:
+        return [ipaddress.ip_address("127.0.0.2")]
+
+    app = web.Application()
+    app.router.add_get("/u/1.jpg", image)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.2", 0).start()
+    port = runner.addresses[0][1]
+    limits = FetchLimits(max_bytes=100_000, allowed_networks=parse_allowed_networks("127.0.0.2/32"))
+    fetcher = Fetcher(limits, resolve=images_test)
+    guard = ScriptedGuard(SAFE)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            outcome = await make_pipeline(guard, pool, fetcher=fetcher).judge(
+                record(encode_event(image_event("u", url=f"http://images.test:{port}/u/1.jpg")))
+            )
+    finally:
+        await fetcher.close()
+        await runner.cleanup()
+
+    assert isinstance(outcome, Verdict), outcome
+    assert outcome.image_sha256 == hashlib.sha256(served).hexdigest()
+    assert outcome.timings.fetch_ms is not None
+    assert len(guard.calls) == 1
+
+
+async def test_a_forbidden_url_is_dead_lettered_without_fetching_or_asking_the_guard() -> None:
+    guard = ScriptedGuard(SAFE)
+    fetcher = Fetcher(FetchLimits(max_bytes=1000))
+    url = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+    with ThreadPoolExecutor(1) as pool:
+        outcome = await make_pipeline(guard, pool, fetcher=fetcher).judge(
+            record(encode_event(image_event("u", url=url)))
+        )
+    await fetcher.close()
+
+    letter = dead(outcome)
+    assert letter.error.code == "url_forbidden"
+    assert "link-local" in letter.error.message
     assert guard.calls == []
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.errors import FetchFailed, FetchTimeout, ImageTooLarge, UrlForbidden
 from service.fetch import (
@@ -351,3 +353,50 @@ async def test_unresolvable_names_fail_the_fetch() -> None:
             await fetcher.fetch("https://images.invalid/a.png")
     finally:
         await fetcher.close()
+
+
+# --- Properties --------------------------------------------------------------------------------
+
+_ipv4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
+
+
+def _spellings(address: ipaddress.IPv4Address) -> list[str]:
+    """What WHATWG URL parsing (and inet_aton) would read as `address`, canonical form excluded."""
+    number, octets = int(address), address.packed
+    return [
+        str(number),
+        hex(number),
+        ".".join(f"0{b:o}" for b in octets),
+        ".".join(hex(b) for b in octets),
+        f"{octets[0]}.{int.from_bytes(octets[1:], 'big')}",
+        f"{octets[0]}.{octets[1]}.{int.from_bytes(octets[2:], 'big')}",
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ipv4)
+def test_every_address_is_accepted_only_canonically_spelt_and_public(
+    address: ipaddress.IPv4Address,
+) -> None:
+    for spelling in _spellings(address):
+        if spelling == str(address):
+            continue
+        with pytest.raises(UrlForbidden, match="non-canonical"):
+            check_url(f"http://{spelling}/a.png", LIMITS)
+    for url in (f"http://{address}/a.png", f"http://[::ffff:{address}]/a.png"):
+        if address_refusal(address) is None:
+            assert check_url(url, LIMITS).literal is not None
+        else:
+            with pytest.raises(UrlForbidden):
+                check_url(url, LIMITS)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=300) | st.from_regex(r"\Ahttps?://[^/]{0,60}/[ -~]{0,40}\Z"))
+def test_any_text_is_a_target_or_url_forbidden(url: str) -> None:
+    try:
+        target = check_url(url, LIMITS)
+    except UrlForbidden:
+        return
+    assert target.url.scheme in ("http", "https")
+    assert target.literal is None or address_refusal(target.literal) is None

@@ -90,8 +90,33 @@ class ImageEventProducer:
             encode_event(event), key=key or event.event_id.encode(), event_id=event.event_id
         )
 
+    async def send_image(
+        self,
+        image: bytes,
+        event_id: str,
+        *,
+        content_type: str = "image/jpeg",
+        policy_id: str | None = None,
+    ) -> RecordMetadata:
+        """Publish an image file in the raw form: the value is the file, the rest is headers.
+
+        For small images only (Kafka's default record limit is 1 MB); the service sniffs the
+        format from the bytes, so `content_type` need only start with `image/`.
+        """
+        if not content_type.startswith("image/"):
+            raise ValueError(f"content_type must be image/..., not {content_type!r}")
+        headers = [("content-type", content_type.encode())]
+        if policy_id is not None:
+            headers.append(("policy-id", policy_id.encode()))
+        return await self.send_raw(image, key=event_id.encode(), event_id=event_id, headers=headers)
+
     async def send_raw(
-        self, value: bytes, *, key: bytes | None = None, event_id: str | None = None
+        self,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        event_id: str | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> RecordMetadata:
         """Publish a value as it is (for tools and tests that need malformed events too)."""
         with self._tracer.start_as_current_span(
@@ -103,8 +128,8 @@ class ImageEventProducer:
                 "messaging.destination.name": self.topic,
             },
         ):
-            headers = inject()
+            sent = inject() + (headers or [])
             if event_id is not None:
-                headers.append(("event-id", event_id.encode()))
-            delivery = await self._producer.send(self.topic, value=value, key=key, headers=headers)
+                sent.append(("event-id", event_id.encode()))
+            delivery = await self._producer.send(self.topic, value=value, key=key, headers=sent)
             return await delivery

@@ -151,7 +151,9 @@ async def _publish_and_watch(
         expected = {s.value: s for s in samples}
         async with ImageEventProducer(bootstrap, settings.input_topic) as producer:
             for sample in samples:
-                await producer.send_raw(sample.value, event_id=sample.event_id)
+                await producer.send_raw(
+                    sample.value, event_id=sample.event_id, headers=list(sample.headers)
+                )
         _print_row([name for name, _ in _COLUMNS])
         seen: dict[bytes, dict[str, Any]] = {}
         deadline = time.monotonic() + 180

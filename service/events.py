@@ -12,12 +12,17 @@ Version 1 of the contract (JSON Schema: `service/schemas/image-event.v1.json`):
 
 Unknown fields are rejected rather than ignored, so a producer's typo surfaces as a dead letter
 instead of a silently different request; new fields arrive with a new `schema_version`.
+
+The raw form, for producers of small images: the record value is the image file itself, with a
+`content-type: image/...` header; the event id comes from the `event-id` header or else the
+record key, the policy from an optional `policy-id` header.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -139,6 +144,61 @@ class ImageEvent(_Strict):
 class EventLimits:
     max_event_bytes: int
     max_metadata_bytes: int
+
+
+@dataclass(frozen=True)
+class RawImageEvent:
+    """A record whose value is the image file itself (the raw form)."""
+
+    event_id: str
+    image: bytes
+    policy_id: str | None = None
+    metadata: dict[str, JsonValue] = field(default_factory=dict)
+
+
+def is_raw_image(headers: Sequence[tuple[str, bytes]]) -> bool:
+    """Whether a record is in the raw form: a `content-type: image/...` header."""
+    return any(
+        key.lower() == "content-type" and value[:6].lower() == b"image/" for key, value in headers
+    )
+
+
+def parse_raw_event(
+    value: bytes | None,
+    key: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    limits: EventLimits,
+) -> RawImageEvent:
+    """A raw-form record as an event, or the error that names why not."""
+    if not value:
+        raise InvalidEvent("raw image record has no value")
+    if len(value) > limits.max_event_bytes:
+        raise EventTooLarge(
+            f"record value is {len(value)} bytes; the limit is {limits.max_event_bytes}"
+        )
+    named = {name.lower(): raw for name, raw in headers}
+    event_id = _header_text(named.get("event-id", key), "event-id header (or key)")
+    if event_id is None:
+        raise InvalidEvent("raw image records need an event-id header or a record key")
+    policy_id = _header_text(named.get("policy-id"), "policy-id header")
+    if policy_id is not None and not _POLICY_ID.fullmatch(policy_id):
+        raise InvalidEvent("policy-id header: must be 1-64 of A-Z a-z 0-9 . _ -")
+    return RawImageEvent(event_id=event_id, image=value, policy_id=policy_id)
+
+
+_POLICY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _header_text(raw: bytes | None, what: str) -> str | None:
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidEvent(f"{what} is not UTF-8") from None
+    if not 0 < len(text) <= 256:
+        raise InvalidEvent(f"{what} must be 1-256 characters")
+    return text
 
 
 def parse_event(value: bytes | None, limits: EventLimits) -> ImageEvent:

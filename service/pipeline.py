@@ -25,7 +25,16 @@ from opentelemetry.trace import SpanKind, Tracer
 
 from service.breaker import Breaker
 from service.errors import DeadlineExceeded, GuardstreamError, UrlNotSupported
-from service.events import EventLimits, ImageEvent, InlineImage, parse_event
+from service.events import (
+    EventLimits,
+    ImageEvent,
+    ImageUrl,
+    InlineImage,
+    RawImageEvent,
+    is_raw_image,
+    parse_event,
+    parse_raw_event,
+)
 from service.fetch import Fetcher, shown_url
 from service.guard import GuardReply
 from service.images import DecodedImage, ImageLimits, decode_image, decode_inline
@@ -140,23 +149,27 @@ class Pipeline:
 
     async def _judge(self, record: Record, deadline: asyncio.Timeout) -> Outcome:
         started = time.perf_counter()
-        event: ImageEvent | None = None
+        event: ImageEvent | RawImageEvent | None = None
         try:
-            event = parse_event(record.value, self._limits.event)
+            event = (
+                parse_raw_event(record.value, record.key, record.headers, self._limits.event)
+                if is_raw_image(record.headers)
+                else parse_event(record.value, self._limits.event)
+            )
             policy = self._policies.get(event.policy_id or self._default_policy)
             fetch_started = time.perf_counter()
-            source: InlineImage | bytes = (
-                event.image
-                if isinstance(event.image, InlineImage)
-                else await self._fetch(event.image.url)
-            )
+            source = event.image
+            if isinstance(source, ImageUrl):
+                source = await self._fetch(source.url)
             decode_started = time.perf_counter()
             image = await self._decode(source)
             guard_started = time.perf_counter()
             reply = await self._ask(policy, image, deadline)
             assessment = parse_answer(reply.text, policy)
             timings = Timings(
-                fetch_ms=None if event.image is source else _ms(decode_started - fetch_started),
+                fetch_ms=_ms(decode_started - fetch_started)
+                if isinstance(event.image, ImageUrl)
+                else None,
                 decode_ms=_ms(guard_started - decode_started),
                 guard_ms=_ms(time.perf_counter() - guard_started),
                 total_ms=_ms(time.perf_counter() - started),
@@ -260,7 +273,7 @@ class Pipeline:
         deadline.reschedule(None if remaining is None else loop.time() + remaining)
 
     def _dead_letter(
-        self, record: Record, event: ImageEvent | None, exc: GuardstreamError
+        self, record: Record, event: ImageEvent | RawImageEvent | None, exc: GuardstreamError
     ) -> DeadLetter:
         original, size, truncated = keep_original(
             record.value, self._limits.dead_letter_original_bytes
@@ -282,7 +295,7 @@ class Pipeline:
 
 def _verdict(
     record: Record,
-    event: ImageEvent,
+    event: ImageEvent | RawImageEvent,
     policy: Policy,
     image: DecodedImage,
     reply: GuardReply,

@@ -24,6 +24,8 @@ class Sample:
     expect: str
     """'Safe/NA', 'Unsafe/O4', ... for a verdict; 'dead:<code>' for a dead letter."""
     event_id: str | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    """Besides `event-id`: `content-type: image/...` marks the raw form."""
 
 
 # skimage.data photos we rate Safe, and the one NudeNet gets wrong: the colour wheel in
@@ -161,4 +163,11 @@ def all_samples(prefix: str) -> list[Sample]:
         event_sample(name, "Safe/NA", f"{prefix}{name}", image=data, metadata={"file": name})
         for name, data in made_images().items()
     ]
-    return photos + made + bad_events(prefix)
+    raw = Sample(
+        "rocket.jpg (raw record)",
+        photo_bytes("rocket.jpg"),
+        PHOTOS["rocket.jpg"],
+        f"{prefix}raw-rocket.jpg",
+        (("content-type", b"image/jpeg"),),
+    )
+    return [*photos, raw, *made, *bad_events(prefix)]

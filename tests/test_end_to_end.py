@@ -164,7 +164,9 @@ async def run(
         for i, sample in enumerate(samples):
             key = f"key-{i}".encode()
             with tracer.start_as_current_span(f"upload {sample.name}") as upload:
-                sent = await producer.send_raw(sample.value, key=key, event_id=sample.event_id)
+                sent = await producer.send_raw(
+                    sample.value, key=key, event_id=sample.event_id, headers=list(sample.headers)
+                )
             published[key] = Published(
                 sample, key, upload.get_span_context().trace_id, sent.partition, sent.offset
             )

@@ -13,7 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.errors import EventTooLarge, InvalidEvent, InvalidJson
-from service.events import EventLimits, ImageEvent, ImageUrl, InlineImage, parse_event
+from service.events import (
+    EventLimits,
+    ImageEvent,
+    ImageUrl,
+    InlineImage,
+    is_raw_image,
+    parse_event,
+    parse_raw_event,
+)
 
 LIMITS = EventLimits(max_event_bytes=64 * 1024, max_metadata_bytes=1024)
 ROOMY = EventLimits(max_event_bytes=16 * 1024 * 1024, max_metadata_bytes=16 * 1024 * 1024)
@@ -567,3 +575,56 @@ def test_valid_event_round_trips_through_its_json(event: ImageEvent) -> None:
     value = event.model_dump_json(exclude_none=True).encode()
 
     assert parse_event(value, ROOMY) == event
+
+
+# --- The raw form: the record value is the image file ----------------------------------------
+
+RAW_LIMITS = EventLimits(max_event_bytes=1000, max_metadata_bytes=100)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([("content-type", b"image/jpeg")], True),
+        ([("Content-Type", b"IMAGE/PNG")], True),
+        ([("content-type", b"application/json")], False),
+        ([("event-id", b"x")], False),
+        ([], False),
+    ],
+)
+def test_raw_form_is_marked_by_an_image_content_type(
+    headers: list[tuple[str, bytes]], expected: bool
+) -> None:
+    assert is_raw_image(headers) is expected
+
+
+def test_raw_event_takes_its_id_from_the_header_before_the_key() -> None:
+    headers = [("content-type", b"image/png"), ("event-id", b"up-1"), ("policy-id", b"p.v2")]
+
+    event = parse_raw_event(b"\x89PNG...", b"key-1", headers, RAW_LIMITS)
+
+    assert (event.event_id, event.policy_id, event.image) == ("up-1", "p.v2", b"\x89PNG...")
+    assert parse_raw_event(b"x", b"key-1", headers[:1], RAW_LIMITS).event_id == "key-1"
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "headers", "error", "message"),
+    [
+        (b"", b"k", [], InvalidEvent, "no value"),
+        (None, b"k", [], InvalidEvent, "no value"),
+        (b"x" * 1001, b"k", [], EventTooLarge, "limit is 1000"),
+        (b"x", None, [], InvalidEvent, "need an event-id header or a record key"),
+        (b"x", b"\xff\xfe", [], InvalidEvent, "not UTF-8"),
+        (b"x", b"k" * 257, [], InvalidEvent, "1-256 characters"),
+        (b"x", b"k", [("policy-id", b"../etc")], InvalidEvent, "policy-id header"),
+    ],
+)
+def test_bad_raw_records_are_rejected_with_a_reason(
+    value: bytes | None,
+    key: bytes | None,
+    headers: list[tuple[str, bytes]],
+    error: type[Exception],
+    message: str,
+) -> None:
+    with pytest.raises(error, match=message):
+        parse_raw_event(value, key, headers, RAW_LIMITS)

@@ -242,6 +242,23 @@ async def test_a_forbidden_url_is_dead_lettered_without_fetching_or_asking_the_g
     assert guard.calls == []
 
 
+async def test_a_raw_image_record_is_judged_under_its_header_id() -> None:
+    guard = ScriptedGuard(SAFE)
+    headers = (("content-type", b"image/jpeg"), ("event-id", b"raw-1"))
+    outcome = await judge(guard, record(jpeg(), headers))
+
+    assert isinstance(outcome, Verdict), outcome
+    assert (outcome.event_id, outcome.metadata, outcome.timings.fetch_ms) == ("raw-1", {}, None)
+    assert len(guard.calls) == 1
+
+
+async def test_a_raw_record_that_is_not_an_image_is_dead_lettered() -> None:
+    headers = (("content-type", b"image/png"),)
+    letter = dead(await judge(ScriptedGuard(SAFE), record(b'{"event_id": "x"}', headers)))
+
+    assert (letter.error.code, letter.event_id) == ("image_decode_failed", "k")  # the key
+
+
 async def test_a_bug_becomes_an_internal_error_dead_letter_not_a_crash() -> None:
     letter = dead(await judge(ScriptedGuard(RuntimeError("boom")), event_record()))
     assert letter.error.code == "internal_error"

@@ -169,6 +169,14 @@ class Settings(BaseSettings):
         ge=32,
         description="Images are downscaled so their longer side is at most this before judging.",
     )
+    animation_frames: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Frames of an animated GIF/WebP/PNG judged, evenly spaced from the first "
+        "(each is one guard request; the verdict is the first frame rated Unsafe, else the "
+        "first); 1 judges the first frame only.",
+    )
     max_metadata_bytes: int = Field(
         4096, ge=0, description="Largest `metadata` object accepted, as compact JSON bytes."
     )

@@ -56,6 +56,8 @@ class ImageLimits:
     max_image_pixels: int
     max_image_side: int
     resize_side: int
+    frames: int = 1
+    """Frames of an animated image to judge, evenly spaced from the first; 1: the first only."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +71,10 @@ class DecodedImage:
     sha256: str
     """Hex digest of the encoded bytes, so a verdict can be matched to a stored file."""
     encoded_bytes: int
+    more_frames: tuple[npt.NDArray[np.uint8], ...] = ()
+    """Further frames of an animated image (as `pixels`), when more than one is judged."""
+    frame_indexes: tuple[int, ...] = (0,)
+    """Where `pixels` and then `more_frames` are in the file."""
 
 
 def use_pixel_limit(max_pixels: int) -> None:
@@ -122,17 +128,52 @@ def decode_image(encoded: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageDecodeFailed(f"{image.format} image could not be decoded: {exc}") from None
     oriented, turned = _orient(image)
     width, height = (declared[1], declared[0]) if turned else declared
-    rgb = _to_rgb(oriented)
-    rgb.thumbnail((limits.resize_side, limits.resize_side), Image.Resampling.BICUBIC)
-    pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    first = _downscaled_rgb(oriented, limits)
+    frame_count = getattr(image, "n_frames", 1) if limits.frames > 1 else 1
+    frames = sample_frames(frame_count, limits.frames, declared, limits.max_image_pixels)
+    more = tuple(_frame(image, index, limits) for index in frames[1:])
     return DecodedImage(
-        pixels=pixels,
+        pixels=first,
         format=str(image.format),
         width=width,
         height=height,
         sha256=hashlib.sha256(encoded).hexdigest(),
         encoded_bytes=len(encoded),
+        more_frames=more,
+        frame_indexes=tuple(frames),
     )
+
+
+def sample_frames(
+    frame_count: int, wanted: int, size: tuple[int, int], max_pixels: int
+) -> list[int]:
+    """Indexes of the frames to judge: `wanted` evenly spaced from the first to the last.
+
+    Reaching frame k of a GIF or WebP decodes every frame before it, so only frames within a
+    decoding budget of `max_pixels` in all are sampled: a file of ten thousand large frames
+    costs no more than one image at the pixel limit.
+    """
+    reachable = min(frame_count, max(1, max_pixels // max(1, size[0] * size[1])))
+    if wanted <= 1 or reachable <= 1:
+        return [0]
+    step = (reachable - 1) / (min(wanted, reachable) - 1)
+    return sorted({round(i * step) for i in range(min(wanted, reachable))})
+
+
+def _frame(image: Image.Image, index: int, limits: ImageLimits) -> npt.NDArray[np.uint8]:
+    try:
+        image.seek(index)
+        image.load()
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        raise ImageDecodeFailed(f"frame {index} could not be decoded: {exc}") from None
+    return _downscaled_rgb(_orient(image)[0], limits)
+
+
+def _downscaled_rgb(image: Image.Image, limits: ImageLimits) -> npt.NDArray[np.uint8]:
+    """RGB, downscaled to the resize side, as a C-contiguous array."""
+    rgb = _to_rgb(image)
+    rgb.thumbnail((limits.resize_side, limits.resize_side), Image.Resampling.BICUBIC)
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 
 def _open(encoded: bytes) -> Image.Image:

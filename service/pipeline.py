@@ -164,8 +164,7 @@ class Pipeline:
             decode_started = time.perf_counter()
             image = await self._decode(source)
             guard_started = time.perf_counter()
-            reply = await self._ask(policy, image, deadline)
-            assessment = parse_answer(reply.text, policy)
+            reply, assessment, frame = await self._assess(policy, image, deadline)
             timings = Timings(
                 fetch_ms=_ms(decode_started - fetch_started)
                 if isinstance(event.image, ImageUrl)
@@ -174,7 +173,7 @@ class Pipeline:
                 guard_ms=_ms(time.perf_counter() - guard_started),
                 total_ms=_ms(time.perf_counter() - started),
             )
-            return _verdict(record, event, policy, image, reply, assessment, timings)
+            return _verdict(record, event, policy, image, frame, reply, assessment, timings)
         except GuardstreamError as exc:
             return self._dead_letter(record, event, exc)
         except Exception as exc:
@@ -220,8 +219,25 @@ class Pipeline:
             )
             return image
 
-    async def _ask(
+    async def _assess(
         self, policy: Policy, image: DecodedImage, deadline: asyncio.Timeout
+    ) -> tuple[GuardReply, Assessment, int]:
+        """The guard's answer for the image, and the frame it is about: for an animated image
+        judged frame by frame, the first frame rated Unsafe, else the first frame."""
+        first: tuple[GuardReply, Assessment, int] | None = None
+        for index, pixels in zip(
+            image.frame_indexes, (image.pixels, *image.more_frames), strict=True
+        ):
+            reply = await self._ask(policy, pixels, deadline)
+            answer = (reply, parse_answer(reply.text, policy), index)
+            if answer[1].rating == "Unsafe":
+                return answer
+            first = first or answer
+        assert first is not None  # there is always a first frame
+        return first
+
+    async def _ask(
+        self, policy: Policy, pixels: npt.NDArray[np.uint8], deadline: asyncio.Timeout
     ) -> GuardReply:
         """Ask the guard, retrying what may pass; an outage waits on the breaker instead."""
         prompt = policy.render_prompt()
@@ -240,7 +256,7 @@ class Pipeline:
                 )
                 started = time.perf_counter()
                 try:
-                    reply = await self._guard.ask(prompt, image.pixels, grpc_metadata())
+                    reply = await self._guard.ask(prompt, pixels, grpc_metadata())
                 except GuardstreamError as exc:
                     self._metrics.guard_latency.labels(exc.code).observe(
                         time.perf_counter() - started
@@ -298,6 +314,7 @@ def _verdict(
     event: ImageEvent | RawImageEvent,
     policy: Policy,
     image: DecodedImage,
+    frame: int,
     reply: GuardReply,
     assessment: Assessment,
     timings: Timings,
@@ -318,6 +335,8 @@ def _verdict(
             triton_version=reply.model_version,
         ),
         image_sha256=image.sha256,
+        frames_judged=len(image.frame_indexes),
+        frame=frame,
         metadata=event.metadata,
         source=_source(record),
         trace_id=trace_id_of(trace.get_current_span()),

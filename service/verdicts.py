@@ -59,6 +59,12 @@ class Verdict(_Out):
     policy_version: str
     model: ModelInfo
     image_sha256: str
+    frames_judged: int = Field(
+        1, description="Frames of the image the guard judged (several only for animations)."
+    )
+    frame: int = Field(
+        0, description="The frame this verdict is about: the first rated Unsafe, else the first."
+    )
     metadata: dict[str, JsonValue]
     source: Source
     trace_id: str | None = Field(description="W3C trace id (32 hex digits) of the event.")

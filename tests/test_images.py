@@ -30,6 +30,7 @@ from service.images import (
     decode_base64,
     decode_image,
     decode_inline,
+    sample_frames,
     sniff_unsupported,
 )
 
@@ -475,6 +476,53 @@ def test_animated_gif_uses_the_first_frame() -> None:
 
     assert image.format == "GIF"
     assert np.all(image.pixels == np.array(RED, np.uint8))
+
+
+def _animation(fmt: str, colours: list[tuple[int, int, int]], side: int = 8) -> bytes:
+    frames = [Image.new("RGB", (side, side), colour) for colour in colours]
+    exact = {"lossless": True} if fmt == "WEBP" else {}
+    return _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, **exact)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_animations_can_be_judged_at_evenly_spaced_frames(fmt: str) -> None:
+    colours = [RED, GREEN, BLUE, WHITE, BLACK, RED, GREEN]
+    limits = ImageLimits(5_000_000, 40_000_000, 10_000, 512, frames=3)
+
+    image = decode_image(_animation(fmt, colours), limits)
+
+    assert image.frame_indexes == (0, 3, 6)
+    got = [tuple(int(c) for c in frame[0, 0]) for frame in (image.pixels, *image.more_frames)]
+    assert got == [RED, WHITE, GREEN]
+
+
+def test_still_images_and_a_frames_setting_of_one_judge_one_frame() -> None:
+    animated = _animation("GIF", [RED, GREEN, BLUE])
+    still = _encode(Image.new("RGB", (8, 8), RED), "PNG")
+
+    assert decode_image(animated, LIMITS).more_frames == ()
+    sampled = decode_image(still, ImageLimits(5_000_000, 40_000_000, 10_000, 512, frames=4))
+    assert (sampled.frame_indexes, sampled.more_frames) == ((0,), ())
+
+
+@pytest.mark.parametrize(
+    ("frame_count", "wanted", "size", "max_pixels", "expected"),
+    [
+        (1, 5, (10, 10), 1000, [0]),
+        (10, 1, (10, 10), 1000, [0]),
+        (10, 2, (10, 10), 1000, [0, 9]),
+        (10, 4, (10, 10), 1000, [0, 3, 6, 9]),
+        (3, 8, (10, 10), 1000, [0, 1, 2]),
+        # Only the first 5 frames fit a budget of 5 frames' pixels: reaching frame k decodes
+        # every frame before it.
+        (10_000, 3, (10, 10), 500, [0, 2, 4]),
+        (10_000, 3, (100, 100), 500, [0]),
+    ],
+)
+def test_sampled_frames_are_evenly_spaced_within_the_decoding_budget(
+    frame_count: int, wanted: int, size: tuple[int, int], max_pixels: int, expected: list[int]
+) -> None:
+    assert sample_frames(frame_count, wanted, size, max_pixels) == expected
 
 
 # --- Limits --------------------------------------------------------------------------------------

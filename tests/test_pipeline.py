@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -77,8 +78,9 @@ def make_pipeline(
     breaker: Breaker | None = None,
     deadline_s: float = 30.0,
     fetcher: Fetcher | None = None,
+    **settings: Any,
 ) -> Pipeline:
-    config = Settings(image_resize_side=32, dead_letter_original_bytes=100)
+    config = Settings(image_resize_side=32, dead_letter_original_bytes=100, **settings)
     return Pipeline(
         policies=PolicyRegistry.load(),
         default_policy="llavaguard-v1.2",
@@ -257,6 +259,39 @@ async def test_a_raw_record_that_is_not_an_image_is_dead_lettered() -> None:
     letter = dead(await judge(ScriptedGuard(SAFE), record(b'{"event_id": "x"}', headers)))
 
     assert (letter.error.code, letter.event_id) == ("image_decode_failed", "k")  # the key
+
+
+UNSAFE = json.dumps(
+    {"rating": "Unsafe", "category": "O4: Nudity Content", "rationale": "frame shows nudity"}
+)
+
+
+def animation(frames: int) -> bytes:
+    images = [Image.new("RGB", (16, 16), (i * 30, 0, 0)) for i in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, "GIF", save_all=True, append_images=images[1:], duration=50)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("answers", "rating", "frame", "asked"),
+    [
+        ((SAFE, UNSAFE, SAFE), "Unsafe", 3, 2),
+        ((UNSAFE, UNSAFE, SAFE), "Unsafe", 0, 1),
+        ((SAFE, SAFE, SAFE), "Safe", 0, 3),
+    ],
+)
+async def test_an_animation_judged_by_frames_takes_the_first_unsafe_frame(
+    answers: tuple[str, ...], rating: str, frame: int, asked: int
+) -> None:
+    guard = ScriptedGuard(*answers)
+    with ThreadPoolExecutor(1) as pool:
+        pipeline = make_pipeline(guard, pool, animation_frames=3)
+        outcome = await pipeline.judge(event_record(image=animation(7)))
+
+    assert isinstance(outcome, Verdict), outcome
+    assert (outcome.rating, outcome.frame, outcome.frames_judged) == (rating, frame, 3)
+    assert len(guard.calls) == asked
 
 
 async def test_a_bug_becomes_an_internal_error_dead_letter_not_a_crash() -> None:

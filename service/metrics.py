@@ -42,6 +42,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.fetch_latency = Histogram(
+            "guardstream_fetch_latency_seconds",
+            "Duration of fetching one image.url, redirects included.",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.end_to_end_latency = Histogram(
             "guardstream_end_to_end_latency_seconds",
             "From the input record's timestamp to its outcome being acknowledged.",

@@ -193,7 +193,13 @@ class Pipeline:
         with self._tracer.start_as_current_span("fetch image", kind=SpanKind.CLIENT) as span:
             # Never the full URL: signed URLs carry credentials in their query.
             span.set_attribute("url.full", shown_url(url))
-            encoded = await self._fetcher.fetch(url)
+            started = time.perf_counter()
+            try:
+                encoded = await self._fetcher.fetch(url)
+            except GuardstreamError as exc:
+                self._metrics.fetch_latency.labels(exc.code).observe(time.perf_counter() - started)
+                raise
+            self._metrics.fetch_latency.labels("ok").observe(time.perf_counter() - started)
             span.set_attribute("http.response.body.size", len(encoded))
             return encoded
 

@@ -57,6 +57,8 @@ _FORBIDDEN: tuple[tuple[str, tuple[IPNetwork, ...]], ...] = (
     ("carrier-grade NAT", _networks("100.64.0.0/10")),
     ("multicast", _networks("224.0.0.0/4", "ff00::/8")),
     ("unspecified", _networks("0.0.0.0/8", "::/128")),
+    # RFC 8215 local-use NAT64 leads to private networks, wherever it puts the IPv4 address.
+    ("local-use NAT64", _networks("64:ff9b:1::/48")),
     (
         "reserved",
         _networks(
@@ -71,8 +73,10 @@ _FORBIDDEN: tuple[tuple[str, tuple[IPNetwork, ...]], ...] = (
         ),
     ),
 )
+# IPv6 prefixes whose last 32 bits are an IPv4 address: IPv4-compatible (deprecated), SIIT's
+# IPv4-translated (RFC 2765) and well-known NAT64 (RFC 6052).
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_IN_LAST_32_BITS = _networks("::ffff:0:0:0/96", "64:ff9b::/96")
 
 
 @dataclass(frozen=True)
@@ -193,8 +197,12 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
         return address.sixtofour
     if address.teredo is not None:
         return address.teredo[1]
-    if (address in _IPV4_COMPATIBLE or address in _NAT64) and int(address) & 0xFFFFFFFF > 1:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    last_32_bits = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if any(address in network for network in _IPV4_IN_LAST_32_BITS):
+        return last_32_bits
+    # `::` and `::1` are IPv6's own unspecified and loopback addresses, not IPv4-compatible.
+    if address in _IPV4_COMPATIBLE and int(address) > 1:
+        return last_32_bits
     return None
 
 

@@ -114,7 +114,7 @@ def parse_allowed_hosts(text: str) -> frozenset[str]:
 def check_url(url: str | URL, limits: FetchLimits) -> Target:
     """The URL's target, or UrlForbidden saying why it is not fetched."""
     try:
-        parsed = url if isinstance(url, URL) else URL(url)
+        parsed = url if isinstance(url, URL) else parse_url(url)
         port = parsed.port
     except ValueError as exc:
         raise UrlForbidden(f"not a valid URL: {exc}") from None
@@ -135,6 +135,20 @@ def check_url(url: str | URL, limits: FetchLimits) -> Target:
     if literal is not None:
         _check_address(literal, limits.allowed_networks, host)
     return Target(url=parsed, host=host, port=port, literal=literal)
+
+
+_AUTHORITY = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]*:)?//([^/?#]*)")
+
+
+def parse_url(text: str) -> URL:
+    """yarl's URL, refusing what yarl would silently reinterpret: a bracketed host that is not
+    an IPv6 address (`[v1.x]`, an IPvFuture literal, comes out as the DNS name `v1.x`)."""
+    authority = _AUTHORITY.match(text)
+    if authority and "[" in authority[1]:
+        bracketed = authority[1].partition("[")[2].partition("]")[0]
+        if ":" not in bracketed:
+            raise UrlForbidden(f"host [{bracketed}] is not an IPv6 address")
+    return URL(text)
 
 
 def _literal_address(host: str) -> IPAddress | None:
@@ -175,12 +189,16 @@ def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
 
 
 def address_refusal(address: IPAddress, allowed_networks: Sequence[IPNetwork] = ()) -> str | None:
-    """Why a connection to `address` is refused, or None when it may be made."""
+    """Why a connection to `address` is refused, or None when it may be made.
+
+    An allowed network opens exactly its addresses: an IPv6 address that carries an allowed
+    IPv4 one (6to4, NAT64, ...) is another route, and is judged without the allowance.
+    """
     if any(address in network for network in allowed_networks):
         return None
     embedded = _embedded_ipv4(address)
     if embedded is not None:
-        reason = address_refusal(embedded, allowed_networks)
+        reason = address_refusal(embedded)
         return None if reason is None else f"{reason} ({embedded} inside {address})"
     for reason, networks in _FORBIDDEN:
         if any(address in network for network in networks):
@@ -329,7 +347,7 @@ class Fetcher:
                     if not location:
                         raise FetchFailed(f"{shown}: HTTP {response.status} without a Location")
                     try:
-                        return URL(location)
+                        return parse_url(location)
                     except ValueError as exc:
                         raise UrlForbidden(f"{shown} redirects to an invalid URL: {exc}") from None
                 if response.status != 200:

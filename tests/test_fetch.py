@@ -70,6 +70,7 @@ LIMITS = FetchLimits(max_bytes=10_000)
         "http://a..b/a.png",
         "http://-bad-.example.com/a.png",
         "http://images.example.com:99999/a.png",
+        "http://[v1.x]/a.png",
     ],
 )
 def test_forbidden_or_malformed_urls_are_refused_before_any_lookup(url: str) -> None:
@@ -99,6 +100,14 @@ def test_private_literal_inside_an_allowed_network_is_accepted() -> None:
     assert check_url("http://10.20.3.4/x", limits).literal == ipaddress.ip_address("10.20.3.4")
     with pytest.raises(UrlForbidden, match="private"):
         check_url("http://10.21.3.4/x", limits)
+
+
+def test_an_allowed_network_does_not_open_ipv6_routes_to_it() -> None:
+    allowed = parse_allowed_networks("127.0.0.2/32")
+
+    assert address_refusal(ipaddress.ip_address("127.0.0.2"), allowed) is None
+    for wrapped in ("2002:7f00:2::", "::ffff:127.0.0.2", "64:ff9b::7f00:2"):
+        assert address_refusal(ipaddress.ip_address(wrapped), allowed) is not None
 
 
 def test_allowlist_admits_exact_names_and_wildcard_subdomains_only() -> None:

@@ -252,7 +252,9 @@ def produce_command(settings: Settings, files: list[Path], policy_id: str | None
     from service.client import ImageEventProducer, image_event
 
     async def publish() -> None:
-        async with ImageEventProducer(settings.bootstrap_servers, settings.input_topic) as out:
+        connection = settings.kafka_connection()
+        bootstrap = connection.pop("bootstrap_servers")
+        async with ImageEventProducer(bootstrap, settings.input_topic, **connection) as out:
             for path in files:
                 event_id = f"{path.stem}-{uuid.uuid4().hex[:12]}"
                 event = image_event(event_id, image=path.read_bytes(), policy_id=policy_id)

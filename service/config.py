@@ -8,9 +8,10 @@ descriptions are the documentation. OpenTelemetry reads its own standard `OTEL_*
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from aiokafka.helpers import create_ssl_context
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.fetch import parse_allowed_networks
@@ -52,6 +53,32 @@ class Settings(BaseSettings):
         "earliest",
         pattern="^(earliest|latest)$",
         description="Where a group with no committed offset starts: earliest or latest.",
+    )
+
+    # Kafka security (every managed Kafka needs some of these)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How to talk to the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL.",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN",
+        description="SASL mechanism (SASL_* protocols): PLAIN, SCRAM-SHA-256, SCRAM-SHA-512.",
+    )
+    sasl_username: str = Field("", description="SASL user name (from a Secret).")
+    sasl_password: SecretStr = Field(
+        SecretStr(""), description="SASL password (from a Secret; never logged)."
+    )
+    ssl_cafile: FilePath | None = Field(
+        None,
+        description="PEM file of the CAs that sign the brokers' certificates (SSL, SASL_SSL); "
+        "unset: the system's CAs.",
+    )
+    ssl_certfile: FilePath | None = Field(
+        None, description="PEM client certificate, for brokers that require mutual TLS."
+    )
+    ssl_keyfile: FilePath | None = Field(None, description="PEM key of the client certificate.")
+    ssl_check_hostname: bool = Field(
+        True, description="Check that a broker's certificate names the host connected to."
     )
 
     # Delivery
@@ -243,6 +270,39 @@ class Settings(BaseSettings):
     def _networks_parse(cls, value: str) -> str:
         parse_allowed_networks(value)  # raises ValueError, reported as a settings error
         return value
+
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> Settings:
+        if self.security_protocol.startswith("SASL_") and not (
+            self.sasl_username and self.sasl_password.get_secret_value()
+        ):
+            raise ValueError(
+                f"security_protocol={self.security_protocol} needs sasl_username and sasl_password"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        return self
+
+    def kafka_connection(self) -> dict[str, Any]:
+        """aiokafka keyword arguments for reaching the brokers: address, client id, security."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol.startswith("SASL_"):
+            options |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password.get_secret_value(),
+            }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            context = create_ssl_context(
+                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
+            )
+            context.check_hostname = self.ssl_check_hostname
+            options["ssl_context"] = context
+        return options
 
     @model_validator(mode="after")
     def _exactly_once_needs_idempotence(self) -> Settings:

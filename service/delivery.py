@@ -168,8 +168,7 @@ class AtLeastOnce:
         self._tracer = tracer
         self._producer = _Producer(
             lambda: AIOKafkaProducer(
-                bootstrap_servers=settings.bootstrap_servers,
-                client_id=settings.client_id,
+                **settings.kafka_connection(),
                 acks="all",
                 enable_idempotence=settings.enable_idempotence,
                 linger_ms=5,
@@ -241,8 +240,7 @@ class ExactlyOnce:
         )
         self._producer = _Producer(
             lambda: AIOKafkaProducer(
-                bootstrap_servers=settings.bootstrap_servers,
-                client_id=settings.client_id,
+                **settings.kafka_connection(),
                 transactional_id=self.transactional_id,
                 linger_ms=5,
             )

@@ -109,9 +109,8 @@ class ModerationConsumer:
         self._failure: BaseException | None = None
         self.connected = False
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
+            **settings.kafka_connection(),
             group_id=settings.group_id,
-            client_id=settings.client_id,
             enable_auto_commit=False,
             auto_offset_reset=settings.auto_offset_reset,
             isolation_level="read_committed",

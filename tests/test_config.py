@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
+import subprocess
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -22,3 +26,83 @@ def test_settings_come_from_guardstream_variables(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("GUARDSTREAM_DELIVERY", "at-most-once")
     with pytest.raises(ValidationError, match="delivery"):
         Settings()
+
+
+# --- Kafka security ----------------------------------------------------------------------------
+
+
+def test_plaintext_connections_carry_no_security_options() -> None:
+    options = Settings(bootstrap_servers="k:9092", client_id="c").kafka_connection()
+
+    assert options == {
+        "bootstrap_servers": "k:9092",
+        "client_id": "c",
+        "security_protocol": "PLAINTEXT",
+    }
+
+
+def test_sasl_needs_credentials_and_passes_them_without_echoing_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ValidationError, match="needs sasl_username and sasl_password"):
+        Settings(security_protocol="SASL_PLAINTEXT", sasl_username="svc")
+    monkeypatch.setenv("GUARDSTREAM_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("GUARDSTREAM_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("GUARDSTREAM_SASL_USERNAME", "svc")
+    monkeypatch.setenv("GUARDSTREAM_SASL_PASSWORD", "s3cret-pw")
+
+    settings = Settings()
+    options = settings.kafka_connection()
+
+    assert (options["sasl_mechanism"], options["sasl_plain_username"]) == ("SCRAM-SHA-512", "svc")
+    assert options["sasl_plain_password"] == "s3cret-pw"
+    assert "ssl_context" not in options
+    assert "s3cret-pw" not in repr(settings)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and its key, made with openssl for this test run."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "client.crt", directory / "client.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=guardstream-test", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_builds_a_context_from_the_configured_files(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    settings = Settings(
+        security_protocol="SASL_SSL",
+        sasl_username="svc",
+        sasl_password="pw",
+        ssl_cafile=cert,
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+        ssl_check_hostname=False,
+    )
+
+    context = settings.kafka_connection()["ssl_context"]
+
+    assert isinstance(context, ssl.SSLContext)
+    assert [dict(c["subject"][0])["commonName"] for c in context.get_ca_certs()] == [
+        "guardstream-test"
+    ]
+    assert context.check_hostname is False
+    assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_a_client_certificate_needs_its_key(certificate: tuple[Path, Path]) -> None:
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(security_protocol="SSL", ssl_certfile=certificate[0])
+
+
+def test_a_missing_ca_file_is_a_settings_error_not_a_failure_at_first_connect(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValidationError, match="ssl_cafile"):
+        Settings(security_protocol="SSL", ssl_cafile=tmp_path / "absent.pem")

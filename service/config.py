@@ -271,6 +271,12 @@ class Settings(BaseSettings):
         parse_allowed_networks(value)  # raises ValueError, reported as a settings error
         return value
 
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        # A ConfigMap key left empty means "not set", as for the other settings.
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _kafka_security_is_complete(self) -> Settings:
         if self.security_protocol.startswith("SASL_") and not (

@@ -69,8 +69,10 @@ def _exporter_kind() -> str:
     configured = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if configured:
         return configured
-    has_endpoint = "OTEL_EXPORTER_OTLP_ENDPOINT" in os.environ or (
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in os.environ
+    # An empty variable (a ConfigMap key left blank) is no endpoint.
+    has_endpoint = any(
+        os.environ.get(name, "").strip()
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
     return "otlp" if has_endpoint else "none"
 

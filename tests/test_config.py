@@ -106,3 +106,12 @@ def test_a_missing_ca_file_is_a_settings_error_not_a_failure_at_first_connect(
 ) -> None:
     with pytest.raises(ValidationError, match="ssl_cafile"):
         Settings(security_protocol="SSL", ssl_cafile=tmp_path / "absent.pem")
+
+
+def test_empty_tls_file_settings_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SSL_CAFILE", "SSL_CERTFILE", "SSL_KEYFILE"):
+        monkeypatch.setenv(f"GUARDSTREAM_{name}", "")
+
+    settings = Settings(security_protocol="SSL")
+
+    assert (settings.ssl_cafile, settings.ssl_certfile, settings.ssl_keyfile) == (None, None, None)

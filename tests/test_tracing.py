@@ -49,6 +49,7 @@ def test_the_current_span_is_injected_into_outgoing_headers() -> None:
         ),
         ({"OTEL_TRACES_EXPORTER": "console"}, "standard output"),
         ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "x"}, "nowhere"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": ""}, "nowhere"),
     ],
 )
 def test_the_exporter_follows_the_standard_variables(

@@ -11,9 +11,9 @@ demo: $(READY)
 	$(BIN)/python -m service demo
 
 test: $(READY)
-	$(BIN)/ruff check service tests triton_models
-	$(BIN)/ruff format --check service tests triton_models
-	$(BIN)/mypy service
+	$(BIN)/ruff check service tests triton_models deploy
+	$(BIN)/ruff format --check service tests triton_models deploy
+	$(BIN)/mypy service deploy/kustomize.py
 	$(BIN)/pytest
 
 stack-up stack-status stack-down: $(READY)

@@ -46,7 +46,6 @@ class StackError(Exception):
 
 
 Broker = Literal["noida-db", "tansu"]
-_BROKER_PROGRAMS: dict[str, str] = {"noida-db": "noida-db", "tansu": "tansu"}
 
 
 @dataclass(frozen=True)

@@ -246,12 +246,10 @@ class FaultStack:
 
     def pause_broker(self) -> None:
         """SIGSTOP: the port stays open and connections hang, as with a stalled broker."""
-        _signal_group(self._require(self._broker, "broker").pid, signal.SIGSTOP)
-        self._paused.add("broker")
+        self._freeze("broker", self._broker, frozen=True)
 
     def resume_broker(self) -> None:
-        _signal_group(self._require(self._broker, "broker").pid, signal.SIGCONT)
-        self._paused.discard("broker")
+        self._freeze("broker", self._broker, frozen=False)
 
     # Triton
 
@@ -284,12 +282,20 @@ class FaultStack:
 
     def pause_triton(self) -> None:
         """SIGSTOP the whole group: a hung server whose ports accept but never answer."""
-        _signal_group(self._require(self._triton, "tritonserver").pid, signal.SIGSTOP)
-        self._paused.add("triton")
+        self._freeze("triton", self._triton, frozen=True)
 
     def resume_triton(self) -> None:
-        _signal_group(self._require(self._triton, "tritonserver").pid, signal.SIGCONT)
-        self._paused.discard("triton")
+        self._freeze("triton", self._triton, frozen=False)
+
+    def _freeze(self, which: str, process: subprocess.Popen[bytes] | None, *, frozen: bool) -> None:
+        """SIGSTOP or SIGCONT a process group, remembering what is paused for ensure_running."""
+        _signal_group(
+            self._require(process, which).pid, signal.SIGSTOP if frozen else signal.SIGCONT
+        )
+        if frozen:
+            self._paused.add(which)
+        else:
+            self._paused.discard(which)
 
     # both
 

@@ -11,6 +11,12 @@ the CPU guard of `triton_models/cpu` and to a GPU TensorRT-LLM deployment unchan
     end_id, pad_id     INT32  [1, 1]           only when configured
     seed               UINT64 [1, 1]           only when configured
     → text_output      BYTES  [1, 1] (or [1])  the model's answer
+    → rating_log_prob  FP32   [1, 1]           only from models that declare it: the log-prob
+                                               of the token that decided the rating
+
+What the served model is (`guard_model_name`, `guard_model_version`) and whether it declares
+`rating_log_prob` is read from Triton once the model is ready, and again after an outage: a
+restarted Triton may serve another model behind the same name.
 
 tritonclient raises one `InferenceServerException` for everything, its gRPC status as a
 string; `classify_triton_error` is the single place that turns it into a retriable
@@ -21,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +44,8 @@ from service.errors import GuardError, GuardFailed, GuardUnavailable
 log = logging.getLogger(__name__)
 
 TEXT_OUTPUT = "text_output"
+RATING_LOG_PROB = "rating_log_prob"
+_NAME_PARAMETER, _VERSION_PARAMETER = "guard_model_name", "guard_model_version"
 
 # Statuses after which the same request can succeed later: the server or its queue is the
 # problem, not the request.
@@ -73,10 +83,46 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """What Triton says of the model behind the name, read from its metadata and config."""
+
+    outputs: tuple[str, ...]
+    name: str | None = None
+    """The guard model's own name (`guard_model_name` parameter), when the config names it."""
+    version: str | None = None
+
+
+@dataclass(frozen=True)
 class GuardReply:
     text: str
     model_name: str
     model_version: str
+    rating_log_prob: float | None = None
+    """Natural log of the probability of the rating's deciding token, when the model says."""
+    served: ServedModel | None = None
+
+
+def describe_served_model(metadata: Mapping[str, Any], config: Mapping[str, Any]) -> ServedModel:
+    """Read `get_model_metadata` and `get_model_config` answers (tritonclient's JSON form)."""
+    parameters = config.get("config", config).get("parameters", {})
+
+    def parameter(key: str) -> str | None:
+        value = parameters.get(key, {}).get("string_value", "")
+        return str(value) if value else None
+
+    return ServedModel(
+        outputs=tuple(str(output["name"]) for output in metadata.get("outputs", [])),
+        name=parameter(_NAME_PARAMETER),
+        version=parameter(_VERSION_PARAMETER),
+    )
+
+
+def read_rating_log_prob(values: npt.NDArray[np.float32] | None) -> float | None:
+    """The first value, or None when absent or NaN (the model found no deciding token)."""
+    if values is None or values.size == 0:
+        return None
+    value = float(values.reshape(-1)[0])
+    return None if math.isnan(value) or value > 0 else value
 
 
 def build_inputs(
@@ -149,7 +195,8 @@ class GuardClient:
         self.version = version
         self._sampling = sampling
         self._timeout_s = timeout_s
-        self._outputs = [InferRequestedOutput(TEXT_OUTPUT)]
+        self._served: ServedModel | None = None
+        self._describing = asyncio.Lock()
 
     async def wait_ready(self, timeout_s: float, poll_s: float = 0.5) -> None:
         """Return once the server and the model are ready; GuardUnavailable after timeout_s."""
@@ -171,9 +218,34 @@ class GuardClient:
                 self.model, self.version, client_timeout=timeout_s
             ):
                 return f"model {self.model!r} is not ready (is it in the model repository?)"
+            await self._served_model(timeout_s)
         except InferenceServerException as exc:
             return f"{exc.status() or 'error'}: {exc.message()}"
         return None
+
+    async def _served_model(self, timeout_s: float) -> ServedModel:
+        # One reading for all the requests that find it missing, not one each.
+        async with self._describing:
+            if self._served is None:
+                self._served = await self._describe(timeout_s)
+            return self._served
+
+    async def _describe(self, timeout_s: float) -> ServedModel:
+        metadata = await self._client.get_model_metadata(
+            self.model, self.version, as_json=True, client_timeout=timeout_s
+        )
+        config = await self._client.get_model_config(
+            self.model, self.version, as_json=True, client_timeout=timeout_s
+        )
+        served = describe_served_model(metadata, config)
+        log.info(
+            "Triton model %r serves %s %s (outputs: %s)",
+            self.model,
+            served.name or "an unnamed model",
+            served.version or "",
+            ", ".join(served.outputs),
+        )
+        return served
 
     async def ask(
         self,
@@ -184,21 +256,32 @@ class GuardClient:
         """One inference; `headers` carry the trace context as gRPC metadata to Triton."""
         inputs = build_inputs(prompt, pixels, self._sampling)
         try:
+            served = await self._served_model(self._timeout_s)
+            wanted = [TEXT_OUTPUT]
+            if RATING_LOG_PROB in served.outputs:
+                wanted.append(RATING_LOG_PROB)
             result = await self._client.infer(
                 self.model,
                 inputs,
                 model_version=self.version,
-                outputs=self._outputs,
+                outputs=[InferRequestedOutput(name) for name in wanted],
                 client_timeout=self._timeout_s,
                 headers=dict(headers) if headers else None,
             )
         except InferenceServerException as exc:
-            raise classify_triton_error(exc, self.model) from None
+            failure = classify_triton_error(exc, self.model)
+            if isinstance(failure, GuardUnavailable):
+                self._served = None  # read it again once Triton is back: it may have changed
+            raise failure from None
         response = result.get_response()
         return GuardReply(
             text=read_text_output(result.as_numpy(TEXT_OUTPUT), self.model),
             model_name=response.model_name,
             model_version=response.model_version,
+            rating_log_prob=read_rating_log_prob(result.as_numpy(RATING_LOG_PROB))
+            if RATING_LOG_PROB in wanted
+            else None,
+            served=served,
         )
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -325,18 +326,19 @@ def _verdict(
     assessment: Assessment,
     timings: Timings,
 ) -> Verdict:
-    identity = assessment.model
+    name, version = _model_identity(reply, assessment)
     return Verdict(
         event_id=event.event_id,
         rating=assessment.rating,
         category=assessment.category.label,
         category_code=assessment.category.code,
         rationale=assessment.rationale,
+        confidence=None if reply.rating_log_prob is None else math.exp(reply.rating_log_prob),
         policy_id=policy.id,
         policy_version=policy.version,
         model=ModelInfo(
-            name=identity.name if identity else reply.model_name,
-            version=identity.version if identity else reply.model_version,
+            name=name,
+            version=version,
             triton_model=reply.model_name,
             triton_version=reply.model_version,
         ),
@@ -349,6 +351,17 @@ def _verdict(
         timings=timings,
         decided_at=datetime.now(UTC),
     )
+
+
+def _model_identity(reply: GuardReply, assessment: Assessment) -> tuple[str, str]:
+    """Who decided: the answer's own "model" key, else what the served model's config says,
+    else the Triton model's name and version."""
+    if assessment.model is not None:
+        return assessment.model.name, assessment.model.version
+    served = reply.served
+    if served is not None and served.name is not None:
+        return served.name, served.version or reply.model_version
+    return reply.model_name, reply.model_version
 
 
 def event_id_hint(record: Record) -> str | None:

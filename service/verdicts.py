@@ -55,6 +55,13 @@ class Verdict(_Out):
     category: str = Field(description='The policy\'s label, e.g. "O4: Nudity Content".')
     category_code: str = Field(description='The label\'s code, e.g. "O4", or "NA".')
     rationale: str
+    confidence: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Probability the model gave the token that decided the rating (LlavaGuard: "
+        "the rating's first token; ICM-Assistant: Yes/No); null when the model does not say.",
+    )
     policy_id: str
     policy_version: str
     model: ModelInfo

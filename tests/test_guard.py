@@ -10,7 +10,15 @@ from tritonclient.utils import InferenceServerException
 
 from service import stack
 from service.errors import GuardError, GuardUnavailable
-from service.guard import GuardClient, Sampling, build_inputs, classify_triton_error
+from service.guard import (
+    GuardClient,
+    Sampling,
+    ServedModel,
+    build_inputs,
+    classify_triton_error,
+    describe_served_model,
+    read_rating_log_prob,
+)
 from service.guard import read_text_output as read_text
 from tests.conftest import free_port
 
@@ -78,6 +86,44 @@ async def test_waiting_for_an_absent_server_fails_with_a_clear_message() -> None
         await guard.close()
 
 
+def test_the_served_model_is_described_by_its_outputs_and_name_parameters() -> None:
+    metadata = {"outputs": [{"name": "text_output"}, {"name": "rating_log_prob"}]}
+    config = {
+        "config": {
+            "parameters": {
+                "guard_model_name": {"string_value": "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"},
+                "guard_model_version": {"string_value": "rev-1"},
+                "other": {"string_value": "x"},
+            }
+        }
+    }
+    assert describe_served_model(metadata, config) == ServedModel(
+        outputs=("text_output", "rating_log_prob"),
+        name="AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf",
+        version="rev-1",
+    )
+    # Blank or missing parameters name nothing.
+    blank = {"config": {"parameters": {"guard_model_name": {"string_value": ""}}}}
+    assert describe_served_model({"outputs": []}, blank) == ServedModel(outputs=())
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.array([[-0.25]], np.float32), -0.25),
+        (np.array([0.0], np.float32), 0.0),
+        (np.array([[np.nan]], np.float32), None),  # the model found no deciding token
+        (np.array([[0.5]], np.float32), None),  # not a log-probability
+        (np.array([], np.float32), None),
+        (None, None),
+    ],
+)
+def test_the_rating_log_prob_is_read_only_when_it_is_one(
+    values: np.ndarray | None, expected: float | None
+) -> None:
+    assert read_rating_log_prob(values) == expected
+
+
 @pytest.mark.stack
 async def test_the_cpu_guard_answers_in_llavaguard_json(embedded_stack: stack.StackState) -> None:
     guard = GuardClient(embedded_stack.triton_grpc, "guard", SAMPLING)
@@ -89,6 +135,9 @@ async def test_the_cpu_guard_answers_in_llavaguard_json(embedded_stack: stack.St
     answer = json.loads(reply.text)
     assert (answer["rating"], answer["category"]) == ("Safe", "NA: None applying")
     assert (reply.model_name, reply.model_version) == ("guard", "1")
+    # It declares no rating_log_prob, so none is asked for and the verdict has no confidence.
+    assert reply.served == ServedModel(outputs=("text_output",))
+    assert reply.rating_log_prob is None
 
 
 @pytest.mark.stack

@@ -7,6 +7,7 @@ import hashlib
 import io
 import ipaddress
 import json
+import math
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +26,11 @@ from service.client import encode_event, image_event
 from service.config import Settings
 from service.errors import GuardError, GuardUnavailable
 from service.fetch import Fetcher, FetchLimits, IPAddress, parse_allowed_networks
-from service.guard import GuardReply
+from service.guard import GuardReply, ServedModel
 from service.metrics import Metrics
 from service.pipeline import Outcome, Pipeline, Record, Retry
 from service.policies import PolicyRegistry
-from service.verdicts import DeadLetter, Verdict
+from service.verdicts import DeadLetter, Verdict, serialize
 
 SAFE = json.dumps({"rating": "Safe", "category": "NA: None applying", "rationale": "a cat"})
 
@@ -37,9 +38,16 @@ SAFE = json.dumps({"rating": "Safe", "category": "NA: None applying", "rationale
 class ScriptedGuard:
     """Answers (or fails) from a script, and remembers what it was asked."""
 
-    def __init__(self, *script: str | Exception | float) -> None:
+    def __init__(
+        self,
+        *script: str | Exception | float,
+        rating_log_prob: float | None = None,
+        served: ServedModel | None = None,
+    ) -> None:
         self.script = list(script)
         self.calls: list[tuple[str, tuple[int, ...]]] = []
+        self.rating_log_prob = rating_log_prob
+        self.served = served
 
     async def ask(
         self,
@@ -54,7 +62,13 @@ class ScriptedGuard:
         if isinstance(step, float):  # a slow answer
             await asyncio.sleep(step)
             step = SAFE
-        return GuardReply(text=step, model_name="guard", model_version="7")
+        return GuardReply(
+            text=step,
+            model_name="guard",
+            model_version="7",
+            rating_log_prob=self.rating_log_prob,
+            served=self.served,
+        )
 
 
 def jpeg(width: int = 64, height: int = 48) -> bytes:
@@ -154,6 +168,27 @@ async def test_a_model_that_names_itself_is_named_in_the_verdict() -> None:
     assert (outcome.model.name, outcome.model.version) == ("nudenet-320n-rules", "3.4.2+rules.x")
     assert (outcome.model.triton_model, outcome.model.triton_version) == ("guard", "7")
     assert (outcome.category, outcome.category_code) == ("O4: Nudity Content", "O4")
+
+
+async def test_a_model_without_a_name_in_its_answer_is_named_by_its_triton_config() -> None:
+    served = ServedModel(outputs=("text_output",), name="LlavaGuard-v1.2-0.5B-OV-hf", version="a1")
+    outcome = await judge(ScriptedGuard(SAFE, served=served), event_record())
+    assert isinstance(outcome, Verdict)
+    assert (outcome.model.name, outcome.model.version) == ("LlavaGuard-v1.2-0.5B-OV-hf", "a1")
+    assert (outcome.model.triton_model, outcome.model.triton_version) == ("guard", "7")
+
+
+async def test_the_confidence_is_the_probability_of_the_deciding_token() -> None:
+    outcome = await judge(ScriptedGuard(SAFE, rating_log_prob=math.log(0.8)), event_record())
+    assert isinstance(outcome, Verdict)
+    assert outcome.confidence == pytest.approx(0.8)
+
+
+async def test_the_confidence_is_null_when_the_model_does_not_say() -> None:
+    outcome = await judge(ScriptedGuard(SAFE), event_record())
+    assert isinstance(outcome, Verdict)
+    assert outcome.confidence is None
+    assert b'"confidence":null' in serialize(outcome)
 
 
 async def test_an_unavailable_guard_is_retried_and_then_answers() -> None:

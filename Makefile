@@ -13,7 +13,7 @@ demo: $(READY)
 test: $(READY)
 	$(BIN)/ruff check service tests triton_models deploy
 	$(BIN)/ruff format --check service tests triton_models deploy
-	$(BIN)/mypy service deploy/kustomize.py
+	$(BIN)/mypy service deploy/kustomize.py triton_models/fill.py
 	$(BIN)/pytest
 
 stack-up stack-status stack-down: $(READY)

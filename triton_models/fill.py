@@ -45,12 +45,30 @@ class Placeholder:
 
 
 def placeholders(template: Path) -> list[Placeholder]:
-    """Every placeholder of the template repository, in file order."""
+    """Every placeholder of the template repository, in file order.
+
+    A name used in several places must have the same default (or none) everywhere: otherwise
+    one value left out would fill them differently.
+    """
+    if not template.is_dir():
+        raise FillError(f"{template} is not a directory")
     found = []
     for path in sorted(template.rglob("*" + TEMPLATE_SUFFIX)):
         for match in _PLACEHOLDER.finditer(path.read_text()):
             found.append(Placeholder(match[1], match[2], path.relative_to(template)))
+    first: dict[str, Placeholder] = {}
+    for placeholder in found:
+        seen = first.setdefault(placeholder.name, placeholder)
+        if seen.default != placeholder.default:
+            raise FillError(
+                f"placeholder {placeholder.name} has default {_shown(seen.default)} in "
+                f"{seen.file} but {_shown(placeholder.default)} in {placeholder.file}"
+            )
     return found
+
+
+def _shown(default: str | None) -> str:
+    return "none" if default is None else repr(default)
 
 
 def escape(value: str) -> str:
@@ -75,8 +93,6 @@ def render(text: str, values: Mapping[str, str]) -> tuple[str, set[str]]:
 
 def fill(template: Path, out: Path, values: Mapping[str, str], *, force: bool = False) -> None:
     """Write the filled repository to `out` (which must not exist unless `force`)."""
-    if not template.is_dir():
-        raise FillError(f"{template} is not a directory")
     unused = set(values) - {p.name for p in placeholders(template)}
     if unused:
         raise FillError(f"no placeholder named {', '.join(sorted(unused))} in {template}")
@@ -122,14 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace `out` if it exists")
     parser.add_argument("--list", action="store_true", help="print the placeholders and exit")
     args = parser.parse_args(argv)
-    if args.list:
-        for p in placeholders(args.template):
-            default = "(required)" if p.default is None else f"default {p.default!r}"
-            print(f"{p.name:28} {default:32} {p.file}")
-        return 0
-    if args.out is None:
+    if args.out is None and not args.list:
         parser.error("give the output directory (or --list)")
     try:
+        if args.list:
+            for p in placeholders(args.template):
+                default = "(required)" if p.default is None else f"default {p.default!r}"
+                print(f"{p.name:28} {default:32} {p.file}")
+            return 0
         fill(args.template, args.out, parse_values(args.values), force=args.force)
     except (FillError, OSError) as exc:
         print(f"fill: {exc}", file=sys.stderr)

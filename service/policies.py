@@ -11,6 +11,15 @@ A policy file is TOML (``service/policies/*.toml``, plus an operator's own direc
     code = "O1"
     label = "O1: Hate, Humiliation, Harassment"
 
+Two answer formats: "llavaguard-json" (a JSON object with rating, category and rationale) and
+"icm-yes-no" (ICM-Assistant: "Yes" or "No" first, then an explanation). A yes/no policy also
+says which answer means Unsafe and which category an Unsafe answer gets when its explanation
+names none of the policy's rules::
+
+    answer_format = "icm-yes-no"
+    unsafe_answer = "Yes"            # "Yes" or "No"; the other answer is Safe (safe_category)
+    default_unsafe_category = "R00"  # a category code, not the safe one
+
 Policies are read once at start-up; a bad file stops the service there (`ValueError`) rather than
 failing events one by one. Reading an answer (`parse_answer`) is lenient about form and strict
 about substance: the verdict must be written in the answer, never guessed.
@@ -22,7 +31,7 @@ import json
 import re
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -30,7 +39,7 @@ from typing import Any, Literal, NamedTuple
 
 from service.errors import UnknownPolicy, UnparseableModelOutput
 
-ANSWER_FORMATS = ("llavaguard-json",)
+ANSWER_FORMATS = ("llavaguard-json", "icm-yes-no")
 """Answer formats `parse_answer` can read; a policy file must name one of them."""
 
 MAX_ANSWER_BYTES = 64 * 1024
@@ -40,12 +49,15 @@ MAX_ANSWER_BYTES = 64 * 1024
 # would only multiply the work on pathological input (every nested object is a candidate).
 _MAX_CANDIDATE_DEPTH = 4
 
-_POLICY_KEYS = frozenset(
-    {"id", "version", "answer_format", "safe_category", "prompt", "categories"}
+_YES_NO_KEYS = frozenset({"unsafe_answer", "default_unsafe_category"})
+_POLICY_KEYS = (
+    frozenset({"id", "version", "answer_format", "safe_category", "prompt", "categories"})
+    | _YES_NO_KEYS
 )
 _CATEGORY_KEYS = frozenset({"code", "label"})
 _POLICY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SAFE_ALIASES = ("n/a",)
+_YES_NO = ("Yes", "No")
 
 
 @dataclass(frozen=True)
@@ -57,14 +69,76 @@ class Category:
 
 
 @dataclass(frozen=True)
+class YesNoAnswers:
+    """How a yes/no answer (answer_format "icm-yes-no") becomes an assessment.
+
+    `unsafe_answer` ("Yes" or "No") is rated Unsafe, the other answer Safe with the policy's safe
+    category. An Unsafe answer's category is the rule its explanation names (`named_rule`), else
+    `default_category`. `rules` are the categories an explanation can name: all but the safe and
+    the default one.
+    """
+
+    unsafe_answer: str
+    default_category: Category
+    rules: tuple[Category, ...]
+    _codes: re.Pattern[str] | None = field(init=False, compare=False, repr=False)
+    _names: re.Pattern[str] | None = field(init=False, compare=False, repr=False)
+    _by_name: dict[str, Category] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.unsafe_answer not in _YES_NO:
+            raise ValueError(f"unsafe_answer {self.unsafe_answer!r} is neither 'Yes' nor 'No'")
+        if self.default_category in self.rules:
+            raise ValueError("the default category cannot also be a rule an answer names")
+        codes = [_prose_key(rule.code) for rule in self.rules]
+        names = [_prose_key(_label_text(rule)) for rule in self.rules]
+        by_name: dict[str, Category] = {}
+        for key, rule in zip([*codes, *names], [*self.rules, *self.rules], strict=True):
+            if by_name.setdefault(key, rule) != rule:
+                raise ValueError(
+                    f"rule name {key!r} would match both {by_name[key].code} and {rule.code}"
+                )
+        object.__setattr__(self, "_codes", _words_pattern(codes))
+        object.__setattr__(self, "_names", _words_pattern(names))
+        object.__setattr__(self, "_by_name", by_name)
+
+    def named_rule(self, explanation: str) -> Category | None:
+        """The rule `explanation` names, or None.
+
+        Matching ignores case and reads "_", "-" and runs of whitespace as one space; a name
+        counts only as whole words ("R07" but not "R070", "kiss" but not "kissing"). The first
+        rule code in the explanation wins ("R25"); without any code, the first rule name does
+        ("bite lips"): the prompt asks for the code, and a name can also occur as plain prose.
+        """
+        prose = _prose_key(explanation)
+        for pattern in (self._codes, self._names):
+            found = pattern.search(prose) if pattern is not None else None
+            if found is not None:
+                return self._by_name[found.group()]
+        return None
+
+
+@dataclass(frozen=True)
 class Policy:
-    """A moderation policy: the prompt to send and the categories an answer may name."""
+    """A moderation policy: the prompt to send and the categories an answer may name.
+
+    `answer_format` says how `parse_answer` reads an answer; "icm-yes-no" policies carry the
+    mapping of their answers in `yes_no` (and only they do).
+    """
 
     id: str
     version: str
     prompt: str
     categories: tuple[Category, ...]
     safe_category: Category
+    answer_format: str = "llavaguard-json"
+    yes_no: YesNoAnswers | None = None
+
+    def __post_init__(self) -> None:
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format {self.answer_format!r} is not one of {ANSWER_FORMATS}")
+        if (self.answer_format == "icm-yes-no") != (self.yes_no is not None):
+            raise ValueError("yes_no is required with answer_format 'icm-yes-no', and only there")
 
     def render_prompt(self) -> str:
         """The text sent to the model as `text_input`: the prompt exactly as stored."""
@@ -174,6 +248,9 @@ def _policy_from_data(data: dict[str, Any]) -> Policy:
     answer_format = _text(data, "answer_format")
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format {answer_format!r} is not one of {ANSWER_FORMATS}")
+    misplaced = sorted(_YES_NO_KEYS & set(data)) if answer_format != "icm-yes-no" else []
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: only for answer_format 'icm-yes-no'")
     categories = _categories(data.get("categories"))
     safe_code = _text(data, "safe_category")
     safe = next((c for c in categories if c.code == safe_code), None)
@@ -186,6 +263,24 @@ def _policy_from_data(data: dict[str, Any]) -> Policy:
         prompt=_text(data, "prompt"),
         categories=categories,
         safe_category=safe,
+        answer_format=answer_format,
+        yes_no=_yes_no_answers(data, categories, safe) if answer_format == "icm-yes-no" else None,
+    )
+
+
+def _yes_no_answers(
+    data: dict[str, Any], categories: tuple[Category, ...], safe: Category
+) -> YesNoAnswers:
+    code = _text(data, "default_unsafe_category")
+    default = next((c for c in categories if c.code == code), None)
+    if default is None:
+        raise ValueError(f"default_unsafe_category {code!r} is not the code of any category")
+    if default == safe:
+        raise ValueError(f"default_unsafe_category {code!r} is the safe category")
+    return YesNoAnswers(  # which checks unsafe_answer
+        unsafe_answer=_text(data, "unsafe_answer"),
+        default_category=default,
+        rules=tuple(c for c in categories if c not in (safe, default)),
     )
 
 
@@ -242,6 +337,29 @@ def _name_key(name: str) -> str:
     return " ".join(spaced.split()).rstrip(": ")
 
 
+def _label_text(category: Category) -> str:
+    """The label without its leading code: "bite lips" for "R25: bite lips"."""
+    code, _, text = category.label.partition(":")
+    return text.strip() if text.strip() and code.strip() == category.code else category.label
+
+
+_NAME_SEPARATORS = re.compile(r"[\s_\-\u2010\u2011]+")
+
+
+def _prose_key(text: str) -> str:
+    """`text` lower-cased, with "_", hyphens and whitespace runs read as one space."""
+    return _NAME_SEPARATORS.sub(" ", text.lower()).strip()
+
+
+def _words_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
+    """A pattern finding any of `names` as whole words (no letter or digit either side)."""
+    unique = sorted({name for name in names if name}, key=lambda name: (-len(name), name))
+    if not unique:
+        return None
+    alternatives = "|".join(re.escape(name) for name in unique)
+    return re.compile(rf"(?<![^\W_])(?:{alternatives})(?![^\W_])")
+
+
 # --- Reading answers -----------------------------------------------------------------------------
 
 # Which reason a rejection gives, most useful first: what is wrong with the object that tried to
@@ -251,7 +369,23 @@ _RATING = re.compile("rating", re.IGNORECASE)
 
 
 def parse_answer(text: str, policy: Policy) -> Assessment:
-    """Read the guard's answer to `policy`'s prompt.
+    """Read the guard's answer to `policy`'s prompt, in the policy's answer format.
+
+    Raises UnparseableModelOutput, saying what is wrong, when the answer states no verdict:
+    nothing is ever filled in. Answers longer than MAX_ANSWER_BYTES are refused unread.
+    """
+    # The length test first spares encoding a huge text just to measure it.
+    if len(text) > MAX_ANSWER_BYTES or len(_utf8(text)) > MAX_ANSWER_BYTES:
+        raise UnparseableModelOutput(
+            f"answer is longer than {MAX_ANSWER_BYTES} bytes; not read", model_output=text
+        )
+    if policy.yes_no is not None:  # answer_format "icm-yes-no" (Policy checks the pairing)
+        return _read_yes_no(text, policy, policy.yes_no)
+    return _read_json_answer(text, policy)
+
+
+def _read_json_answer(text: str, policy: Policy) -> Assessment:
+    """Read a "llavaguard-json" answer.
 
     The answer is the first ``{...}`` in `text` that reads as an assessment, wherever it sits
     (alone, in a code fence, amid prose). Tolerated: single-quoted strings, trailing commas,
@@ -261,11 +395,6 @@ def parse_answer(text: str, policy: Policy) -> Assessment:
     Raises UnparseableModelOutput, saying what is wrong, when no rating or category can be read:
     nothing is ever filled in. Rating and category are not reconciled (see `Assessment`).
     """
-    # The length test first spares encoding a huge text just to measure it.
-    if len(text) > MAX_ANSWER_BYTES or len(_utf8(text)) > MAX_ANSWER_BYTES:
-        raise UnparseableModelOutput(
-            f"answer is longer than {MAX_ANSWER_BYTES} bytes; not read", model_output=text
-        )
     spans, unclosed = _object_spans(text)
     problems: list[tuple[int, str]] = []
     for start, end in spans:
@@ -481,3 +610,60 @@ def _fix_escape(match: re.Match[str]) -> str:
         return '\\"'
     # \' is valid in Python strings, not in JSON; every other escape is left for json to judge.
     return "'" if match.group(1) == "'" else match.group(0)
+
+
+# --- Reading yes/no answers ----------------------------------------------------------------------
+#
+# ICM-Assistant answers "Yes." or "No." and may go on to explain. Its own evaluations read the
+# first token's Yes/No logits, or the first character; here the first word must be Yes or No.
+# Every pattern below is anchored at one place and bounded, so the work stays linear in the text.
+
+_LEAD = re.compile(r"[\W_]*")  # whitespace, punctuation, markdown before the answer word
+_FIRST_WORD = re.compile(r"[^\W_]+")  # letters and digits
+_SHOWN_WORD = re.compile(r"\S{1,40}")
+# "No-one", "Yes-man", "Yes/No", "No's": the word goes on, so it is not the answer Yes or No.
+_COMPOUND = re.compile(r"[-/'\u2010\u2011\u2019][^\W_]")
+# "Yes or no", "No, and yes", "yes / no": both answers, which is none.
+_BOTH = re.compile(r"[\W_]{0,8}?(?:\b(?:or|and|nor)\b|/)[\W_]{0,8}(?:yes|no)(?![^\W_])", re.I)
+# Between the answer word and the explanation: anything but letters, digits and opening brackets.
+_EXPLANATION_START = re.compile(r"(?:[^\w(\[{<\u00ab\u2018\u201c]|_)*")
+
+
+def _read_yes_no(text: str, policy: Policy, yes_no: YesNoAnswers) -> Assessment:
+    """Read an "icm-yes-no" answer: Yes or No first, then (optionally) the explanation.
+
+    Lenient about form: any case ("YES", "yes"), and anything but letters and digits before the
+    word or right after it (whitespace, "**Yes**", "> No", "Yes.", "No, but ..."). Strict about
+    substance: the first word must be exactly Yes or No ("Yesterday", "Nope", "Not sure",
+    "No-one", "Yes/No", "Yes or no" are refused). The rationale is the explanation after the
+    word, trimmed; an Unsafe answer's category is the rule it names (`YesNoAnswers.named_rule`),
+    else the policy's default; the other answer's category is the safe one.
+    """
+    start = _LEAD.match(text)
+    word = _FIRST_WORD.match(text, start.end() if start else 0)
+    if word is None:
+        reason = "answer is empty" if not text.strip() else "answer has no Yes or No"
+        raise UnparseableModelOutput(reason, model_output=text)
+    said = word.group()
+    if said.lower() not in ("yes", "no") or not said.isascii() or _COMPOUND.match(text, word.end()):
+        shown = _SHOWN_WORD.match(text, word.start())
+        first = shown.group() if shown else said
+        raise UnparseableModelOutput(
+            f"answer starts with {_show(first)}, not with Yes or No", model_output=text
+        )
+    if _BOTH.match(text, word.end()):
+        raise UnparseableModelOutput("answer says both Yes and No", model_output=text)
+    rest = text[word.end() :]
+    skipped = _EXPLANATION_START.match(rest)
+    rationale = _trim_explanation(rest[skipped.end() if skipped else 0 :])
+    if said.lower() != yes_no.unsafe_answer.lower():
+        return Assessment("Safe", policy.safe_category, rationale, None)
+    category = yes_no.named_rule(rationale) or yes_no.default_category
+    return Assessment("Unsafe", category, rationale, None)
+
+
+def _trim_explanation(text: str) -> str:
+    trimmed = text.rstrip()
+    if trimmed.endswith("```"):  # the answer sat in a code fence
+        trimmed = trimmed[:-3].rstrip()
+    return trimmed

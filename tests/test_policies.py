@@ -80,6 +80,7 @@ def test_packaged_policy_has_the_llavaguard_codes_and_safe_category() -> None:
     assert (POLICY.id, POLICY.version) == ("llavaguard-v1.2", "1.2.0")
     assert POLICY.safe_category == Category("NA", "NA: None applying")
     assert [c.code for c in POLICY.categories] == [*(f"O{n}" for n in range(1, 10)), "NA"]
+    assert (POLICY.answer_format, POLICY.yes_no) == ("llavaguard-json", None)
 
 
 def test_category_labels_are_the_ones_the_prompt_lists() -> None:
@@ -177,7 +178,7 @@ def test_same_id_twice_in_one_dir_fails_load(tmp_path: Path) -> None:
         ),
         pytest.param(
             CUSTOM_POLICY.replace('"llavaguard-json"', '"plain"'),
-            "answer_format 'plain' is not one of ('llavaguard-json',)",
+            "answer_format 'plain' is not one of ('llavaguard-json', 'icm-yes-no')",
             id="format",
         ),
         pytest.param(
@@ -209,6 +210,11 @@ def test_same_id_twice_in_one_dir_fails_load(tmp_path: Path) -> None:
             CUSTOM_POLICY.replace("C1: Cats", "C1: None applying"),
             "category name 'none applying' would match both C1 and NA",
             id="ambiguous-names",
+        ),
+        pytest.param(
+            CUSTOM_POLICY.replace("prompt =", 'unsafe_answer = "Yes"\nprompt ='),
+            "unsafe_answer: only for answer_format 'icm-yes-no'",
+            id="yes-no-key-in-json-policy",
         ),
         pytest.param(
             CUSTOM_POLICY.split("[[categories]]")[0] + 'categories = "C1"\n',

@@ -103,7 +103,7 @@ def test_safe_category_is_the_one_the_prompt_says_to_pick_when_none_applies() ->
 def test_registry_loads_the_packaged_policies() -> None:
     registry = PolicyRegistry.load()
 
-    assert registry.ids() == ("llavaguard-v1.2",)
+    assert registry.ids() == ("icm-assistant", "llavaguard-v1.2")
     assert registry.get("llavaguard-v1.2") == POLICY
 
 
@@ -112,7 +112,7 @@ def test_unknown_policy_id_raises_unknown_policy_listing_known_ids() -> None:
         PolicyRegistry.load().get("llavaguard-v9")
 
     assert raised.value.message == (
-        "unknown policy 'llavaguard-v9'; known policies: llavaguard-v1.2"
+        "unknown policy 'llavaguard-v9'; known policies: icm-assistant, llavaguard-v1.2"
     )
 
 
@@ -121,7 +121,7 @@ def test_extra_dir_adds_policies(tmp_path: Path) -> None:
 
     registry = PolicyRegistry.load(tmp_path)
 
-    assert registry.ids() == ("custom", "llavaguard-v1.2")
+    assert registry.ids() == ("custom", "icm-assistant", "llavaguard-v1.2")
     assert registry.get("custom").prompt == "Is there a cat?"
     assert registry.get("custom").category("cats") == Category("C1", "C1: Cats")
 
@@ -132,14 +132,14 @@ def test_extra_dir_policy_overrides_packaged_policy_with_same_id(tmp_path: Path)
 
     registry = PolicyRegistry.load(tmp_path)
 
-    assert registry.ids() == ("llavaguard-v1.2",)
+    assert registry.ids() == ("icm-assistant", "llavaguard-v1.2")
     assert registry.get("llavaguard-v1.2").version == "1.2.1-acme"
 
 
 def test_extra_dir_ignores_files_that_are_not_toml(tmp_path: Path) -> None:
     _write(tmp_path, "README.md", "not a policy")
 
-    assert PolicyRegistry.load(tmp_path).ids() == ("llavaguard-v1.2",)
+    assert PolicyRegistry.load(tmp_path).ids() == ("icm-assistant", "llavaguard-v1.2")
 
 
 def test_missing_extra_dir_fails_load(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from jsonschema import Draft202012Validator
 from service import contract
 from service.errors import EventTooLarge, InvalidEvent, InvalidJson
 from service.events import EventLimits, parse_event
+from service.policies import PolicyRegistry, parse_answer
 from service.samples import all_samples
 from service.verdicts import (
     DeadLetter,
@@ -106,3 +107,27 @@ def test_verdicts_and_dead_letters_validate_against_their_schemas() -> None:
     )
     validator("verdict.v1.json").validate(json.loads(serialize(verdict)))
     validator("dead-letter.v1.json").validate(json.loads(serialize(letter)))
+
+
+def test_the_llavaguard_answer_schema_admits_exactly_the_answers_the_parser_reads() -> None:
+    policy = PolicyRegistry.load().get("llavaguard-v1.2")
+    answers = validator("answer.llavaguard-v1.2.json")
+    for category in policy.categories:
+        for rating in ("Safe", "Unsafe"):
+            answer = {"rating": rating, "category": category.label, "rationale": "r"}
+            assert answers.is_valid(answer)
+            assert parse_answer(json.dumps(answer), policy).category == category
+    # Guided decoding must not allow what the parser would refuse or read loosely.
+    for wrong in (
+        {"rating": "safe", "category": "NA: None applying", "rationale": "r"},
+        {"rating": "Safe", "category": "O4", "rationale": "r"},
+        {"rating": "Safe", "category": "NA: None applying"},
+        {"rating": "Safe", "category": "NA: None applying", "rationale": "r", "extra": 1},
+    ):
+        assert not answers.is_valid(wrong)
+
+
+def test_only_policies_answering_in_json_get_an_answer_schema() -> None:
+    assert [n for n in contract.names() if n.startswith("answer.")] == [
+        "answer.llavaguard-v1.2.json"
+    ]

@@ -1,0 +1,69 @@
+"""Every model configuration in triton_models parses as Triton's ModelConfig protobuf.
+
+The plain repositories (cpu, bench) are read as they are; the template repositories (every
+folder with `*.tmpl` files: hf, trtllm) are first rendered by triton_models/fill.py, with a value
+for each placeholder that has no default (a number, which text format also reads as a string or
+a boolean). tritonclient ships the ModelConfig definitions; text_format.Parse refuses unknown
+fields, wrong types and malformed text, as tritonserver does when it loads a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from triton_models import fill
+
+MODELS = Path(__file__).resolve().parents[1] / "triton_models"
+REPOSITORIES = sorted(p for p in MODELS.iterdir() if p.is_dir() and p.name != "common")
+TEMPLATES = [p for p in REPOSITORIES if any(p.rglob("*" + fill.TEMPLATE_SUFFIX))]
+
+
+def rendered(repository: Path, tmp_path: Path) -> Path:
+    if repository not in TEMPLATES:
+        return repository
+    values = {p.name: "1" for p in fill.placeholders(repository) if p.default is None}
+    out = tmp_path / repository.name
+    fill.fill(repository, out, values)
+    return out
+
+
+def test_the_repositories_are_found() -> None:
+    names = {p.name for p in REPOSITORIES}
+    assert {"cpu", "bench", "trtllm"} <= names
+    assert MODELS / "trtllm" in TEMPLATES
+    assert MODELS / "cpu" not in TEMPLATES
+
+
+@pytest.mark.parametrize("repository", REPOSITORIES, ids=lambda p: p.name)
+def test_every_model_config_parses_as_tritons_model_config(
+    repository: Path, tmp_path: Path
+) -> None:
+    root = rendered(repository, tmp_path)
+    models = [p for p in root.iterdir() if p.is_dir()]
+    assert models, f"{repository.name} has no model"
+    for model in models:
+        path = model / "config.pbtxt"
+        assert path.is_file(), f"{model} has no config.pbtxt"
+        text = path.read_text()
+        assert "${" not in text, f"{path} has a placeholder left"
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        # Triton requires the name to be the directory's, and a backend to run it.
+        assert config.name == model.name, path
+        assert config.backend, path
+        # A model needs a version directory; a Python model needs its model.py there.
+        versions = [v for v in model.iterdir() if v.is_dir() and v.name.isdigit()]
+        assert versions, f"{model} has no version directory"
+        if config.backend == "python":
+            assert all((v / "model.py").is_file() for v in versions), model
+
+
+def test_a_typo_in_a_config_is_caught() -> None:
+    # The check has teeth: an unknown field and a wrong type are refused.
+    with pytest.raises(text_format.ParseError):
+        text_format.Parse('name: "g"\nmax_batch_sise: 8', model_config_pb2.ModelConfig())
+    with pytest.raises(text_format.ParseError):
+        text_format.Parse('name: "g"\nmax_batch_size: "8"', model_config_pb2.ModelConfig())

@@ -1,0 +1,874 @@
+"""The TensorRT-LLM model repository (triton_models/trtllm): all of it that runs without a GPU.
+
+- The wiring: the client-facing `guard` declares the CPU guard's contract plus
+  `rating_log_prob`; every tensor `guard` sends to `vision_encoder` and `tensorrt_llm` is declared
+  there with its type and rank, every output it reads is declared, every required input is sent;
+  the models it calls exist; the tensorrtllm backend finds the parameters it cannot load without.
+- The BLS end to end, through a fake `triton_python_backend_utils`: the real `guard` model code,
+  with the tiny LLaVA-OneVision checkpoint (tests/tiny_llava.py) standing in for the engines.
+  The fake `vision_encoder` is the real feature packing fed by the tiny model's own vision tower
+  and projector (what the TensorRT vision engine computes); the fake `tensorrt_llm` applies
+  TensorRT-LLM's prompt-table rule (ids >= vocabulary size select table rows) and generates with
+  the tiny model's language model. So the prompt the engine would see is checked against the HF
+  model's own input embeddings, and the answer and its rating log-prob against the scripted
+  checkpoint's.
+- The pure functions of the BLS and of the vision encoder.
+
+Not here (needs a GPU): the engines themselves, the real tensorrtllm backend, xgrammar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import math
+import re
+import sys
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from tests import tiny_llava
+from triton_models import fill
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "triton_models" / "trtllm"
+CPU_GUARD = ROOT / "triton_models" / "cpu" / "guard" / "config.pbtxt"
+
+# A LlavaGuard v1.2 answer, as a JSON schema (hand-written here; the build uses the one
+# `python -m service schemas` writes).
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "rating": {"enum": ["Safe", "Unsafe"]},
+        "category": {
+            "enum": [
+                *(f"O{n}: x" for n in range(1, 10)),
+                "NA: None applying",
+            ]
+        },
+        "rationale": {"type": "string"},
+    },
+    "required": ["rating", "category", "rationale"],
+    "additionalProperties": False,
+}
+ENGINE_MAX_INPUT_LEN = 4096
+ENGINE_MAX_SEQ_LEN = 4608
+ENGINE_MAX_TABLE = 16 * 2048
+
+DTYPES = {
+    np.dtype(np.uint8): "TYPE_UINT8",
+    np.dtype(np.bool_): "TYPE_BOOL",
+    np.dtype(np.int32): "TYPE_INT32",
+    np.dtype(np.int64): "TYPE_INT64",
+    np.dtype(np.uint64): "TYPE_UINT64",
+    np.dtype(np.float16): "TYPE_FP16",
+    np.dtype(np.float32): "TYPE_FP32",
+    np.dtype(np.object_): "TYPE_STRING",
+}
+
+
+# --- the filled repository ---------------------------------------------------------------------
+
+
+def read_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def sample_values(out: Path, processor_dir: Path) -> dict[str, str]:
+    return {
+        "engine_dir": str(out / "tensorrt_llm" / "1"),
+        "processor_dir": str(processor_dir),
+        "xgrammar_tokenizer_info_path": str(out / "tensorrt_llm" / "1" / "xgrammar.json"),
+        "guided_json_schema": json.dumps(ANSWER_SCHEMA),
+        "guard_model_name": "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf",
+        "guard_model_version": "test",
+        "max_batch_size": "4",
+        "llm_max_batch_size": "4",
+    }
+
+
+def engine_config(vocab_size: int) -> dict[str, Any]:
+    """The parts of a trtllm-build config.json the guard reads."""
+    return {
+        "pretrained_config": {"architecture": "Qwen2ForCausalLM", "vocab_size": vocab_size},
+        "build_config": {
+            "max_batch_size": 4,
+            "max_input_len": ENGINE_MAX_INPUT_LEN,
+            "max_seq_len": ENGINE_MAX_SEQ_LEN,
+            "max_prompt_embedding_table_size": ENGINE_MAX_TABLE,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llava.build(tmp_path_factory.mktemp("tiny") / "scripted", "scripted")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(checkpoint: Path) -> Any:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(checkpoint: Path) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, tiny_model: Any) -> Path:
+    out = tmp_path_factory.mktemp("trtllm") / "models"
+    fill.fill(TEMPLATE, out, sample_values(out, checkpoint))
+    engine_dir = out / "tensorrt_llm" / "1"
+    (engine_dir / "config.json").write_text(
+        json.dumps(engine_config(tiny_model.config.text_config.vocab_size))
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def configs(repository: Path) -> dict[str, model_config_pb2.ModelConfig]:
+    return {path.parent.name: read_config(path) for path in repository.glob("*/config.pbtxt")}
+
+
+def parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+# --- the contract and the repository's shape ---------------------------------------------------
+
+
+def test_the_repository_has_the_guard_and_the_models_it_calls(
+    configs: dict[str, model_config_pb2.ModelConfig],
+) -> None:
+    assert set(configs) == {"guard", "vision_encoder", "tensorrt_llm"}
+    for name, config in configs.items():
+        assert config.name == name
+    guard = parameters(configs["guard"])
+    assert guard["vision_encoder_model"] in configs
+    assert guard["llm_model"] in configs
+    assert configs["vision_encoder"].backend == "python"
+    assert configs["tensorrt_llm"].backend == "tensorrtllm"
+
+
+def test_the_guard_declares_the_cpu_guards_contract_plus_rating_log_prob(
+    configs: dict[str, model_config_pb2.ModelConfig],
+) -> None:
+    cpu = read_config(CPU_GUARD)
+    guard = configs["guard"]
+    assert list(guard.input) == list(cpu.input)
+    assert list(guard.output)[: len(cpu.output)] == list(cpu.output)
+    extra = list(guard.output)[len(cpu.output) :]
+    assert [(o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in extra] == [
+        ("rating_log_prob", "TYPE_FP32", [1])
+    ]
+    # The client sends [1, ...] tensors: both batch.
+    assert cpu.max_batch_size > 0
+    assert guard.max_batch_size > 0
+
+
+def test_the_guard_names_the_served_model(configs: dict[str, model_config_pb2.ModelConfig]) -> None:
+    guard = parameters(configs["guard"])
+    assert guard["guard_model_name"] == "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"
+    assert guard["guard_model_version"] == "test"
+
+
+# The tensorrtllm backend's ModelState::GetParameter throws for a missing key; these are read
+# without a fallback (model_instance_state.cc: getBatchingTypeFromParams,
+# getGuidedDecodingConfigFromParams) or make the engine path.
+BACKEND_REQUIRED = (
+    "gpt_model_type",
+    "gpt_model_path",
+    "tokenizer_dir",
+    "guided_decoding_backend",
+    "xgrammar_tokenizer_info_path",
+)
+# Parsed with GetParameter<bool>, which accepts only these; anything else is silently the default.
+BACKEND_BOOLEANS = (
+    "enable_kv_cache_reuse",
+    "enable_chunked_context",
+    "exclude_input_in_output",
+    "normalize_log_probs",
+)
+BACKEND_BOOLEAN_VALUES = {"True", "true", "TRUE", "1", "False", "false", "FALSE", "0"}
+
+
+def test_the_tensorrt_llm_model_has_what_the_backend_requires(
+    configs: dict[str, model_config_pb2.ModelConfig],
+) -> None:
+    llm = configs["tensorrt_llm"]
+    values = parameters(llm)
+    for key in BACKEND_REQUIRED:
+        assert key in values, key
+    assert values["gpt_model_type"] in {"inflight_fused_batching", "inflight_batching"}
+    for key in BACKEND_BOOLEANS:
+        assert values[key] in BACKEND_BOOLEAN_VALUES, key
+    assert 0 < float(values["kv_cache_free_gpu_mem_fraction"]) < 1
+    assert values["batch_scheduler_policy"] in {"guaranteed_no_evict", "max_utilization"}
+    # Non-decoupled: the guard makes one request per answer and waits for it.
+    assert not llm.model_transaction_policy.decoupled
+    # Guided decoding is on whenever the guard sends a schema.
+    assert values["guided_decoding_backend"] == "xgrammar"
+    assert values["xgrammar_tokenizer_info_path"]
+
+
+def test_the_guard_and_the_engine_name_the_same_engine(
+    configs: dict[str, model_config_pb2.ModelConfig],
+) -> None:
+    engine = parameters(configs["tensorrt_llm"])["gpt_model_path"]
+    assert parameters(configs["guard"])["engine_dir"] == engine
+    assert Path(engine).is_absolute()
+
+
+def test_the_guard_refuses_an_invalid_schema_or_engine(repository: Path) -> None:
+    spec = _import("trtllm_guard", repository / "guard" / "1")
+    values = parameters(read_config(repository / "guard" / "config.pbtxt"))
+    settings = spec.parse_settings(values, repository / "guard")
+    assert settings.limits.max_input_len == ENGINE_MAX_INPUT_LEN
+    assert json.loads(settings.guided_json_schema) == ANSWER_SCHEMA
+    for change, message in [
+        ({"guided_json_schema": "{not json"}, "not JSON"),
+        ({"guided_json_schema": "[1]"}, "not a JSON object"),
+        ({"decision_pattern": "no group"}, "needs at least one group"),
+        ({"engine_dir": str(repository)}, "cannot read config.json"),
+        ({"max_image_side": "0"}, "positive integer"),
+        ({"guard_model_name": " "}, "guard_model_name is empty"),
+    ]:
+        with pytest.raises(spec.InvalidSettingsError, match=re.escape(message)):
+            spec.parse_settings({**values, **change}, repository / "guard")
+    # An empty schema, on purpose, turns the constraint off.
+    assert (
+        spec.parse_settings(
+            {**values, "guided_json_schema": " "}, repository / "guard"
+        ).guided_json_schema
+        == ""
+    )
+
+
+def test_engine_limits_refuse_an_engine_without_a_prompt_table(repository: Path) -> None:
+    spec = _import("trtllm_guard", repository / "guard" / "1")
+    config = engine_config(100)
+    config["build_config"]["max_prompt_embedding_table_size"] = 0
+    with pytest.raises(spec.InvalidSettingsError, match="--max_multimodal_len"):
+        spec.read_engine_limits(config)
+    with pytest.raises(spec.InvalidSettingsError, match="missing or invalid 'vocab_size'"):
+        spec.read_engine_limits({"pretrained_config": {}, "build_config": {}})
+    config = engine_config(100)
+    config["build_config"]["max_seq_len"] = config["build_config"]["max_input_len"]
+    with pytest.raises(spec.InvalidSettingsError, match="below max_seq_len"):
+        spec.read_engine_limits(config)
+
+
+def test_filling_leaves_no_placeholder(repository: Path) -> None:
+    for path in repository.rglob("*"):
+        if path.is_file() and path.suffix in {".pbtxt", ".py", ".md", ".json"}:
+            assert "${" not in path.read_text(), path
+    assert not list(repository.rglob("*.tmpl"))
+    # The shared module lands next to each Python model.
+    assert (repository / "guard" / "1" / "guard_answer.py").is_file()
+    assert (repository / "vision_encoder" / "1" / "guard_answer.py").is_file()
+
+
+def test_filling_requires_the_engine_the_schema_and_the_served_models_name(tmp_path: Path) -> None:
+    required = {p.name for p in fill.placeholders(TEMPLATE) if p.default is None}
+    assert required == {
+        "engine_dir",
+        "xgrammar_tokenizer_info_path",
+        "guided_json_schema",
+        "guard_model_name",
+        "guard_model_version",
+    }
+    with pytest.raises(fill.FillError, match="no value for"):
+        fill.fill(TEMPLATE, tmp_path / "out", {"engine_dir": "/e"})
+
+
+# --- the BLS, end to end, through a fake pb_utils ----------------------------------------------
+
+
+class FakeTensor:
+    def __init__(self, name: str, value: Any) -> None:
+        self._name = name
+        self._value = np.asarray(value) if not isinstance(value, np.ndarray) else value
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> Any:
+        return self._value
+
+    def shape(self) -> list[int]:
+        return list(self._value.shape)
+
+    def is_cpu(self) -> bool:
+        return True
+
+
+class FakeError:
+    INVALID_ARG = "INVALID_ARG"
+    INTERNAL = "INTERNAL"
+
+    def __init__(self, message: str, code: str = "INTERNAL") -> None:
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> str:
+        return self._code
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list[FakeTensor] | None = None, error: Any = None) -> None:
+        self.outputs = {t.name(): t for t in output_tensors or []}
+        self._error = error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> Any:
+        return self._error
+
+    def output_tensors(self) -> list[FakeTensor]:
+        return list(self.outputs.values())
+
+
+class FakeRequest:
+    """A client request (inputs only) or a BLS request (to `model_name`)."""
+
+    models: ClassVar[dict[str, Callable[[dict[str, Any]], dict[str, Any]]]] = {}
+    calls: ClassVar[list[tuple[str, dict[str, FakeTensor], list[str]]]] = []
+
+    def __init__(
+        self,
+        model_name: str = "",
+        inputs: list[FakeTensor] | None = None,
+        requested_output_names: list[str] | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.inputs = {t.name(): t for t in inputs or []}
+        self.requested = list(requested_output_names or [])
+
+    async def async_exec(self) -> FakeResponse:
+        FakeRequest.calls.append((self.model_name, self.inputs, self.requested))
+        try:
+            outputs = FakeRequest.models[self.model_name](self.inputs)
+        except Exception as exc:
+            return FakeResponse(error=FakeError(f"{type(exc).__name__}: {exc}"))
+        return FakeResponse([FakeTensor(n, v) for n, v in outputs.items() if n in self.requested])
+
+
+def fake_pb_utils() -> types.ModuleType:
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor = FakeTensor  # type: ignore[attr-defined]
+    module.TritonError = FakeError  # type: ignore[attr-defined]
+    module.InferenceResponse = FakeResponse  # type: ignore[attr-defined]
+    module.InferenceRequest = FakeRequest  # type: ignore[attr-defined]
+    module.get_input_tensor_by_name = lambda r, n: r.inputs.get(n)  # type: ignore[attr-defined]
+    module.get_output_tensor_by_name = lambda r, n: r.outputs.get(n)  # type: ignore[attr-defined]
+    module.Logger = types.SimpleNamespace(  # type: ignore[attr-defined]
+        log_error=lambda m: None, log_warn=lambda m: None, log_info=lambda m: None
+    )
+    return module
+
+
+def _import(name: str, directory: Path) -> Any:
+    """A module of a model's version directory, imported as Triton's stub does (its siblings on
+    sys.path); `model` modules get a unique name."""
+    sys.path.insert(0, str(directory))
+    try:
+        unique = f"{name}_{directory.parent.name}"
+        spec = importlib.util.spec_from_file_location(unique, directory / f"{name}.py")
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        # dataclasses look their module up while the class is made.
+        sys.modules[unique] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(directory))
+
+
+def check_call(
+    config: model_config_pb2.ModelConfig, inputs: dict[str, FakeTensor], outputs: list[str]
+) -> None:
+    """A BLS call matches the callee's declaration: names, types, ranks (plus the batch
+    dimension), required inputs present, requested outputs declared."""
+    declared = {i.name: i for i in config.input}
+    for name, tensor in inputs.items():
+        assert name in declared, f"{config.name}: {name} is not declared"
+        value = tensor.as_numpy()
+        assert DTYPES[value.dtype] == model_config_pb2.DataType.Name(declared[name].data_type), name
+        assert value.ndim == len(declared[name].dims) + 1, f"{config.name}: {name} {value.shape}"
+        assert value.shape[0] == 1, name
+    for name, declaration in declared.items():
+        assert declaration.optional or name in inputs, f"{config.name}: {name} not sent"
+    assert set(outputs) <= {o.name for o in config.output}
+
+
+@pytest.fixture(scope="module")
+def fake_models(
+    configs: dict[str, model_config_pb2.ModelConfig], repository: Path, tiny_model: Any
+) -> Iterator[dict[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
+    features = _import("vision_features", repository / "vision_encoder" / "1")
+    layout = features.layouts(tiny_model.config, tiny_model.image_newline.detach())[
+        "llava_onevision"
+    ]
+    vocab = tiny_model.config.text_config.vocab_size
+    language = tiny_model.language_model
+
+    @torch.no_grad()
+    def vision_engine(patches: torch.Tensor) -> torch.Tensor:
+        """What the TensorRT vision engine computes: tower, selected layer, projector."""
+        hidden = tiny_model.vision_tower(patches.float(), output_hidden_states=True).hidden_states
+        return tiny_model.multi_modal_projector(hidden[tiny_model.config.vision_feature_layer])
+
+    def vision_encoder(inputs: dict[str, FakeTensor]) -> dict[str, Any]:
+        pixels = torch.from_numpy(inputs["pixel_values"].as_numpy())
+        size = tuple(int(s) for s in inputs["image_sizes"].as_numpy()[0])
+        count = layout.patch_count(size)
+        [rows] = features.run_batched([pixels[0, :count]], vision_engine, max_batch=3)
+        table = layout.pack(rows, size)
+        return {"prompt_embedding_table": table[None].numpy().astype(np.float16)}
+
+    @torch.no_grad()
+    def tensorrt_llm(inputs: dict[str, FakeTensor]) -> dict[str, Any]:
+        ids = torch.from_numpy(inputs["input_ids"].as_numpy()[0].astype(np.int64))
+        table = torch.from_numpy(inputs["prompt_embedding_table"].as_numpy()[0].astype(np.float32))
+        embeds = prompt_tuning_embeddings(ids, table, vocab, language.get_input_embeddings())
+        steps = int(inputs["request_output_len"].as_numpy()[0, 0])
+        end_id = int(inputs["end_id"].as_numpy()[0, 0])
+        assert int(inputs["runtime_top_k"].as_numpy()[0, 0]) == 1  # greedy, as the tests ask
+        out = language.generate(
+            inputs_embeds=embeds[None],
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=end_id,
+            pad_token_id=int(inputs["pad_id"].as_numpy()[0, 0]),
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        generated = out.sequences[0, -len(out.scores) :]
+        log_probs = [
+            float(torch.log_softmax(score[0].float(), dim=-1)[token])
+            for score, token in zip(out.scores, generated, strict=True)
+        ]
+        # TensorRT-LLM pads to the longest sequence of the batch; one sequence, 3 pad slots.
+        padded = generated.tolist() + [end_id] * 3
+        return {
+            "output_ids": np.array([[padded]], dtype=np.int32),
+            "sequence_length": np.array([[len(generated)]], dtype=np.int32),
+            "output_log_probs": np.array([[log_probs + [0.0] * 3]], dtype=np.float32),
+            "cum_log_probs": np.array([[sum(log_probs)]], dtype=np.float32),
+        }
+
+    def checked(name: str, model: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[..., Any]:
+        def call(inputs: dict[str, FakeTensor]) -> dict[str, Any]:
+            check_call(configs[name], inputs, FakeRequest.calls[-1][2])
+            return model(inputs)
+
+        return call
+
+    FakeRequest.models = {
+        "vision_encoder": checked("vision_encoder", vision_encoder),
+        "tensorrt_llm": checked("tensorrt_llm", tensorrt_llm),
+    }
+    yield FakeRequest.models
+    FakeRequest.models = {}
+
+
+def prompt_tuning_embeddings(
+    ids: torch.Tensor, table: torch.Tensor, vocab_size: int, embedding: torch.nn.Module
+) -> torch.Tensor:
+    """TensorRT-LLM's p-tuning lookup: id < vocab_size -> the token's embedding, else row
+    (id - vocab_size) of the request's prompt table."""
+    from_table = ids >= vocab_size
+    embeds = embedding(torch.where(from_table, torch.zeros_like(ids), ids)).clone()
+    embeds[from_table] = table[ids[from_table] - vocab_size].to(embeds.dtype)
+    return embeds
+
+
+@pytest.fixture(scope="module")
+def guard(
+    repository: Path, configs: dict[str, model_config_pb2.ModelConfig], fake_models: Any
+) -> Iterator[Any]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
+        module = _import("model", repository / "guard" / "1")
+        model = module.TritonPythonModel()
+        model.initialize(
+            {
+                "model_config": json.dumps(
+                    json_format.MessageToDict(
+                        configs["guard"],
+                        preserving_proto_field_name=True,
+                        always_print_fields_with_no_presence=True,
+                    )
+                ),
+                "model_repository": str(repository / "guard"),
+            }
+        )
+        yield model
+
+
+def client_request(image: np.ndarray, prompt: str = "policy", **extra: Any) -> FakeRequest:
+    tensors = [
+        FakeTensor("text_input", np.array([[prompt.encode()]], dtype=np.object_)),
+        FakeTensor("image_bytes_input", image[None, None]),
+        FakeTensor("max_tokens", np.array([[500]], dtype=np.int32)),
+    ]
+    tensors += [FakeTensor(name, value) for name, value in extra.items()]
+    return FakeRequest(inputs=tensors)
+
+
+def image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def judge(model: Any, requests: list[FakeRequest]) -> list[FakeResponse]:
+    FakeRequest.calls.clear()
+    responses: list[FakeResponse] = asyncio.run(model.execute(requests))
+    return responses
+
+
+def test_the_guard_answers_with_the_checkpoints_answer_and_its_rating_probability(
+    guard: Any,
+) -> None:
+    # Three sizes: one patch, a grid that pads, a grid whose features are scaled down.
+    sizes = [(20, 20), (40, 70), (190, 180)]
+    responses = judge(
+        guard, [client_request(image(h, w, seed)) for seed, (h, w) in enumerate(sizes)]
+    )
+    for response in responses:
+        assert not response.has_error(), response.error().message()
+        assert (
+            response.outputs["text_output"].as_numpy()[0, 0].decode() == tiny_llava.SCRIPTED_ANSWER
+        )
+        log_prob = float(response.outputs["rating_log_prob"].as_numpy()[0, 0])
+        assert log_prob == pytest.approx(math.log(tiny_llava.SCRIPTED_RATING_PROBABILITY), abs=1e-4)
+    called = [model for model, _, _ in FakeRequest.calls]
+    assert called.count("vision_encoder") == 3
+    assert called.count("tensorrt_llm") == 3
+
+
+def test_the_guard_sends_the_schema_and_greedy_sampling(guard: Any) -> None:
+    judge(guard, [client_request(image(20, 20))])
+    [(_, llm, _)] = [call for call in FakeRequest.calls if call[0] == "tensorrt_llm"]
+    assert llm["guided_decoding_guide_type"].as_numpy()[0, 0] == b"json_schema"
+    assert json.loads(llm["guided_decoding_guide"].as_numpy()[0, 0]) == ANSWER_SCHEMA
+    assert bool(llm["return_log_probs"].as_numpy()[0, 0])
+    assert "temperature" not in llm
+
+
+def test_the_engines_prompt_is_the_hf_models_prompt(
+    guard: Any, tiny_model: Any, processor: Any, repository: Path
+) -> None:
+    """The embeddings TensorRT-LLM would build from what the guard sends equal the input
+    embeddings the HF model builds for the same prompt and image."""
+    picture = image(50, 90, seed=7)
+    judge(guard, [client_request(picture, prompt="Is this safe?")])
+    [(_, llm, _)] = [call for call in FakeRequest.calls if call[0] == "tensorrt_llm"]
+    vocab = tiny_model.config.text_config.vocab_size
+    ids = torch.from_numpy(llm["input_ids"].as_numpy()[0].astype(np.int64))
+    table = torch.from_numpy(llm["prompt_embedding_table"].as_numpy()[0].astype(np.float32))
+    with torch.no_grad():
+        ours = prompt_tuning_embeddings(ids, table, vocab, tiny_model.get_input_embeddings())
+
+    ga = _import("guard_answer", repository / "guard" / "1")
+    text = processor.apply_chat_template(
+        ga.conversation("Is this safe?"), add_generation_prompt=True
+    )
+    inputs = processor(images=picture, text=text, return_tensors="pt")
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    hook = tiny_model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            tiny_model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"],
+                image_sizes=inputs["image_sizes"],
+            )
+    finally:
+        hook.remove()
+    theirs = captured["embeds"][0]
+    assert ours.shape == theirs.shape
+    image_rows = ids >= vocab
+    assert int(image_rows.sum()) == int(
+        (inputs["input_ids"][0] == tiny_model.config.image_token_index).sum()
+    )
+    # Text rows are the same lookup. Image rows went through float16 twice (the pixels the
+    # engine takes, the table it returns): rounding, not a row out of place (that would differ
+    # by the features' own size, ~1).
+    torch.testing.assert_close(ours[~image_rows], theirs[~image_rows], rtol=0, atol=0)
+    difference = (ours[image_rows] - theirs[image_rows]).abs()
+    size = theirs[image_rows].abs().mean()
+    assert float(size) > 0.1
+    assert float(difference.max()) < 2e-2
+    assert float(difference.mean() / size) < 5e-3
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"top_p": np.array([[0.0]], dtype=np.float32)}, "top_p"),
+        ({"top_k": np.array([[-1]], dtype=np.int32)}, "top_k"),
+        ({"temperature": np.array([[np.nan]], dtype=np.float32)}, "finite"),
+        ({"max_tokens": np.array([[0]], dtype=np.int32)}, "max_tokens"),
+    ],
+)
+def test_the_guard_refuses_bad_sampling_alone(
+    guard: Any, extra: dict[str, Any], message: str
+) -> None:
+    good = client_request(image(20, 20))
+    bad = client_request(image(20, 20))
+    for name, value in extra.items():
+        bad.inputs[name] = FakeTensor(name, value)
+    responses = judge(guard, [bad, good])
+    assert responses[0].has_error()
+    assert responses[0].error().code() == "INVALID_ARG"
+    assert message in responses[0].error().message()
+    assert not responses[1].has_error()
+
+
+def test_the_guard_refuses_images_it_cannot_take(guard: Any) -> None:
+    wide = client_request(image(10, 1025))
+    no_image = client_request(image(10, 10))
+    del no_image.inputs["image_bytes_input"]
+    two = client_request(image(10, 10))
+    two.inputs["image_bytes_input"] = FakeTensor(
+        "image_bytes_input", np.zeros((1, 2, 4, 4, 3), np.uint8)
+    )
+    responses = judge(guard, [wide, no_image, two])
+    messages = [r.error().message() for r in responses]
+    assert "max_image_side 1024" in messages[0]
+    assert "image_bytes_input is missing" in messages[1]
+    assert "expected one image" in messages[2]
+    assert all(r.error().code() == "INVALID_ARG" for r in responses)
+    assert not FakeRequest.calls
+
+
+def test_an_engine_error_fails_that_request_only(guard: Any, fake_models: Any) -> None:
+    original = FakeRequest.models["tensorrt_llm"]
+
+    def failing(inputs: dict[str, FakeTensor]) -> dict[str, Any]:
+        if inputs["input_ids"].as_numpy().shape[1] % 2:
+            raise RuntimeError("out of KV cache")
+        return original(inputs)
+
+    FakeRequest.models["tensorrt_llm"] = failing
+    try:
+        # Different prompt lengths: one odd, one even.
+        responses = judge(
+            guard, [client_request(image(20, 20), prompt=p) for p in ("policy", "policy two")]
+        )
+    finally:
+        FakeRequest.models["tensorrt_llm"] = original
+    lengths = [
+        c[1]["input_ids"].as_numpy().shape[1] for c in FakeRequest.calls if c[0] == "tensorrt_llm"
+    ]
+    assert len({n % 2 for n in lengths}) == 2
+    for response, length in zip(responses, lengths, strict=True):
+        if length % 2:
+            assert response.error().code() == "INTERNAL"
+            assert "tensorrt_llm: RuntimeError: out of KV cache" in response.error().message()
+        else:
+            assert not response.has_error()
+
+
+def test_the_guard_refuses_prompts_longer_than_the_engine_takes(guard: Any) -> None:
+    [response] = judge(
+        guard, [client_request(image(20, 20), prompt="safe " * ENGINE_MAX_INPUT_LEN)]
+    )
+    assert response.error().code() == "INVALID_ARG"
+    assert f"over the engine's max_input_len {ENGINE_MAX_INPUT_LEN}" in response.error().message()
+
+
+# --- pure functions ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tg(repository: Path) -> Any:
+    return _import("trtllm_guard", repository / "guard" / "1")
+
+
+def test_image_tokens_become_prompt_table_ids_in_order(tg: Any) -> None:
+    ids, count = tg.prompt_table_ids(np.array([5, 9, 9, 9, 6]), image_token_id=9, vocab_size=100)
+    assert ids.tolist() == [5, 100, 101, 102, 6]
+    assert count == 3
+    assert ids.dtype == np.int32
+    with pytest.raises(tg.InvalidRequestError, match="no image token"):
+        tg.prompt_table_ids(np.array([5, 6]), image_token_id=9, vocab_size=100)
+    with pytest.raises(tg.InvalidRequestError, match="one run"):
+        tg.prompt_table_ids(np.array([9, 5, 9]), image_token_id=9, vocab_size=100)
+    with pytest.raises(tg.InvalidRequestError, match="beyond the model's vocabulary"):
+        tg.prompt_table_ids(np.array([9, 100]), image_token_id=9, vocab_size=100)
+
+
+LIMITS = dict(vocab_size=100, max_input_len=50, max_seq_len=60, max_prompt_embedding_table_size=40)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        ({}, {"runtime_top_k": 1}),
+        ({"temperature": 0.0, "top_k": 50}, {"runtime_top_k": 1}),
+        (
+            {"temperature": 0.2, "top_p": 0.95, "top_k": 50},
+            {"temperature": 0.2, "runtime_top_p": 0.95, "runtime_top_k": 50},
+        ),
+        ({"temperature": 0.7}, {"temperature": 0.7, "runtime_top_p": 1.0}),
+        ({"temperature": 0.7, "top_k": 5}, {"temperature": 0.7, "runtime_top_k": 5}),
+        ({"seed": 2**63 + 1}, {"runtime_top_k": 1, "random_seed": 2**63 + 1}),
+    ],
+)
+def test_sampling_maps_to_the_engines_inputs(
+    tg: Any, sampling: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    tensors = tg.llm_inputs(
+        np.arange(10, dtype=np.int32),
+        4,
+        tg.Sampling(max_tokens=500, **sampling),
+        tg.EngineLimits(**LIMITS),
+        end_id=7,
+        pad_id=8,
+        guided_json_schema="",
+    )
+    knobs = {"temperature", "runtime_top_p", "runtime_top_k", "random_seed"}
+    assert {k: tensors[k][0, 0].item() for k in knobs & set(tensors)} == pytest.approx(expected)
+    # max_tokens is capped by what the engine has left after the prompt.
+    assert tensors["request_output_len"].tolist() == [[50]]
+    assert tensors["input_lengths"].tolist() == [[10]]
+    assert (tensors["end_id"].item(), tensors["pad_id"].item()) == (7, 8)
+    assert "guided_decoding_guide" not in tensors
+
+
+def test_the_requests_end_and_pad_ids_win(tg: Any) -> None:
+    tensors = tg.llm_inputs(
+        np.arange(3, dtype=np.int32),
+        1,
+        tg.Sampling(max_tokens=5, end_id=1, pad_id=2),
+        tg.EngineLimits(**LIMITS),
+        end_id=7,
+        pad_id=8,
+        guided_json_schema="{}",
+    )
+    assert (tensors["end_id"].item(), tensors["pad_id"].item()) == (1, 2)
+    assert tensors["request_output_len"].item() == 5
+
+
+def test_too_many_image_tokens_are_refused(tg: Any) -> None:
+    with pytest.raises(tg.InvalidRequestError, match="max_multimodal_len 40"):
+        tg.llm_inputs(
+            np.arange(45, dtype=np.int32),
+            41,
+            tg.Sampling(max_tokens=5),
+            tg.EngineLimits(**LIMITS),
+            end_id=7,
+            pad_id=8,
+            guided_json_schema="",
+        )
+
+
+def test_generated_ids_stop_at_the_sequence_length_and_drop_end_tokens(tg: Any) -> None:
+    ids = tg.generated_ids(np.array([[[4, 5, 7, 7, 7]]]), np.array([[3]]), [7, 8])
+    assert ids == [4, 5]
+    assert tg.generated_ids(np.array([[[7]]]), np.array([[1]]), [7]) == []
+
+
+def test_the_answer_has_no_log_prob_without_a_decision(tg: Any, repository: Path) -> None:
+    ga = _import("guard_answer", repository / "guard" / "1")
+    pattern = ga.compile_decision_pattern(ga.DECISION_PATTERN)
+    pieces = {1: '{"rating": "', 2: "Unsafe", 3: '"}', 4: "hello"}
+
+    def decode(ids: Any) -> str:
+        return "".join(pieces[i] for i in ids)
+
+    answer = tg.read_answer([1, 2, 3], np.array([[[-0.1, -0.7, -0.2]]]), decode, pattern)
+    assert answer.text == '{"rating": "Unsafe"}'
+    assert answer.rating_log_prob == pytest.approx(-0.7)
+    assert math.isnan(tg.read_answer([4], np.array([[[-0.1]]]), decode, pattern).rating_log_prob)
+    assert math.isnan(tg.read_answer([1, 2], None, decode, pattern).rating_log_prob)
+
+
+def test_the_tables_row_count_must_match_the_image_tokens(tg: Any) -> None:
+    tg.check_table([1, 12, 896], 12)
+    with pytest.raises(ValueError, match="11 feature rows for 12 image tokens"):
+        tg.check_table([1, 11, 896], 12)
+
+
+# --- the vision encoder's pure functions -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vf(repository: Path) -> Any:
+    return _import("vision_features", repository / "vision_encoder" / "1")
+
+
+@pytest.mark.parametrize("size", [(32, 32), (20, 70), (70, 20), (64, 96), (190, 180), (192, 192)])
+def test_onevision_packing_is_the_hf_models(
+    vf: Any, tiny_model: Any, size: tuple[int, int]
+) -> None:
+    config = tiny_model.config
+    newline = tiny_model.image_newline.detach()
+    layout = vf.layouts(config, newline)["llava_onevision"]
+    count = layout.patch_count(size)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    features = torch.randn(
+        count,
+        side * side,
+        config.text_config.hidden_size,
+        generator=torch.Generator().manual_seed(1),
+    )
+    ours = layout.pack(features, size)
+    theirs, lengths = tiny_model.pack_image_features(
+        [features],
+        torch.tensor([size]),
+        image_newline=newline,
+        vision_aspect_ratio=config.vision_aspect_ratio,
+    )
+    assert [int(n) for n in lengths] == [ours.shape[0]]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_batched_runs_respect_the_engines_batch_and_keep_each_requests_patches(vf: Any) -> None:
+    runs: list[int] = []
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        runs.append(batch.shape[0])
+        return batch * 2
+
+    patches = [torch.full((n, 1), float(i)) for i, n in enumerate([3, 1, 5, 2])]
+    outputs = vf.run_batched(patches, run, max_batch=4)
+    assert runs == [4, 4, 3]
+    for i, (given, got) in enumerate(zip(patches, outputs, strict=True)):
+        assert got.shape == given.shape
+        assert bool((got == 2 * i).all())
+    with pytest.raises(ValueError, match="max_batch"):
+        vf.run_batched(patches, run, max_batch=0)
+
+
+def test_a_llava_one_patch_image_is_its_features(vf: Any) -> None:
+    features = torch.randn(1, 576, 8)
+    assert vf.LLAVA.patch_count((336, 500)) == 1
+    torch.testing.assert_close(vf.LLAVA.pack(features, (336, 500)), features[0])
+    with pytest.raises(ValueError, match="one patch"):
+        vf.LLAVA.pack(torch.randn(2, 576, 8), (1, 1))

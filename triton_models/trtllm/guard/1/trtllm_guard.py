@@ -1,0 +1,442 @@
+"""The guard BLS model's logic, without Triton: request tensors in, the tensors of the calls to
+`vision_encoder` and `tensorrt_llm` out, their outputs back into an answer.
+
+    parse_settings        config parameters + engine config.json -> Settings (or why not)
+    read_request          a request's input tensors -> GuardRequest (or InvalidRequestError)
+    preprocess            processor + prompt + image -> token ids and the encoder's inputs
+    prompt_table_ids      image tokens -> ids into the prompt-embedding table
+    llm_inputs            ids + sampling + limits -> the `tensorrt_llm` request's tensors
+    read_answer           `tensorrt_llm` outputs -> the answer text and rating_log_prob
+
+TensorRT-LLM's multimodal convention (its p-tuning path): an input id >= the model's vocabulary
+size v is not looked up in the embedding table; the row (id - v) of the request's
+`prompt_embedding_table` is used instead. The processor expands the chat template's one
+`<image>` into as many image tokens as the image has features, so replacing those, in order, by
+v, v+1, ... puts row k of the encoder's table exactly where the HF model scatters feature k.
+
+numpy and the standard library only; the processor is passed in (transformers, in the image).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from guard_answer import (
+    DECISION_PATTERN,
+    compile_decision_pattern,
+    conversation,
+    decision_token_index,
+    token_pieces,
+)
+from numpy.typing import NDArray
+
+IMAGE_INPUT = "image_bytes_input"
+TEXT_INPUT = "text_input"
+MAX_TOKENS_INPUT = "max_tokens"
+JSON_SCHEMA_GUIDE = "json_schema"
+
+
+class InvalidSettingsError(ValueError):
+    """A parameter of config.pbtxt (or the engine's config.json) the model cannot run with."""
+
+
+class InvalidRequestError(ValueError):
+    """A request this model cannot judge; the client must not retry it (INVALID_ARG)."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the LLM engine was built for (its config.json, written by trtllm-build)."""
+
+    vocab_size: int
+    max_input_len: int
+    max_seq_len: int
+    max_prompt_embedding_table_size: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    guard_model_name: str
+    guard_model_version: str
+    processor_dir: Path
+    engine_dir: Path
+    limits: EngineLimits
+    guided_json_schema: str
+    decision_pattern: re.Pattern[str]
+    end_token: str
+    pad_token: str
+    max_image_side: int
+    vision_encoder_model: str
+    llm_model: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A request's generation parameters; None where the request did not send one."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    end_id: int | None = None
+    pad_id: int | None = None
+
+
+@dataclass(frozen=True)
+class GuardRequest:
+    prompt: str
+    image: NDArray[np.uint8]
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """The processor's output for one request: token ids with the image tokens expanded, and the
+    vision encoder's inputs (the anyres patches and the image's original size)."""
+
+    input_ids: NDArray[np.int64]
+    pixel_values: NDArray[np.float16]
+    image_sizes: NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    rating_log_prob: float
+
+
+class Processor(Protocol):
+    """The parts of a transformers LlavaOnevisionProcessor this model uses."""
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> str: ...
+
+    def __call__(self, **kwargs: Any) -> Mapping[str, Any]: ...
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def read_engine_limits(engine_config: Mapping[str, Any]) -> EngineLimits:
+    """The limits in a TensorRT-LLM engine's config.json ({"pretrained_config", "build_config"})."""
+    try:
+        pretrained = engine_config["pretrained_config"]
+        build = engine_config["build_config"]
+        limits = EngineLimits(
+            vocab_size=int(pretrained["vocab_size"]),
+            max_input_len=int(build["max_input_len"]),
+            max_seq_len=int(build["max_seq_len"]),
+            max_prompt_embedding_table_size=int(build["max_prompt_embedding_table_size"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidSettingsError(f"engine config.json: missing or invalid {exc}") from exc
+    if limits.max_prompt_embedding_table_size <= 0:
+        raise InvalidSettingsError(
+            "engine config.json: max_prompt_embedding_table_size is 0: the engine was built "
+            "without --max_multimodal_len and cannot take image features"
+        )
+    if not 0 < limits.max_input_len < limits.max_seq_len:
+        raise InvalidSettingsError(
+            f"engine config.json: max_input_len {limits.max_input_len} must be positive and "
+            f"below max_seq_len {limits.max_seq_len}"
+        )
+    return limits
+
+
+def parse_settings(parameters: Mapping[str, str], model_dir: Path) -> Settings:
+    """Settings from config.pbtxt's parameters; relative paths are relative to `model_dir`."""
+
+    def required(name: str) -> str:
+        value = parameters.get(name)
+        if value is None:
+            raise InvalidSettingsError(f"parameter {name} is missing")
+        return value
+
+    def path(name: str) -> Path:
+        value = required(name)
+        if not value:
+            raise InvalidSettingsError(f"parameter {name} is empty")
+        return model_dir / value  # an absolute value replaces model_dir
+
+    def positive_int(name: str) -> int:
+        value = required(name)
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            raise InvalidSettingsError(
+                f"parameter {name}: expected a positive integer, got {value!r}"
+            )
+        return number
+
+    schema = required("guided_json_schema")
+    if schema.strip():
+        try:
+            if not isinstance(json.loads(schema), dict):
+                raise InvalidSettingsError("parameter guided_json_schema: not a JSON object")
+        except json.JSONDecodeError as exc:
+            raise InvalidSettingsError(f"parameter guided_json_schema: not JSON: {exc}") from exc
+    try:
+        pattern = compile_decision_pattern(required("decision_pattern") or DECISION_PATTERN)
+    except ValueError as exc:
+        raise InvalidSettingsError(str(exc)) from exc
+
+    engine_dir = path("engine_dir")
+    try:
+        engine_config = json.loads((engine_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidSettingsError(f"engine_dir: cannot read config.json: {exc}") from exc
+    names = {}
+    for name in ("guard_model_name", "guard_model_version", "vision_encoder_model", "llm_model"):
+        names[name] = required(name).strip()
+        if not names[name]:
+            raise InvalidSettingsError(f"parameter {name} is empty")
+    return Settings(
+        guard_model_name=names["guard_model_name"],
+        guard_model_version=names["guard_model_version"],
+        processor_dir=path("processor_dir"),
+        engine_dir=engine_dir,
+        limits=read_engine_limits(engine_config),
+        guided_json_schema=schema.strip(),
+        decision_pattern=pattern,
+        end_token=required("end_token"),
+        pad_token=required("pad_token"),
+        max_image_side=positive_int("max_image_side"),
+        vision_encoder_model=names["vision_encoder_model"],
+        llm_model=names["llm_model"],
+    )
+
+
+def token_id(vocab: Mapping[str, int], token: str, parameter: str) -> int:
+    """The id of a special token of the tokenizer's vocabulary, for end_token / pad_token."""
+    if token not in vocab:
+        raise InvalidSettingsError(f"parameter {parameter}: {token!r} is not in the vocabulary")
+    return vocab[token]
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+def image_from_tensor(tensor: NDArray[Any], max_side: int) -> NDArray[np.uint8]:
+    """The one RGB image of a request whose `image_bytes_input` is [1, 1, H, W, 3] UINT8."""
+    shape = list(tensor.shape)
+    if tensor.ndim != 5 or shape[4] != 3:
+        raise InvalidRequestError(f"{IMAGE_INPUT}: expected shape [1, 1, H, W, 3], got {shape}")
+    if tensor.dtype != np.uint8:
+        raise InvalidRequestError(f"{IMAGE_INPUT}: expected UINT8, got {tensor.dtype}")
+    if shape[0] * shape[1] != 1:
+        raise InvalidRequestError(f"{IMAGE_INPUT}: expected one image, got {shape[0] * shape[1]}")
+    height, width = shape[2], shape[3]
+    if height == 0 or width == 0:
+        raise InvalidRequestError(f"{IMAGE_INPUT}: empty image of {width}x{height} pixels")
+    if max(height, width) > max_side:
+        raise InvalidRequestError(
+            f"{IMAGE_INPUT}: {width}x{height} pixels, longer side over max_image_side {max_side}"
+        )
+    return np.ascontiguousarray(tensor[0, 0])
+
+
+def _scalar(tensor: NDArray[Any] | None, name: str) -> Any:
+    if tensor is None:
+        return None
+    if tensor.size != 1:
+        raise InvalidRequestError(f"{name}: expected one value, got shape {list(tensor.shape)}")
+    return tensor.reshape(-1)[0]
+
+
+def read_request(get: Callable[[str], NDArray[Any] | None], max_image_side: int) -> GuardRequest:
+    """A request from its input tensors; `get(name)` is the tensor as numpy, None if absent."""
+    image = get(IMAGE_INPUT)
+    if image is None:
+        raise InvalidRequestError(f"{IMAGE_INPUT} is missing")
+    raw_prompt = _scalar(get(TEXT_INPUT), TEXT_INPUT)
+    if raw_prompt is None:
+        raise InvalidRequestError(f"{TEXT_INPUT} is missing")
+    try:
+        prompt = raw_prompt.decode("utf-8") if isinstance(raw_prompt, bytes) else str(raw_prompt)
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"{TEXT_INPUT}: not UTF-8: {exc}") from exc
+    max_tokens = _scalar(get(MAX_TOKENS_INPUT), MAX_TOKENS_INPUT)
+    if max_tokens is None:
+        raise InvalidRequestError(f"{MAX_TOKENS_INPUT} is missing")
+    if int(max_tokens) <= 0:
+        raise InvalidRequestError(f"{MAX_TOKENS_INPUT}: must be positive, got {int(max_tokens)}")
+
+    def optional(name: str, kind: type[float] | type[int]) -> Any:
+        value = _scalar(get(name), name)
+        if value is None:
+            return None
+        number = kind(value)
+        if isinstance(number, float) and not math.isfinite(number):
+            raise InvalidRequestError(f"{name}: must be finite, got {number}")
+        return number
+
+    sampling = Sampling(
+        max_tokens=int(max_tokens),
+        temperature=optional("temperature", float),
+        top_p=optional("top_p", float),
+        top_k=optional("top_k", int),
+        seed=optional("seed", int),
+        end_id=optional("end_id", int),
+        pad_id=optional("pad_id", int),
+    )
+    if sampling.top_p is not None and not 0.0 < sampling.top_p <= 1.0:
+        raise InvalidRequestError(f"top_p: must be in (0, 1], got {sampling.top_p}")
+    if sampling.top_k is not None and sampling.top_k < 0:
+        raise InvalidRequestError(f"top_k: must not be negative, got {sampling.top_k}")
+    return GuardRequest(prompt, image_from_tensor(image, max_image_side), sampling)
+
+
+# --- preprocessing -----------------------------------------------------------------------------
+
+
+def preprocess(processor: Processor, prompt: str, image: NDArray[np.uint8]) -> Preprocessed:
+    """The checkpoint's chat template and image processing, as the HF engine applies them."""
+    text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True)
+    encoded = processor(images=image, text=text, return_tensors="np")
+    input_ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+    pixel_values = np.asarray(encoded["pixel_values"])
+    image_sizes = np.asarray(encoded["image_sizes"], dtype=np.int64)
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise InvalidRequestError(f"processor: expected one sequence, got {input_ids.shape}")
+    # [1, patches, 3, H, W]: the base image plus the anyres grid's crops.
+    if pixel_values.ndim != 5 or pixel_values.shape[0] != 1:
+        raise InvalidRequestError(f"processor: unexpected pixel_values {pixel_values.shape}")
+    return Preprocessed(
+        input_ids=input_ids[0],
+        pixel_values=pixel_values.astype(np.float16),
+        image_sizes=image_sizes.reshape(1, 2),
+    )
+
+
+def prompt_table_ids(
+    input_ids: NDArray[np.int64], image_token_id: int, vocab_size: int
+) -> tuple[NDArray[np.int32], int]:
+    """The ids with the k-th image token replaced by vocab_size + k, and the number replaced.
+
+    The image's tokens must form one run: the chat template renders one `<image>`.
+    """
+    positions = np.flatnonzero(input_ids == image_token_id)
+    count = int(positions.size)
+    if count == 0:
+        raise InvalidRequestError("the prompt has no image token: is the chat template right?")
+    if int(positions[-1] - positions[0]) + 1 != count:
+        raise InvalidRequestError("the prompt's image tokens are not one run: one image only")
+    if int(input_ids.max()) >= vocab_size:
+        raise InvalidRequestError("the prompt has token ids beyond the model's vocabulary")
+    ids = input_ids.astype(np.int32)
+    ids[positions] = vocab_size + np.arange(count, dtype=np.int32)
+    return ids, count
+
+
+def check_table(table_shape: Sequence[int], image_tokens: int) -> None:
+    """The encoder's table must have one row per image token ([1, rows, hidden])."""
+    rows = int(table_shape[-2]) if len(table_shape) >= 2 else -1
+    if rows != image_tokens:
+        raise ValueError(
+            f"vision encoder returned {rows} feature rows for {image_tokens} image tokens: the "
+            "processor and the encoder disagree on the image's token count"
+        )
+
+
+# --- the LLM call ------------------------------------------------------------------------------
+
+
+def _one(value: Any, dtype: type[np.generic]) -> NDArray[Any]:
+    return np.array([[value]], dtype=dtype)
+
+
+def llm_inputs(
+    ids: NDArray[np.int32],
+    image_tokens: int,
+    sampling: Sampling,
+    limits: EngineLimits,
+    *,
+    end_id: int,
+    pad_id: int,
+    guided_json_schema: str,
+) -> dict[str, NDArray[Any]]:
+    """The `tensorrt_llm` request's tensors, batch dimension first, except the prompt table.
+
+    Greedy decoding (no temperature, or temperature <= 0) is sent as top_k 1: TensorRT-LLM only
+    returns log-probs when a sampling parameter is set, and top_k 1 is what greedy is.
+    """
+    length = int(ids.shape[0])
+    if length > limits.max_input_len:
+        raise InvalidRequestError(
+            f"the prompt is {length} tokens ({image_tokens} of them the image's), over the "
+            f"engine's max_input_len {limits.max_input_len}: shorten the policy or the image"
+        )
+    if image_tokens > limits.max_prompt_embedding_table_size:
+        raise InvalidRequestError(
+            f"the image has {image_tokens} tokens, over the engine's max_multimodal_len "
+            f"{limits.max_prompt_embedding_table_size}"
+        )
+    tensors: dict[str, NDArray[Any]] = {
+        "input_ids": ids.reshape(1, -1).astype(np.int32),
+        "input_lengths": _one(length, np.int32),
+        "request_output_len": _one(min(sampling.max_tokens, limits.max_seq_len - length), np.int32),
+        "end_id": _one(end_id if sampling.end_id is None else sampling.end_id, np.int32),
+        "pad_id": _one(pad_id if sampling.pad_id is None else sampling.pad_id, np.int32),
+        "return_log_probs": _one(True, np.bool_),
+        "exclude_input_in_output": _one(True, np.bool_),
+    }
+    if sampling.temperature is None or sampling.temperature <= 0.0:
+        tensors["runtime_top_k"] = _one(1, np.int32)
+    else:
+        tensors["temperature"] = _one(sampling.temperature, np.float32)
+        if sampling.top_k is not None:
+            tensors["runtime_top_k"] = _one(sampling.top_k, np.int32)
+        if sampling.top_p is not None or sampling.top_k is None:
+            top_p = 1.0 if sampling.top_p is None else sampling.top_p
+            tensors["runtime_top_p"] = _one(top_p, np.float32)
+    if sampling.seed is not None:
+        tensors["random_seed"] = _one(sampling.seed, np.uint64)
+    if guided_json_schema:
+        tensors["guided_decoding_guide_type"] = _one(JSON_SCHEMA_GUIDE.encode(), np.object_)
+        tensors["guided_decoding_guide"] = _one(guided_json_schema.encode(), np.object_)
+    return tensors
+
+
+# --- the answer --------------------------------------------------------------------------------
+
+
+def generated_ids(
+    output_ids: NDArray[Any], sequence_length: NDArray[Any], stop_ids: Sequence[int]
+) -> list[int]:
+    """The generated tokens of the one beam ([1, 1, L] and [1, 1]), end and pad tokens cut."""
+    length = int(np.asarray(sequence_length).reshape(-1)[0])
+    ids = [int(i) for i in np.asarray(output_ids).reshape(-1)[:length]]
+    while ids and ids[-1] in stop_ids:
+        ids.pop()
+    return ids
+
+
+def read_answer(
+    ids: Sequence[int],
+    output_log_probs: NDArray[Any] | None,
+    decode: Callable[[Sequence[int]], str],
+    pattern: re.Pattern[str],
+) -> Answer:
+    """The answer text (decode of all generated ids) and the deciding token's log-prob.
+
+    `decode` must drop special tokens and not clean up spaces, so that the per-token pieces add
+    up to the text (guard_answer.token_pieces).
+    """
+    text = decode(ids)
+    pieces = token_pieces(ids, decode)
+    index = decision_token_index(pieces, pattern)
+    log_prob = math.nan
+    if index is not None and output_log_probs is not None:
+        values = np.asarray(output_log_probs, dtype=np.float32).reshape(-1)
+        if index < values.size:
+            log_prob = float(values[index])
+    return Answer(text, log_prob)

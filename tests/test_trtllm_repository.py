@@ -548,8 +548,9 @@ def judge(model: Any, requests: list[FakeRequest]) -> list[FakeResponse]:
 def test_the_guard_answers_with_the_checkpoints_answer_and_its_rating_probability(
     guard: Any,
 ) -> None:
-    # Three sizes: one patch, a grid that pads, a grid whose features are scaled down.
-    sizes = [(20, 20), (40, 70), (190, 180)]
+    # One patch; a grid that pads; a grid whose features are scaled down; an image 3 pixels high,
+    # which the processor would read as channels-first unless told.
+    sizes = [(20, 20), (40, 70), (190, 180), (3, 60)]
     responses = judge(
         guard, [client_request(image(h, w, seed)) for seed, (h, w) in enumerate(sizes)]
     )
@@ -561,8 +562,8 @@ def test_the_guard_answers_with_the_checkpoints_answer_and_its_rating_probabilit
         log_prob = float(response.outputs["rating_log_prob"].as_numpy()[0, 0])
         assert log_prob == pytest.approx(math.log(tiny_llava.SCRIPTED_RATING_PROBABILITY), abs=1e-4)
     called = [model for model, _, _ in FakeRequest.calls]
-    assert called.count("vision_encoder") == 3
-    assert called.count("tensorrt_llm") == 3
+    assert called.count("vision_encoder") == len(sizes)
+    assert called.count("tensorrt_llm") == len(sizes)
 
 
 def test_the_guard_sends_the_schema_and_greedy_sampling(guard: Any) -> None:
@@ -872,3 +873,317 @@ def test_a_llava_one_patch_image_is_its_features(vf: Any) -> None:
     torch.testing.assert_close(vf.LLAVA.pack(features, (336, 500)), features[0])
     with pytest.raises(ValueError, match="one patch"):
         vf.LLAVA.pack(torch.randn(2, 576, 8), (1, 1))
+
+
+# --- the build tool's Python helpers -----------------------------------------------------------
+
+DEPLOY = ROOT / "deploy" / "trtllm"
+POLICY = ROOT / "service" / "policies" / "llavaguard-v1.2.toml"
+
+
+@pytest.fixture(scope="module")
+def smoke() -> Any:
+    return _import("smoke_test", DEPLOY)
+
+
+def test_the_smoke_test_judges_an_image_through_a_real_triton(
+    smoke: Any, embedded_stack: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Against the CPU guard of the embedded stack: the same HTTP requests, the same checks."""
+    schema = {**ANSWER_SCHEMA, "properties": {**ANSWER_SCHEMA["properties"]}}
+    schema["properties"]["category"] = {"type": "string"}
+    del schema["additionalProperties"]  # the CPU guard adds "model"
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(schema))
+    code = smoke.main(
+        [
+            "--url", embedded_stack.triton_http,
+            "--policy", str(POLICY),
+            "--schema", str(schema_file),
+            "--sequential", "2",
+            "--burst", "4",
+            "--concurrency", "2",
+            "--max-side", "256",
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert json.loads(summary["answer"])["rating"] in {"Safe", "Unsafe"}
+    assert summary["image"] == [192, 256, 3]
+    assert summary["latency_s"]["n"] == 2
+    assert summary["throughput"]["images_per_s"] > 0
+    # The CPU guard does not declare rating_log_prob, so none is asked for.
+    assert summary["rating_log_prob"] is None
+
+
+def test_the_smoke_test_finds_what_is_wrong_with_an_answer(smoke: Any) -> None:
+    assert (
+        smoke.check_answer(
+            '{"rating": "Safe", "category": "NA: None applying", "rationale": ""}', ANSWER_SCHEMA
+        )
+        == []
+    )
+    assert smoke.check_answer("Safe.", ANSWER_SCHEMA)[0].startswith("not JSON")
+    assert smoke.check_answer("[1]", ANSWER_SCHEMA) == ["not a JSON object"]
+    assert smoke.check_answer('{"rating": "Maybe", "x": 1, "rationale": 2}', ANSWER_SCHEMA) == [
+        "'category' missing",
+        "'rating': 'Maybe' not one of the schema's values",
+        "'x' not allowed",
+        "'rationale': not a string",
+    ]
+
+
+def test_the_smoke_tests_request_is_the_consumers(smoke: Any) -> None:
+    picture = image(3, 4)
+    body, length = smoke.infer_body(
+        "policy", picture, {"max_tokens": 500, "temperature": 0.2, "top_p": 0.95, "top_k": 50},
+        ["text_output", "rating_log_prob"],
+    )  # fmt: skip
+    header = json.loads(body[:length])
+    shapes = {i["name"]: (i["datatype"], i["shape"]) for i in header["inputs"]}
+    assert shapes == {
+        "text_input": ("BYTES", [1, 1]),
+        "image_bytes_input": ("UINT8", [1, 1, 3, 4, 3]),
+        "max_tokens": ("INT32", [1, 1]),
+        "temperature": ("FP32", [1, 1]),
+        "top_p": ("FP32", [1, 1]),
+        "top_k": ("INT32", [1, 1]),
+    }
+    binary = body[length:]
+    assert sum(i["parameters"]["binary_data_size"] for i in header["inputs"]) == len(binary)
+    # BYTES: a 4-byte little-endian length, then the UTF-8 text; then the image's pixels.
+    assert binary[:10] == b"\x06\x00\x00\x00policy"
+    assert binary[10 : 10 + picture.size] == picture.tobytes()
+
+
+@pytest.fixture(scope="module")
+def limits() -> Any:
+    return _import("limits", DEPLOY)
+
+
+def test_limits_bound_every_images_tokens(limits: Any, processor: Any) -> None:
+    side = 96
+    found = limits.compute(
+        processor, "policy", max_image_side=side, max_batch_size=8, max_new_tokens=100, headroom=0
+    )
+    # The processor's own expansion of <image>, on images of many sizes, never exceeds the
+    # bound, and reaches it.
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    rng = np.random.default_rng(3)
+    sizes = [found.largest_image, (side, side), (1, side), (side, 1)]
+    sizes += [tuple(int(n) for n in rng.integers(1, side + 1, 2)) for _ in range(12)]
+    counts = []
+    for height, width in sizes:
+        ids = processor(
+            images=np.zeros((height, width, 3), np.uint8),
+            text="<image>",
+            input_data_format="channels_last",
+        )["input_ids"][0]
+        counts.append(sum(1 for i in ids if i == image_id))
+    assert max(counts) == found.max_image_tokens == counts[0]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "policy"}]}],
+        add_generation_prompt=True,
+    )
+    assert found.prompt_tokens == len(processor.tokenizer(text)["input_ids"]) - 1
+    assert found.max_input_len % 64 == 0
+    assert found.max_input_len >= found.prompt_tokens + found.max_image_tokens
+    assert found.max_seq_len == found.max_input_len + 100
+    assert found.max_multimodal_len == 8 * found.max_image_tokens
+    # The tiny checkpoint's grid is LlavaGuard's (6x6 crops), 32 px for 384.
+    assert found.max_patches == 10  # 96 px is 3 crops a side, as 1152 px is for the real model
+    assert "MAX_INPUT_LEN=" in found.shell()
+
+
+def test_the_xgrammar_tokenizer_info_lists_the_vocabulary_in_id_order(processor: Any) -> None:
+    module = _import("xgrammar_tokenizer_info", DEPLOY)
+    tokenizer = processor.tokenizer
+    info = module.tokenizer_info(tokenizer, ["<|im_end|>"])
+    vocab = tokenizer.get_vocab()
+    assert len(info["encoded_vocab"]) == len(vocab)
+    assert all(info["encoded_vocab"][i] == token for token, i in vocab.items())
+    assert info["stop_token_ids"] == [vocab["<|im_end|>"]]
+    assert json.loads(info["tokenizer_str"])["model"]["type"] == "BPE"
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        module.tokenizer_info(tokenizer, ["<|eot|>"])
+
+
+# --- build.sh, dry: every step but the GPU's ---------------------------------------------------
+
+FAKE_TRTLLM = {
+    "__init__.py": '__version__ = "1.2.1"\n',
+    "mapping.py": "class Mapping:\n    def __init__(self, **kw):\n        self.kw = kw\n",
+    "models/__init__.py": """
+import json, pathlib
+
+class QWenForCausalLM:
+    @classmethod
+    def from_hugging_face(cls, path, dtype, mapping):
+        model = cls()
+        config = json.loads((pathlib.Path(path) / "config.json").read_text())
+        model.config = {"dtype": dtype, "vocab_size": config["text_config"]["vocab_size"]}
+        return model
+
+    def save_checkpoint(self, out, save_config):
+        pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(out) / "config.json").write_text(json.dumps(self.config))
+""",
+    "tools/__init__.py": "",
+    "tools/multimodal_builder.py": """
+import json, pathlib
+
+def add_multimodal_arguments(parser):
+    for name in ("--model_type", "--model_path", "--output_dir"):
+        parser.add_argument(name)
+    parser.add_argument("--max_batch_size", type=int)
+    return parser
+
+class MultimodalEngineBuilder:
+    def __init__(self, args):
+        self.args = args
+
+    def build(self):
+        out = pathlib.Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.engine").write_bytes(b"engine")
+        builder = {"model_type": self.args.model_type, "max_batch_size": self.args.max_batch_size}
+        (out / "config.json").write_text(json.dumps({"builder_config": builder}))
+""",
+}
+# trtllm-build: records its arguments, writes what the guard reads from a real engine's config.
+FAKE_TRTLLM_BUILD = """#!/usr/bin/env python3
+import json, pathlib, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+out = pathlib.Path(args["--output_dir"])
+out.mkdir(parents=True)
+with open(out.parent / "trtllm-build.args", "w") as f:
+    json.dump(args, f)
+checkpoint = json.loads((pathlib.Path(args["--checkpoint_dir"]) / "config.json").read_text())
+build = {key: int(args["--" + key]) for key in (
+    "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
+    "max_prompt_embedding_table_size")}
+(out / "config.json").write_text(json.dumps(
+    {"pretrained_config": {"vocab_size": checkpoint["vocab_size"]}, "build_config": build}))
+(out / "rank0.engine").write_bytes(b"engine")
+"""
+
+
+@pytest.fixture(scope="module")
+def dry_build(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict[str, Any]:
+    import subprocess
+
+    root = tmp_path_factory.mktemp("build")
+    for name, text in FAKE_TRTLLM.items():
+        (root / "py" / "tensorrt_llm" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "py" / "tensorrt_llm" / name).write_text(text)
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    scripts = {
+        # The test's interpreter (its virtualenv has transformers), as the image's python3.
+        "python3": f'#!/bin/sh\nexec "{sys.executable}" "$@"\n',
+        "trtllm-build": FAKE_TRTLLM_BUILD,
+        "nvidia-smi": "#!/bin/sh\necho 'Fake GPU, 81559 MiB, 0'\n",
+        "tritonserver": "#!/bin/sh\nexit 1\n",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    schema = root / "schema.json"
+    schema.write_text(json.dumps(ANSWER_SCHEMA))
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "PYTHONPATH": f"{root / 'py'}:{ROOT}",
+        "HOME": str(root),
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [
+        "bash", str(DEPLOY / "build.sh"), "--model", "0.5b", "--schema", str(schema),
+        "--hf-dir", str(checkpoint), "--out", str(root / "models"), "--work", str(root / "work"),
+        "--max-image-side", "96", "--max-batch-size", "4", "--skip-smoke",
+    ]  # fmt: skip
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return {"root": root, "first": first, "again": again, "command": command, "env": env}
+
+
+def test_build_sh_writes_a_servable_repository(dry_build: dict[str, Any], tg: Any) -> None:
+    first = dry_build["first"]
+    assert first.returncode == 0, first.stderr
+    models = dry_build["root"] / "models"
+    info = json.loads((models / "build-info.json").read_text())
+    # The engines and the checkpoint's processor files, not its weights.
+    assert (models / "tensorrt_llm" / "1" / "rank0.engine").is_file()
+    assert (models / "tensorrt_llm" / "1" / "xgrammar_tokenizer_info.json").is_file()
+    assert (models / "vision_encoder" / "1" / "engine" / "model.engine").is_file()
+    assert (models / "guard" / "1" / "hf" / "tokenizer.json").is_file()
+    assert (models / "guard" / "1" / "hf" / "chat_template.json").is_file()
+    assert not list((models / "guard" / "1" / "hf").glob("*.safetensors"))
+    for path in models.rglob("config.pbtxt"):
+        assert "${" not in path.read_text()
+        read_config(path)
+    # The guard loads with the engine it was built with, and names the served checkpoint.
+    guard = parameters(read_config(models / "guard" / "config.pbtxt"))
+    settings = tg.parse_settings(guard, models / "guard")
+    assert settings.guard_model_name == "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"
+    assert settings.guard_model_version.startswith("sha256:")
+    assert json.loads(settings.guided_json_schema) == ANSWER_SCHEMA
+    assert settings.max_image_side == 96
+    assert settings.limits.max_input_len == info["max_input_len"]
+    # max_multimodal_len = batch x the most tokens an image of the side becomes.
+    assert settings.limits.max_prompt_embedding_table_size == 4 * info["max_image_tokens"]
+    llm = parameters(read_config(models / "tensorrt_llm" / "config.pbtxt"))
+    assert llm["gpt_model_path"] == str(models / "tensorrt_llm" / "1")
+    assert Path(llm["xgrammar_tokenizer_info_path"]).is_file()
+    vision = json.loads((models / "vision_encoder" / "1" / "engine" / "config.json").read_text())
+    assert vision["builder_config"] == {
+        "model_type": "llava_onevision",
+        "max_batch_size": 2 * info["max_patches"],
+    }
+    args = json.loads(
+        (dry_build["root"] / "work" / "0.5b" / "engine" / "trtllm-build.args").read_text()
+    )
+    assert args["--kv_cache_type"] == "paged"
+    assert args["--use_paged_context_fmha"] == "enable"
+    assert args["--remove_input_padding"] == "enable"
+    assert args["--gemm_plugin"] == "float16"
+
+
+def test_build_sh_skips_what_is_done_and_keeps_a_full_repository(dry_build: dict[str, Any]) -> None:
+    again = dry_build["again"]
+    assert again.returncode == 2
+    assert "already converted" in again.stderr
+    assert "LLM engine already built" in again.stderr
+    assert "vision engine already built" in again.stderr
+    assert "is not empty (--force replaces its contents)" in again.stderr
+
+
+def test_build_sh_refuses_another_tensorrt_llm(dry_build: dict[str, Any]) -> None:
+    import subprocess
+
+    fake = dry_build["root"] / "py" / "tensorrt_llm" / "__init__.py"
+    original = fake.read_text()
+    fake.write_text('__version__ = "1.3.0rc20"\n')
+    try:
+        result = subprocess.run(
+            dry_build["command"], env=dry_build["env"], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        fake.write_text(original)
+    assert result.returncode == 2
+    assert "TensorRT-LLM 1.3.0rc20, the build is pinned to 1.2.1" in result.stderr
+
+
+def test_the_build_scripts_pass_shellcheck() -> None:
+    import shutil
+    import subprocess
+
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    scripts = sorted(DEPLOY.glob("*.sh"))
+    assert scripts
+    result = subprocess.run(
+        [shellcheck, "--severity=style", "--external-sources", *map(str, scripts)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -301,7 +301,10 @@ def read_request(get: Callable[[str], NDArray[Any] | None], max_image_side: int)
 def preprocess(processor: Processor, prompt: str, image: NDArray[np.uint8]) -> Preprocessed:
     """The checkpoint's chat template and image processing, as the HF engine applies them."""
     text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True)
-    encoded = processor(images=image, text=text, return_tensors="np")
+    # channels_last: without it an image 1 or 3 pixels high reads as channels-first.
+    encoded = processor(
+        images=image, text=text, return_tensors="np", input_data_format="channels_last"
+    )
     input_ids = np.asarray(encoded["input_ids"], dtype=np.int64)
     pixel_values = np.asarray(encoded["pixel_values"])
     image_sizes = np.asarray(encoded["image_sizes"], dtype=np.int64)

@@ -1,0 +1,357 @@
+#!/usr/bin/env bash
+# Build LlavaGuard-v1.2-OV for TensorRT-LLM and the Triton model repository that serves it as
+# `guard` (triton_models/trtllm), then smoke-test it. Runs inside the pinned Triton TensorRT-LLM
+# image, on the GPU the engines are for (engines run only on the GPU architecture and the
+# TensorRT-LLM version they were built with). deploy/trtllm/README.md explains every step.
+#
+#   docker run --rm --gpus all --shm-size=2g -e HF_TOKEN \
+#     -v "$PWD":/src:ro -v /srv/guard/models:/models -v /srv/guard/work:/work -w /src \
+#     nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3 \
+#     deploy/trtllm/build.sh --model 0.5b --schema service/schemas/answer.llavaguard-v1.2.json
+#
+# Steps, each skipped when its output exists and was made with the same settings (--force redoes
+# all): download the -hf checkpoint, compute the engine limits from its processor, convert and
+# build the LLM engine, build the vision engine, write xgrammar's tokenizer file, fill the
+# templates into a staging repository, copy it to --out, start tritonserver on it and judge one
+# image (plus a burst, for throughput).
+
+set -euo pipefail
+
+readonly PINNED_IMAGE="nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3"
+readonly PINNED_TRTLLM="1.2.1"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+readonly REPO_ROOT
+readonly HERE="${REPO_ROOT}/deploy/trtllm"
+
+usage() {
+  cat <<EOF
+usage: $(basename "$0") --model 0.5b|7b --schema FILE [options]
+
+  --model 0.5b|7b           AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf or -7B-OV-hf
+  --schema FILE             the answer's JSON schema (python -m service schemas writes it);
+                            --no-schema turns guided decoding off
+  --out DIR                 the model repository to write (default /models); emptied first
+                            only with --force
+  --serve-root DIR          where the server will see --out (default: --out); engine paths in
+                            the configs are absolute
+  --work DIR                downloads, checkpoints, engines, staging (default /work/llavaguard)
+  --hf-dir DIR              a checkpoint already on disk (no download); its version is a hash
+  --revision REV            hub revision to download (default main); pinned to its commit
+  --policy FILE             policy prompt for the limits and the smoke test
+                            (default service/policies/llavaguard-v1.2.toml)
+  --max-batch-size N        in-flight batch of the LLM engine and of guard (default 16)
+  --max-image-side PX       longest image side served (default 1024, the consumer's resize)
+  --max-new-tokens N        answer length the engine is built for (default 500)
+  --max-num-tokens N        tokens per engine step, the chunk size of a prefill (default 16384)
+  --vision-images N         images per vision-engine run (default 2)
+  --kv-cache-fraction F     share of free GPU memory for the KV cache (default 0.85)
+  --guard-instances N       guard BLS instances (default 2)
+  --skip-smoke              do not start tritonserver
+  --force                   redo every step, replace --out's contents
+  --allow-trtllm VERSION    accept this TensorRT-LLM instead of ${PINNED_TRTLLM} (unsupported)
+EOF
+}
+
+die() {
+  echo "build.sh: $*" >&2
+  exit 2
+}
+
+step() {
+  echo "== $*" >&2
+}
+
+MODEL=""
+SCHEMA=""
+NO_SCHEMA=0
+OUT=/models
+SERVE_ROOT=""
+WORK=/work/llavaguard
+HF_DIR=""
+REVISION=main
+POLICY="${REPO_ROOT}/service/policies/llavaguard-v1.2.toml"
+MAX_BATCH_SIZE=16
+MAX_IMAGE_SIDE=1024
+MAX_NEW_TOKENS=500
+MAX_NUM_TOKENS=16384
+VISION_IMAGES=2
+KV_CACHE_FRACTION=0.85
+GUARD_INSTANCES=2
+SMOKE=1
+FORCE=0
+ALLOW_TRTLLM="${PINNED_TRTLLM}"
+
+while (($#)); do
+  case "$1" in
+    --model) MODEL="${2:?}"; shift 2 ;;
+    --schema) SCHEMA="${2:?}"; shift 2 ;;
+    --no-schema) NO_SCHEMA=1; shift ;;
+    --out) OUT="${2:?}"; shift 2 ;;
+    --serve-root) SERVE_ROOT="${2:?}"; shift 2 ;;
+    --work) WORK="${2:?}"; shift 2 ;;
+    --hf-dir) HF_DIR="${2:?}"; shift 2 ;;
+    --revision) REVISION="${2:?}"; shift 2 ;;
+    --policy) POLICY="${2:?}"; shift 2 ;;
+    --max-batch-size) MAX_BATCH_SIZE="${2:?}"; shift 2 ;;
+    --max-image-side) MAX_IMAGE_SIDE="${2:?}"; shift 2 ;;
+    --max-new-tokens) MAX_NEW_TOKENS="${2:?}"; shift 2 ;;
+    --max-num-tokens) MAX_NUM_TOKENS="${2:?}"; shift 2 ;;
+    --vision-images) VISION_IMAGES="${2:?}"; shift 2 ;;
+    --kv-cache-fraction) KV_CACHE_FRACTION="${2:?}"; shift 2 ;;
+    --guard-instances) GUARD_INSTANCES="${2:?}"; shift 2 ;;
+    --skip-smoke) SMOKE=0; shift ;;
+    --force) FORCE=1; shift ;;
+    --allow-trtllm) ALLOW_TRTLLM="${2:?}"; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+done
+
+case "${MODEL}" in
+  0.5b) HF_REPO="AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf" ;;
+  7b) HF_REPO="AIML-TUDA/LlavaGuard-v1.2-7B-OV-hf" ;;
+  *) usage >&2; die "--model must be 0.5b or 7b" ;;
+esac
+if ((NO_SCHEMA)); then
+  SCHEMA=""
+elif [[ -z "${SCHEMA}" ]]; then
+  die "--schema FILE is required (or --no-schema): the guard constrains answers to it"
+else
+  [[ -f "${SCHEMA}" ]] || die "no schema file ${SCHEMA}"
+  SCHEMA="$(cd "$(dirname "${SCHEMA}")" && pwd)/$(basename "${SCHEMA}")"
+fi
+[[ -f "${POLICY}" ]] || die "no policy file ${POLICY}"
+for number in "${MAX_BATCH_SIZE}" "${MAX_IMAGE_SIDE}" "${MAX_NEW_TOKENS}" "${MAX_NUM_TOKENS}" \
+  "${VISION_IMAGES}" "${GUARD_INSTANCES}"; do
+  [[ "${number}" =~ ^[1-9][0-9]*$ ]] || die "expected a positive integer, got ${number}"
+done
+[[ "${KV_CACHE_FRACTION}" =~ ^0\.[0-9]+$ ]] || die "--kv-cache-fraction must be in (0, 1)"
+[[ "${OUT}" == /* && "${OUT}" != "/" ]] || die "--out must be an absolute path other than /"
+SERVE_ROOT="${SERVE_ROOT:-${OUT}}"
+
+# --- 0. the image ----------------------------------------------------------------------------
+step "0/8 checking the image (pinned: ${PINNED_IMAGE}, TensorRT-LLM ${PINNED_TRTLLM})"
+for tool in python3 trtllm-build tritonserver nvidia-smi; do
+  command -v "${tool}" >/dev/null || die "${tool} not found: run this inside ${PINNED_IMAGE}"
+done
+TRTLLM_VERSION="$(python3 -c 'import tensorrt_llm; print(tensorrt_llm.__version__)' 2>/dev/null |
+  tail -n 1)"
+if [[ "${TRTLLM_VERSION}" != "${ALLOW_TRTLLM}" ]]; then
+  die "this image has TensorRT-LLM ${TRTLLM_VERSION:-none}, the build is pinned to" \
+    "${PINNED_TRTLLM} (the last line with the TensorRT engine path for LLaVA-OneVision);" \
+    "--allow-trtllm ${TRTLLM_VERSION} to try anyway"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2
+
+BUILD_DIR="${WORK}/${MODEL}"
+mkdir -p "${BUILD_DIR}"
+
+# done_before NAME SETTINGS: true when step NAME already ran with these settings.
+done_before() {
+  local stamp="${BUILD_DIR}/.$1.done"
+  ((FORCE == 0)) && [[ -f "${stamp}" ]] && [[ "$(cat "${stamp}")" == "$2" ]]
+}
+mark_done() {
+  printf '%s' "$2" >"${BUILD_DIR}/.$1.done"
+}
+
+# --- 1. the checkpoint -----------------------------------------------------------------------
+if [[ -n "${HF_DIR}" ]]; then
+  step "1/8 using the checkpoint in ${HF_DIR}"
+  [[ -f "${HF_DIR}/config.json" ]] || die "no config.json in ${HF_DIR}"
+  # No hub commit: the version is a hash of the checkpoint's files.
+  VERSION="sha256:$(cd "${HF_DIR}" && find . -maxdepth 1 -type f \( -name '*.json' -o \
+    -name '*.safetensors' -o -name '*.txt' \) -print0 | sort -z | xargs -0 sha256sum |
+    sha256sum | cut -c1-16)"
+else
+  HF_DIR="${BUILD_DIR}/hf"
+  if done_before download "${HF_REPO}@${REVISION}"; then
+    step "1/8 checkpoint ${HF_REPO}@${REVISION} already downloaded"
+  else
+    step "1/8 downloading ${HF_REPO}@${REVISION} (gated: needs HF_TOKEN and accepted terms)"
+    python3 - "${HF_REPO}" "${REVISION}" "${HF_DIR}" <<'EOF'
+import sys
+from huggingface_hub import HfApi, snapshot_download
+
+repo, revision, target = sys.argv[1:]
+commit = HfApi().model_info(repo, revision=revision).sha
+snapshot_download(repo, revision=commit, local_dir=target)
+with open(f"{target}/.commit", "w") as f:
+    f.write(commit)
+EOF
+    mark_done download "${HF_REPO}@${REVISION}"
+  fi
+  VERSION="$(cat "${HF_DIR}/.commit")"
+fi
+echo "checkpoint ${HF_REPO} version ${VERSION}" >&2
+
+# --- 2. the limits ---------------------------------------------------------------------------
+LIMITS_FILE="${BUILD_DIR}/limits.env"
+LIMITS_SETTINGS="${VERSION} ${MAX_IMAGE_SIDE} ${MAX_BATCH_SIZE} ${MAX_NEW_TOKENS} $(sha256sum <"${POLICY}")"
+if done_before limits "${LIMITS_SETTINGS}"; then
+  step "2/8 engine limits already computed"
+else
+  step "2/8 engine limits for images up to ${MAX_IMAGE_SIDE} px, batches of ${MAX_BATCH_SIZE}"
+  python3 "${HERE}/limits.py" --hf-dir "${HF_DIR}" --policy "${POLICY}" \
+    --max-image-side "${MAX_IMAGE_SIDE}" --max-batch-size "${MAX_BATCH_SIZE}" \
+    --max-new-tokens "${MAX_NEW_TOKENS}" >"${LIMITS_FILE}"
+  mark_done limits "${LIMITS_SETTINGS}"
+fi
+LIMITS="$(cat "${LIMITS_FILE}")"
+# Sets MAX_IMAGE_TOKENS MAX_PATCHES PROMPT_TOKENS MAX_INPUT_LEN MAX_SEQ_LEN MAX_MULTIMODAL_LEN
+# HIDDEN_SIZE CUDA_MEMORY_POOL_BYTES (KEY=integer lines, checked before eval).
+if grep -qvE '^[A-Z_]+=[0-9]+$' <<<"${LIMITS}"; then
+  die "unexpected output from limits.py: ${LIMITS}"
+fi
+eval "${LIMITS}"
+echo "${LIMITS}" >&2
+VISION_MAX_BATCH=$((MAX_PATCHES * VISION_IMAGES))
+
+# --- 3. the LLM checkpoint -------------------------------------------------------------------
+CHECKPOINT="${BUILD_DIR}/checkpoint"
+if done_before convert "${VERSION}"; then
+  step "3/8 TensorRT-LLM checkpoint already converted"
+else
+  step "3/8 converting the language model (Qwen2) to a TensorRT-LLM checkpoint, float16, TP 1"
+  rm -rf "${CHECKPOINT}"
+  python3 "${HERE}/convert.py" llm --hf-dir "${HF_DIR}" --out "${CHECKPOINT}" --dtype float16
+  mark_done convert "${VERSION}"
+fi
+
+# --- 4. the LLM engine -----------------------------------------------------------------------
+LLM_ENGINE="${BUILD_DIR}/engine/llm"
+LLM_SETTINGS="${VERSION} ${MAX_BATCH_SIZE} ${MAX_INPUT_LEN} ${MAX_SEQ_LEN} ${MAX_NUM_TOKENS} ${MAX_MULTIMODAL_LEN}"
+if done_before llm "${LLM_SETTINGS}"; then
+  step "4/8 LLM engine already built"
+else
+  step "4/8 building the LLM engine: batch ${MAX_BATCH_SIZE}, input ${MAX_INPUT_LEN}," \
+    "sequence ${MAX_SEQ_LEN}, multimodal ${MAX_MULTIMODAL_LEN} (= ${MAX_BATCH_SIZE} x ${MAX_IMAGE_TOKENS})"
+  rm -rf "${LLM_ENGINE}"
+  trtllm-build \
+    --checkpoint_dir "${CHECKPOINT}" \
+    --output_dir "${LLM_ENGINE}" \
+    --gemm_plugin float16 \
+    --gpt_attention_plugin float16 \
+    --remove_input_padding enable \
+    --kv_cache_type paged \
+    --context_fmha enable \
+    --use_paged_context_fmha enable \
+    --max_beam_width 1 \
+    --max_batch_size "${MAX_BATCH_SIZE}" \
+    --max_input_len "${MAX_INPUT_LEN}" \
+    --max_seq_len "${MAX_SEQ_LEN}" \
+    --max_num_tokens "${MAX_NUM_TOKENS}" \
+    --max_prompt_embedding_table_size "${MAX_MULTIMODAL_LEN}"
+  mark_done llm "${LLM_SETTINGS}"
+fi
+
+# --- 5. the vision engine --------------------------------------------------------------------
+VISION_ENGINE="${BUILD_DIR}/engine/vision"
+if done_before vision "${VERSION} ${VISION_MAX_BATCH}"; then
+  step "5/8 vision engine already built"
+else
+  step "5/8 building the vision engine: up to ${VISION_MAX_BATCH} patches per run" \
+    "(${VISION_IMAGES} images of up to ${MAX_PATCHES} patches)"
+  rm -rf "${VISION_ENGINE}"
+  python3 "${HERE}/convert.py" vision --hf-dir "${HF_DIR}" --out "${VISION_ENGINE}" \
+    --max-batch-size "${VISION_MAX_BATCH}" --model-type llava_onevision
+  mark_done vision "${VERSION} ${VISION_MAX_BATCH}"
+fi
+
+# --- 6. xgrammar's tokenizer file ------------------------------------------------------------
+XGRAMMAR_INFO="${BUILD_DIR}/xgrammar_tokenizer_info.json"
+if done_before xgrammar "${VERSION}"; then
+  step "6/8 xgrammar tokenizer info already written"
+else
+  step "6/8 xgrammar tokenizer info"
+  python3 "${HERE}/xgrammar_tokenizer_info.py" --hf-dir "${HF_DIR}" --end-token '<|im_end|>' \
+    "${XGRAMMAR_INFO}"
+  mark_done xgrammar "${VERSION}"
+fi
+
+# --- 7. the model repository -----------------------------------------------------------------
+step "7/8 filling triton_models/trtllm into ${OUT} (served from ${SERVE_ROOT})"
+STAGING="${BUILD_DIR}/repository"
+fill_values=(
+  "engine_dir=${SERVE_ROOT}/tensorrt_llm/1"
+  "xgrammar_tokenizer_info_path=${SERVE_ROOT}/tensorrt_llm/1/xgrammar_tokenizer_info.json"
+  "guard_model_name=${HF_REPO}"
+  "guard_model_version=${VERSION}"
+  "max_batch_size=${MAX_BATCH_SIZE}"
+  "llm_max_batch_size=${MAX_BATCH_SIZE}"
+  "max_image_side=${MAX_IMAGE_SIDE}"
+  "kv_cache_free_gpu_mem_fraction=${KV_CACHE_FRACTION}"
+  "guard_instance_count=${GUARD_INSTANCES}"
+  "vision_max_batch_size=${VISION_IMAGES}"
+)
+if [[ -n "${SCHEMA}" ]]; then
+  fill_values+=("guided_json_schema=@${SCHEMA}")
+else
+  fill_values+=("guided_json_schema=")
+fi
+python3 "${REPO_ROOT}/triton_models/fill.py" --force "${REPO_ROOT}/triton_models/trtllm" \
+  "${STAGING}" "${fill_values[@]}"
+cp -a "${LLM_ENGINE}/." "${STAGING}/tensorrt_llm/1/"
+cp "${XGRAMMAR_INFO}" "${STAGING}/tensorrt_llm/1/xgrammar_tokenizer_info.json"
+mkdir -p "${STAGING}/vision_encoder/1/engine" "${STAGING}/guard/1/hf"
+cp -a "${VISION_ENGINE}/." "${STAGING}/vision_encoder/1/engine/"
+# The processor, tokenizer and config only: the weights are in the engines now.
+find "${HF_DIR}" -maxdepth 1 -type f \( -name '*.json' -o -name '*.txt' -o -name '*.jinja' \
+  -o -name '*.model' \) -exec cp {} "${STAGING}/guard/1/hf/" \;
+if [[ -d "${HF_DIR}/video_processor" ]]; then
+  cp -a "${HF_DIR}/video_processor" "${STAGING}/guard/1/hf/"
+fi
+python3 - "${STAGING}/build-info.json" <<EOF
+import json, sys
+json.dump({
+    "checkpoint": "${HF_REPO}", "version": "${VERSION}", "image": "${PINNED_IMAGE}",
+    "tensorrt_llm": "${TRTLLM_VERSION}", "max_batch_size": ${MAX_BATCH_SIZE},
+    "max_image_side": ${MAX_IMAGE_SIDE}, "max_image_tokens": ${MAX_IMAGE_TOKENS},
+    "max_patches": ${MAX_PATCHES}, "prompt_tokens": ${PROMPT_TOKENS},
+    "max_input_len": ${MAX_INPUT_LEN}, "max_seq_len": ${MAX_SEQ_LEN},
+    "max_num_tokens": ${MAX_NUM_TOKENS}, "max_multimodal_len": ${MAX_MULTIMODAL_LEN},
+    "vision_max_batch_size": ${VISION_MAX_BATCH},
+    "cuda_memory_pool_bytes": ${CUDA_MEMORY_POOL_BYTES},
+    "guided_json_schema": bool("${SCHEMA}"),
+}, open(sys.argv[1], "w"), indent=2)
+EOF
+mkdir -p "${OUT}"
+if [[ -n "$(ls -A "${OUT}")" ]]; then
+  ((FORCE)) || die "${OUT} is not empty (--force replaces its contents)"
+  find "${OUT}" -mindepth 1 -delete
+fi
+cp -a "${STAGING}/." "${OUT}/"
+SERVE_COMMAND="tritonserver --model-repository=${SERVE_ROOT} --cuda-memory-pool-byte-size=0:${CUDA_MEMORY_POOL_BYTES}"
+echo "serve it with: ${SERVE_COMMAND}" >&2
+
+# --- 8. the smoke test -----------------------------------------------------------------------
+if ((SMOKE == 0)); then
+  step "8/8 smoke test skipped"
+  exit 0
+fi
+[[ "${SERVE_ROOT}" == "${OUT}" ]] || die "the smoke test serves --out; give --serve-root only with --skip-smoke"
+step "8/8 smoke test: tritonserver on ${OUT}, one image, then a burst"
+LOG="${BUILD_DIR}/tritonserver.log"
+tritonserver --model-repository="${OUT}" --http-port=8000 --grpc-port=8001 \
+  --metrics-port=8002 --cuda-memory-pool-byte-size="0:${CUDA_MEMORY_POOL_BYTES}" \
+  >"${LOG}" 2>&1 &
+SERVER=$!
+trap 'kill "${SERVER}" 2>/dev/null || true; wait "${SERVER}" 2>/dev/null || true' EXIT
+for _ in $(seq 1 180); do
+  if python3 -c 'import urllib.request as u; u.urlopen("http://localhost:8000/v2/health/ready", timeout=2)' 2>/dev/null; then
+    break
+  fi
+  kill -0 "${SERVER}" 2>/dev/null || { tail -n 50 "${LOG}" >&2; die "tritonserver exited (log: ${LOG})"; }
+  sleep 5
+done
+smoke_args=(--url http://localhost:8000 --policy "${POLICY}" --max-side "${MAX_IMAGE_SIDE}"
+  --max-tokens "${MAX_NEW_TOKENS}" --burst $((MAX_BATCH_SIZE * 2)) --concurrency "${MAX_BATCH_SIZE}")
+if [[ -n "${SCHEMA}" ]]; then
+  smoke_args+=(--schema "${SCHEMA}")
+fi
+if [[ -n "${SMOKE_IMAGE:-}" ]]; then
+  smoke_args+=(--image "${SMOKE_IMAGE}")
+fi
+python3 "${HERE}/smoke_test.py" "${smoke_args[@]}" | tee "${BUILD_DIR}/smoke.json"
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader >&2
+echo "smoke test passed; server log: ${LOG}" >&2

@@ -225,6 +225,37 @@ def test_the_tensorrt_llm_model_has_what_the_backend_requires(
     assert values["xgrammar_tokenizer_info_path"]
 
 
+# The request fields the tensorrtllm backend reads (triton_backend/inflight_batcher_llm/src/
+# utils.h, InputFieldsNames and the stop/streaming names, TensorRT-LLM 1.x): an input it does
+# not know is ignored, so a misspelt one (0.x's "random_seed") would silently do nothing.
+BACKEND_INPUTS = {
+    "input_ids", "encoder_input_features", "encoder_output_lengths", "input_lengths",
+    "decoder_input_ids", "request_output_len", "no_repeat_ngram_size", "num_return_sequences",
+    "end_id", "pad_id", "bad_words_list", "stop_words_list", "embedding_bias",
+    "context_phase_params", "cross_attention_mask", "skip_cross_attn_blocks",
+    "multimodal_embedding", "return_log_probs", "return_generation_logits",
+    "return_context_logits", "exclude_input_in_output", "return_perf_metrics", "beam_width",
+    "runtime_top_k", "runtime_top_p", "runtime_top_k_min", "runtime_top_p_decay",
+    "runtime_top_p_reset_ids", "temperature", "len_penalty", "early_stopping",
+    "repetition_penalty", "min_tokens", "beam_search_diversity_rate", "presence_penalty",
+    "frequency_penalty", "seed", "prompt_embedding_table", "prompt_table_extra_ids",
+    "mrope_rotary_cos_sin", "mrope_position_deltas", "lora_task_id", "lora_weights",
+    "lora_config", "draft_input_ids", "draft_logits", "draft_acceptance_threshold",
+    "retention_token_range_starts", "retention_token_range_ends",
+    "retention_token_range_priorities", "retention_token_range_durations_ms",
+    "retention_decode_priority", "retention_decode_duration_ms", "guided_decoding_guide_type",
+    "guided_decoding_guide", "lookahead_window_size", "lookahead_ngram_size",
+    "lookahead_verification_set_size", "stop", "streaming",
+}  # fmt: skip
+
+
+def test_the_engine_declares_only_inputs_the_backend_reads(
+    configs: dict[str, model_config_pb2.ModelConfig],
+) -> None:
+    declared = {i.name for i in configs["tensorrt_llm"].input}
+    assert declared <= BACKEND_INPUTS, declared - BACKEND_INPUTS
+
+
 def test_the_guard_and_the_engine_name_the_same_engine(
     configs: dict[str, model_config_pb2.ModelConfig],
 ) -> None:
@@ -738,7 +769,7 @@ LIMITS = dict(vocab_size=100, max_input_len=50, max_seq_len=60, max_prompt_embed
         ),
         ({"temperature": 0.7}, {"temperature": 0.7, "runtime_top_p": 1.0}),
         ({"temperature": 0.7, "top_k": 5}, {"temperature": 0.7, "runtime_top_k": 5}),
-        ({"seed": 2**63 + 1}, {"runtime_top_k": 1, "random_seed": 2**63 + 1}),
+        ({"seed": 2**63 + 1}, {"runtime_top_k": 1, "seed": 2**63 + 1}),
     ],
 )
 def test_sampling_maps_to_the_engines_inputs(
@@ -753,7 +784,7 @@ def test_sampling_maps_to_the_engines_inputs(
         pad_id=8,
         guided_json_schema="",
     )
-    knobs = {"temperature", "runtime_top_p", "runtime_top_k", "random_seed"}
+    knobs = {"temperature", "runtime_top_p", "runtime_top_k", "seed"}
     assert {k: tensors[k][0, 0].item() for k in knobs & set(tensors)} == pytest.approx(expected)
     # max_tokens is capped by what the engine has left after the prompt.
     assert tensors["request_output_len"].tolist() == [[50]]

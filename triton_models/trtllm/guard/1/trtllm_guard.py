@@ -402,7 +402,7 @@ def llm_inputs(
             top_p = 1.0 if sampling.top_p is None else sampling.top_p
             tensors["runtime_top_p"] = _one(top_p, np.float32)
     if sampling.seed is not None:
-        tensors["random_seed"] = _one(sampling.seed, np.uint64)
+        tensors["seed"] = _one(sampling.seed, np.uint64)
     if guided_json_schema:
         tensors["guided_decoding_guide_type"] = _one(JSON_SCHEMA_GUIDE.encode(), np.object_)
         tensors["guided_decoding_guide"] = _one(guided_json_schema.encode(), np.object_)

@@ -1138,7 +1138,9 @@ def dry_build(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dic
     return {"root": root, "first": first, "again": again, "command": command, "env": env}
 
 
-def test_build_sh_writes_a_servable_repository(dry_build: dict[str, Any], tg: Any) -> None:
+def test_build_sh_writes_a_servable_repository(
+    dry_build: dict[str, Any], tg: Any, checkpoint: Path
+) -> None:
     first = dry_build["first"]
     assert first.returncode == 0, first.stderr
     models = dry_build["root"] / "models"
@@ -1157,12 +1159,17 @@ def test_build_sh_writes_a_servable_repository(dry_build: dict[str, Any], tg: An
     guard = parameters(read_config(models / "guard" / "config.pbtxt"))
     settings = tg.parse_settings(guard, models / "guard")
     assert settings.guard_model_name == "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"
-    assert settings.guard_model_version.startswith("sha256:")
+    # The HF engine's fingerprint of the same checkpoint: both engines name it alike.
+    identity = _import("checkpoint_identity", ROOT / "triton_models" / "hf" / "guard" / "1")
+    assert settings.guard_model_version == identity.fingerprint(checkpoint)
     assert json.loads(settings.guided_json_schema) == ANSWER_SCHEMA
     assert settings.max_image_side == 96
     assert settings.limits.max_input_len == info["max_input_len"]
     # max_multimodal_len = batch x the most tokens an image of the side becomes.
     assert settings.limits.max_prompt_embedding_table_size == 4 * info["max_image_tokens"]
+    # The CUDA pool holds a full batch of prompt tables per guard instance (2), in whole MiB.
+    tables = 2 * info["max_multimodal_len"] * tiny_llava_hidden(checkpoint) * 2
+    assert info["cuda_memory_pool_bytes"] == -(-tables // (1 << 20)) * (1 << 20)
     llm = parameters(read_config(models / "tensorrt_llm" / "config.pbtxt"))
     assert llm["gpt_model_path"] == str(models / "tensorrt_llm" / "1")
     assert Path(llm["xgrammar_tokenizer_info_path"]).is_file()
@@ -1178,6 +1185,10 @@ def test_build_sh_writes_a_servable_repository(dry_build: dict[str, Any], tg: An
     assert args["--use_paged_context_fmha"] == "enable"
     assert args["--remove_input_padding"] == "enable"
     assert args["--gemm_plugin"] == "float16"
+
+
+def tiny_llava_hidden(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / "config.json").read_text())["text_config"]["hidden_size"])
 
 
 def test_build_sh_skips_what_is_done_and_keeps_a_full_repository(dry_build: dict[str, Any]) -> None:

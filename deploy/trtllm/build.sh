@@ -35,7 +35,7 @@ usage: $(basename "$0") --model 0.5b|7b --schema FILE [options]
   --serve-root DIR          where the server will see --out (default: --out); engine paths in
                             the configs are absolute
   --work DIR                downloads, checkpoints, engines, staging (default /work/llavaguard)
-  --hf-dir DIR              a checkpoint already on disk (no download); its version is a hash
+  --hf-dir DIR              a checkpoint already on disk (no download)
   --revision REV            hub revision to download (default main); pinned to its commit
   --policy FILE             policy prompt for the limits and the smoke test
                             (default service/policies/llavaguard-v1.2.toml)
@@ -156,13 +156,10 @@ mark_done() {
 }
 
 # --- 1. the checkpoint -----------------------------------------------------------------------
+HUB_COMMIT=""
 if [[ -n "${HF_DIR}" ]]; then
   step "1/8 using the checkpoint in ${HF_DIR}"
   [[ -f "${HF_DIR}/config.json" ]] || die "no config.json in ${HF_DIR}"
-  # No hub commit: the version is a hash of the checkpoint's files.
-  VERSION="sha256:$(cd "${HF_DIR}" && find . -maxdepth 1 -type f \( -name '*.json' -o \
-    -name '*.safetensors' -o -name '*.txt' \) -print0 | sort -z | xargs -0 sha256sum |
-    sha256sum | cut -c1-16)"
 else
   HF_DIR="${BUILD_DIR}/hf"
   if done_before download "${HF_REPO}@${REVISION}"; then
@@ -181,9 +178,14 @@ with open(f"{target}/.commit", "w") as f:
 EOF
     mark_done download "${HF_REPO}@${REVISION}"
   fi
-  VERSION="$(cat "${HF_DIR}/.commit")"
+  HUB_COMMIT="$(cat "${HF_DIR}/.commit")"
 fi
-echo "checkpoint ${HF_REPO} version ${VERSION}" >&2
+# The version verdicts carry: the fingerprint of the checkpoint's files, computed as the HF
+# engine computes it (triton_models/hf), so both engines name the same checkpoint alike.
+VERSION="$(python3 "${REPO_ROOT}/triton_models/hf/guard/1/checkpoint_identity.py" "${HF_DIR}" |
+  sed -n 's/^guard_model_version=//p')"
+[[ -n "${VERSION}" ]] || die "could not fingerprint ${HF_DIR}"
+echo "checkpoint ${HF_REPO} version ${VERSION} (hub commit ${HUB_COMMIT:-unknown})" >&2
 
 # --- 2. the limits ---------------------------------------------------------------------------
 LIMITS_FILE="${BUILD_DIR}/limits.env"
@@ -199,13 +201,16 @@ else
 fi
 LIMITS="$(cat "${LIMITS_FILE}")"
 # Sets MAX_IMAGE_TOKENS MAX_PATCHES PROMPT_TOKENS MAX_INPUT_LEN MAX_SEQ_LEN MAX_MULTIMODAL_LEN
-# HIDDEN_SIZE CUDA_MEMORY_POOL_BYTES (KEY=integer lines, checked before eval).
+# HIDDEN_SIZE PROMPT_TABLE_BYTES (KEY=integer lines, checked before eval).
 if grep -qvE '^[A-Z_]+=[0-9]+$' <<<"${LIMITS}"; then
   die "unexpected output from limits.py: ${LIMITS}"
 fi
 eval "${LIMITS}"
 echo "${LIMITS}" >&2
 VISION_MAX_BATCH=$((MAX_PATCHES * VISION_IMAGES))
+# Each guard instance can hold a full batch of prompt tables in the CUDA pool while they generate.
+MIB=$((1 << 20))
+CUDA_MEMORY_POOL_BYTES=$(((GUARD_INSTANCES * PROMPT_TABLE_BYTES + MIB - 1) / MIB * MIB))
 
 # --- 3. the LLM checkpoint -------------------------------------------------------------------
 CHECKPOINT="${BUILD_DIR}/checkpoint"
@@ -304,7 +309,8 @@ fi
 python3 - "${STAGING}/build-info.json" <<EOF
 import json, sys
 json.dump({
-    "checkpoint": "${HF_REPO}", "version": "${VERSION}", "image": "${PINNED_IMAGE}",
+    "checkpoint": "${HF_REPO}", "version": "${VERSION}", "hub_commit": "${HUB_COMMIT}",
+    "image": "${PINNED_IMAGE}",
     "tensorrt_llm": "${TRTLLM_VERSION}", "max_batch_size": ${MAX_BATCH_SIZE},
     "max_image_side": ${MAX_IMAGE_SIDE}, "max_image_tokens": ${MAX_IMAGE_TOKENS},
     "max_patches": ${MAX_PATCHES}, "prompt_tokens": ${PROMPT_TOKENS},

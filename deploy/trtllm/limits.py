@@ -14,9 +14,9 @@ prints shell assignments (for build.sh to `eval`) and, on stderr, how they were 
     MAX_MULTIMODAL_LEN   max-batch-size * MAX_IMAGE_TOKENS: the prompt-table rows of a full
                          in-flight batch (trtllm-build --max_multimodal_len)
     HIDDEN_SIZE          the language model's hidden size (one table row is that many FP16s)
-    CUDA_MEMORY_POOL_BYTES  twice a full batch's prompt tables, in whole MiB: tritonserver's
-                         --cuda-memory-pool-byte-size=0:N, through which the tables pass from
-                         the vision encoder to the engine
+    PROMPT_TABLE_BYTES   a full batch's prompt tables, MAX_MULTIMODAL_LEN x HIDDEN_SIZE x 2 B:
+                         they pass from the vision encoder to the engine through tritonserver's
+                         CUDA memory pool, and stay there while their requests generate
 
 An image's token count depends on its size: LLaVA-OneVision picks an anyres grid (up to 6x6
 crops of 384 px), unpads it to the image's aspect ratio, scales it down past anyres_max_9 and adds
@@ -149,12 +149,6 @@ def compute(
     )
 
 
-def cuda_pool_bytes(table_rows: int, hidden_size: int) -> int:
-    """Twice `table_rows` FP16 rows of `hidden_size`, rounded up to a whole MiB."""
-    mib = 1 << 20
-    return -(-2 * table_rows * hidden_size * 2 // mib) * mib
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-dir", type=Path, required=True, help="the -hf checkpoint")
@@ -189,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hidden = int(AutoConfig.from_pretrained(str(args.hf_dir)).text_config.hidden_size)
     print(limits.shell())
     print(f"HIDDEN_SIZE={hidden}")
-    print(f"CUDA_MEMORY_POOL_BYTES={cuda_pool_bytes(limits.max_multimodal_len, hidden)}")
+    print(f"PROMPT_TABLE_BYTES={limits.max_multimodal_len * hidden * 2}")
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 CONTRACT_INPUTS = {"text_input", "image_bytes_input", "max_tokens"}
 RATING_LOG_PROB = "rating_log_prob"
@@ -50,7 +51,7 @@ def _bytes_tensor(value: bytes) -> bytes:
 
 
 def infer_body(
-    prompt: str, image: np.ndarray, sampling: Mapping[str, Any], outputs: Sequence[str]
+    prompt: str, image: NDArray[np.uint8], sampling: Mapping[str, Any], outputs: Sequence[str]
 ) -> tuple[bytes, int]:
     """The request body (JSON header + binary tensors) and the header's length."""
     tensors: list[tuple[str, str, list[int], bytes]] = [
@@ -109,7 +110,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]
 
 
-def load_image(path: Path | None, max_side: int) -> np.ndarray:
+def load_image(path: Path | None, max_side: int) -> NDArray[np.uint8]:
     """The image as the consumer sends it: RGB, EXIF-oriented, longer side <= max_side."""
     from PIL import Image, ImageOps
 

@@ -43,23 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "triton_models" / "trtllm"
 CPU_GUARD = ROOT / "triton_models" / "cpu" / "guard" / "config.pbtxt"
 
-# A LlavaGuard v1.2 answer, as a JSON schema (hand-written here; the build uses the one
-# `python -m service schemas` writes).
-ANSWER_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "rating": {"enum": ["Safe", "Unsafe"]},
-        "category": {
-            "enum": [
-                *(f"O{n}: x" for n in range(1, 10)),
-                "NA: None applying",
-            ]
-        },
-        "rationale": {"type": "string"},
-    },
-    "required": ["rating", "category", "rationale"],
-    "additionalProperties": False,
-}
+# The answer schema `python -m service schemas` writes, which build.sh fills in.
+ANSWER_SCHEMA = json.loads(
+    (ROOT / "service" / "schemas" / "answer.llavaguard-v1.2.json").read_text()
+)
 ENGINE_MAX_INPUT_LEN = 4096
 ENGINE_MAX_SEQ_LEN = 4608
 ENGINE_MAX_TABLE = 16 * 2048

@@ -23,7 +23,7 @@ $(READY): pyproject.toml deploy/constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "guardstream needs Python 3.11"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c deploy/constraints.txt -e '.[stack,cpu-guard,demo,dev]'
+	$(BIN)/pip install --quiet -c deploy/constraints.txt -e '.[stack,cpu-guard,demo,dev,hf-guard]'
 	touch $@
 
 clean:

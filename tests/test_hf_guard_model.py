@@ -384,7 +384,9 @@ def test_random_weights_write_text_within_max_tokens_the_same_each_time(
     assert isinstance(first.text, str)
     assert 1 <= first.token_count <= 12
     assert math.isnan(first.rating_log_prob) or first.rating_log_prob <= 0
-    assert ask(hg, engine, max_tokens=12) == first
+    again = ask(hg, engine, max_tokens=12)
+    assert (again.text, again.token_count) == (first.text, first.token_count)
+    assert again.rating_log_prob == pytest.approx(first.rating_log_prob, nan_ok=True)
 
 
 def test_a_batch_answers_each_request_as_it_would_be_answered_alone(
@@ -454,6 +456,21 @@ def test_a_cut_answer_keeps_its_rating_log_prob_only_if_the_rating_was_written(
     # end_id ends the answer at that token, and it is kept when it is not a special token.
     stopped = ask(hg, engine, end_id=tiny_llava.token_id(engine.tokenizer, pieces[2]))
     assert stopped.text == "".join(pieces[:3])
+
+
+def test_decision_pattern_chooses_the_deciding_token(
+    hg: ModuleType, engines: dict[str, Any]
+) -> None:
+    # The category's first token, which the scripted model writes with probability ~1.
+    engine = engines["scripted"]
+    pattern = hg.compile_decision_pattern(r'"category": "(N)')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            engine, "settings", dataclasses.replace(engine.settings, decision_pattern=pattern)
+        )
+        answer = ask(hg, engine)
+    assert answer.text == tiny_llava.SCRIPTED_ANSWER
+    assert -1e-6 < answer.rating_log_prob <= 0
 
 
 def test_a_request_the_model_fails_on_fails_alone_in_its_batch(

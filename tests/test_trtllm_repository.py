@@ -680,7 +680,7 @@ def test_the_guard_refuses_images_it_cannot_take(guard: Any) -> None:
     messages = [r.error().message() for r in responses]
     assert "max_image_side 1024" in messages[0]
     assert "image_bytes_input is missing" in messages[1]
-    assert "expected one image" in messages[2]
+    assert "expected [1, 1, H, W, 3], got [1, 2, 4, 4, 3]" in messages[2]
     assert all(r.error().code() == "INVALID_ARG" for r in responses)
     assert not FakeRequest.calls
 

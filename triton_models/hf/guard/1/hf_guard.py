@@ -46,6 +46,7 @@ from guard_answer import (
     decision_token_index,
     token_pieces,
 )
+from guard_request import InvalidRequestError, image_from_tensor
 from numpy.typing import NDArray
 from transformers import (
     AutoProcessor,
@@ -86,10 +87,6 @@ TensorLookup = Callable[[str], NDArray[Any] | None]
 
 class InvalidSettingsError(ValueError):
     """A config.pbtxt parameter or the checkpoint is wrong; the model must not load."""
-
-
-class InvalidRequestError(ValueError):
-    """One request cannot be answered as sent; only that request fails (INVALID_ARG)."""
 
 
 @dataclass(frozen=True)
@@ -245,20 +242,7 @@ def _image(tensor: TensorLookup, max_side: int) -> NDArray[np.uint8]:
     pixels = tensor("image_bytes_input")
     if pixels is None:
         raise InvalidRequestError("image_bytes_input: missing")
-    shape = list(pixels.shape)
-    if pixels.ndim != 5 or shape[:2] != [1, 1] or shape[4] != 3:
-        raise InvalidRequestError(f"image_bytes_input: expected [1, 1, H, W, 3], got {shape}")
-    if pixels.dtype != np.uint8:
-        raise InvalidRequestError(f"image_bytes_input: expected UINT8, got {pixels.dtype}")
-    height, width = shape[2], shape[3]
-    if height == 0 or width == 0:
-        raise InvalidRequestError(f"image_bytes_input: empty image of {width}x{height} pixels")
-    if max(height, width) > max_side:
-        raise InvalidRequestError(
-            f"image_bytes_input: {width}x{height} pixels; the longer side exceeds "
-            f"max_image_side {max_side}"
-        )
-    return np.ascontiguousarray(pixels[0, 0])
+    return image_from_tensor(pixels, max_side)
 
 
 def _sampling(tensor: TensorLookup, cap: int, vocab_size: int) -> Sampling:

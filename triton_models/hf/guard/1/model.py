@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from guard_request import InvalidRequestError
 from hf_guard import (
     Answer,
     Engine,
-    InvalidRequestError,
     Prepared,
     parse_request,
     parse_settings,

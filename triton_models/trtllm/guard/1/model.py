@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from guard_request import InvalidRequestError
 from trtllm_guard import (
     GuardRequest,
-    InvalidRequestError,
     Settings,
     check_table,
     generated_ids,

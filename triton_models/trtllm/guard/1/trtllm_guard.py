@@ -35,9 +35,9 @@ from guard_answer import (
     decision_token_index,
     token_pieces,
 )
+from guard_request import IMAGE_INPUT, InvalidRequestError, image_from_tensor
 from numpy.typing import NDArray
 
-IMAGE_INPUT = "image_bytes_input"
 TEXT_INPUT = "text_input"
 MAX_TOKENS_INPUT = "max_tokens"
 JSON_SCHEMA_GUIDE = "json_schema"
@@ -45,10 +45,6 @@ JSON_SCHEMA_GUIDE = "json_schema"
 
 class InvalidSettingsError(ValueError):
     """A parameter of config.pbtxt (or the engine's config.json) the model cannot run with."""
-
-
-class InvalidRequestError(ValueError):
-    """A request this model cannot judge; the client must not retry it (INVALID_ARG)."""
 
 
 @dataclass(frozen=True)
@@ -223,25 +219,6 @@ def token_id(vocab: Mapping[str, int], token: str, parameter: str) -> int:
 
 
 # --- requests ----------------------------------------------------------------------------------
-
-
-def image_from_tensor(tensor: NDArray[Any], max_side: int) -> NDArray[np.uint8]:
-    """The one RGB image of a request whose `image_bytes_input` is [1, 1, H, W, 3] UINT8."""
-    shape = list(tensor.shape)
-    if tensor.ndim != 5 or shape[4] != 3:
-        raise InvalidRequestError(f"{IMAGE_INPUT}: expected shape [1, 1, H, W, 3], got {shape}")
-    if tensor.dtype != np.uint8:
-        raise InvalidRequestError(f"{IMAGE_INPUT}: expected UINT8, got {tensor.dtype}")
-    if shape[0] * shape[1] != 1:
-        raise InvalidRequestError(f"{IMAGE_INPUT}: expected one image, got {shape[0] * shape[1]}")
-    height, width = shape[2], shape[3]
-    if height == 0 or width == 0:
-        raise InvalidRequestError(f"{IMAGE_INPUT}: empty image of {width}x{height} pixels")
-    if max(height, width) > max_side:
-        raise InvalidRequestError(
-            f"{IMAGE_INPUT}: {width}x{height} pixels, longer side over max_image_side {max_side}"
-        )
-    return np.ascontiguousarray(tensor[0, 0])
 
 
 def _scalar(tensor: NDArray[Any] | None, name: str) -> Any:

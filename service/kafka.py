@@ -118,6 +118,7 @@ class ModerationConsumer:
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
             max_poll_interval_ms=settings.max_poll_interval_ms,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
         self._delivery: Delivery = (
             ExactlyOnce(settings, metrics, tracer)

@@ -13,7 +13,7 @@ what it measured to --json.
   like it, then commits: aiokafka at its best (whole fetched batches sent at once, their
   acknowledgements awaited together, one commit per batch), no decoding, no Triton.
 - **triton** decodes the images once, builds their request tensors once (the service's own
-  `build_inputs`, so the same tensor contract and bytes), then keeps `c` requests in flight
+  `request_tensors`, so the same tensor contract and bytes), then keeps `c` requests in flight
   with a bare `tritonclient.grpc.aio` client for a few seconds per level `c`.
 - **naive** is what a framework handler does by default: take one record, judge it (the
   service's own `Pipeline`, so the same parsing, decoding, guard call and verdict), publish the
@@ -38,11 +38,11 @@ import numpy as np
 import orjson
 import tritonclient.grpc.aio as triton_aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from tritonclient.grpc import InferRequestedOutput
+from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from service.app import breaker_from, guard_from, limits_from, pipeline_from, sampling_from
 from service.config import Settings
-from service.guard import TEXT_OUTPUT, build_inputs
+from service.guard import TEXT_OUTPUT, Tensor, request_tensors
 from service.images import decode_image, use_pixel_limit
 from service.kafka import record_from
 from service.metrics import Metrics
@@ -230,7 +230,7 @@ async def triton_ceiling(
     prompt = PolicyRegistry.load(settings.policy_dir).get(settings.default_policy).render_prompt()
     sampling = sampling_from(settings)
     pixels = [decode_image(path.read_bytes(), limits).pixels for path in images]
-    requests = [build_inputs(prompt, p, sampling) for p in pixels]
+    requests = [_inputs(request_tensors(prompt, p, sampling)) for p in pixels]
     client = triton_aio.InferenceServerClient(settings.triton_url)
     outputs = [InferRequestedOutput(TEXT_OUTPUT)]
     latencies: list[float] = []
@@ -287,6 +287,16 @@ async def triton_ceiling(
     finally:
         await client.close()
     return results
+
+
+def _inputs(tensors: list[Tensor]) -> list[InferInput]:
+    """The service's request tensors as tritonclient takes them (made once per image)."""
+    inputs = []
+    for tensor in tensors:
+        infer_input = InferInput(tensor.name, list(tensor.array.shape), tensor.datatype)
+        infer_input.set_data_from_numpy(tensor.array)
+        inputs.append(infer_input)
+    return inputs
 
 
 def _own_cpu() -> float:

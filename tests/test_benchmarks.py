@@ -137,7 +137,7 @@ def test_report_has_every_row_the_ratios_and_the_scaling_table() -> None:
     # best: 480 / min(3000, 600) and 480 / 60; defaults: 400 / 600 and 400 / 60.
     assert "guardstream max_in_flight=256: 0.80 x min(A, B), 8.0 x baseline" in text
     assert "guardstream defaults: 0.67 x min(A, B), 6.7 x baseline" in text
-    assert "| 256 | 480 | 2.00 |" in text
+    assert "| 256 | 480 | 2.00 | 150 | - |" in text
     assert "benchmark wall time 123 s" in text
 
 

@@ -53,9 +53,9 @@ from tests.benchmarks.harness import (
     CpuTimes,
     MiB,
     Outgoing,
-    bench_stack,
     check_running,
     end_offsets,
+    in_own_stack,
     listening_port,
     log_problems,
     partitions_of,
@@ -133,20 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = _overrides(args)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        with bench_stack(
-            args.broker,
-            args.partitions,
-            (INPUT_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC),
-            keep_data=args.keep_data,
-        ) as (state, workdir):
-            result = asyncio.run(_benchmark(args, state, workdir))
-    except KeyboardInterrupt:
-        print("interrupted; processes stopped", file=sys.stderr)
-        return 130
-    except (BenchmarkFailed, stack.StackError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
+    result = in_own_stack(
+        args.broker,
+        args.partitions,
+        (INPUT_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC),
+        lambda state, workdir: _benchmark(args, state, workdir),
+        keep_data=args.keep_data,
+    )
     print(_table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(asdict(result), indent=1) + "\n")

@@ -21,10 +21,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import RecordMetadata
@@ -37,6 +38,7 @@ SERVICE_COMMAND = (sys.executable, "-m", "service", "run")
 MiB = 1024 * 1024
 
 Header = tuple[str, bytes]
+T = TypeVar("T")
 
 
 class BenchmarkFailed(Exception):
@@ -90,6 +92,27 @@ def bench_stack(
                     shutil.rmtree(workdir / "backends", ignore_errors=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def in_own_stack(
+    broker: stack.Broker,
+    partitions: int,
+    topics: Iterable[str],
+    benchmark: Callable[[stack.StackState, Path], Coroutine[Any, Any, T]],
+    *,
+    keep_data: bool = False,
+) -> T:
+    """What `benchmark(state, workdir)` returns, run against a stack of its own. Interrupted
+    or failed, it says so and exits (130, 1): then there is nothing to report."""
+    try:
+        with bench_stack(broker, partitions, topics, keep_data=keep_data) as (state, workdir):
+            return asyncio.run(benchmark(state, workdir))
+    except KeyboardInterrupt:
+        print("interrupted; processes stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (BenchmarkFailed, stack.StackError) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -63,9 +63,9 @@ from tests.benchmarks.harness import (
     MiB,
     Outgoing,
     OutputReader,
-    bench_stack,
     check_running,
     end_offsets,
+    in_own_stack,
     peak_rss,
     publish,
     start_child,
@@ -127,6 +127,8 @@ class Run:
     others_percent: float
     """CPU used meanwhile by processes not part of the measurement, % of one core."""
     peak_rss_mib: float
+    triton_batch_mean: float = math.nan
+    """Requests per model execution: the batches Triton's dynamic batcher formed."""
     dead_letters: int = 0
     exit_code: int = 0
     latency: Latency | None = None
@@ -173,15 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.events) != len(args.sizes):
         parser.error("--events takes one count per size in --sizes")
     started = time.monotonic()
-    try:
-        with bench_stack("tansu", args.partitions, ()) as (state, workdir):
-            results = asyncio.run(_benchmark(args, state, workdir))
-    except KeyboardInterrupt:
-        print("interrupted; processes stopped", file=sys.stderr)
-        return 130
-    except (BenchmarkFailed, stack.StackError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
+    results = in_own_stack(
+        "tansu", args.partitions, (), lambda state, workdir: _benchmark(args, state, workdir)
+    )
     wall_s = time.monotonic() - started
     print()
     print(report(results, wall_s))
@@ -366,6 +362,7 @@ class Bench:
             try:
                 await self._first_output(reader, child, log_path)
                 cpu_start, count_start = CpuTimes.now(child.pid, self._state), len(reader.records)
+                batches = _triton_counts(self._state)
                 started = time.monotonic()
                 while (
                     len(reader.records) < events
@@ -374,6 +371,7 @@ class Bench:
                     check_running(child, log_path)
                     await asyncio.sleep(0.05)
                 cpu = CpuTimes.now(child.pid, self._state).since(cpu_start)
+                requests, executions = np.subtract(_triton_counts(self._state), batches)
                 seconds = time.monotonic() - started
                 counted = len(reader.records) - count_start
                 peak = peak_rss(child.pid)
@@ -398,6 +396,7 @@ class Bench:
             broker_cpu_s_per_1000=1000 * cpu["broker"] / counted,
             others_percent=100 * cpu["others"] / seconds,
             peak_rss_mib=peak / MiB,
+            triton_batch_mean=requests / executions if executions else math.nan,
             dead_letters=dead_letters,
             exit_code=exit_code,
         )
@@ -534,6 +533,14 @@ class Bench:
             )
             print(f"    {level['in_flight']} in flight: {level['per_s']:.0f}/s", flush=True)
         return runs
+
+
+def _triton_counts(state: stack.StackState) -> tuple[float, float]:
+    """Requests Triton's guard answered, and the model executions (batches) that did it."""
+    return (
+        triton_metric(state, "nv_inference_request_success"),
+        triton_metric(state, "nv_inference_exec_count"),
+    )
 
 
 async def _paced(
@@ -707,7 +714,8 @@ def _scaling_table(results: Sequence[SizeResult]) -> str:
     levels = sorted({r.in_flight for s in results for r in s.guardstream() if r.in_flight})
     header = ["in flight"]
     for s in results:
-        header += [f"{s.size // 1000} KB events/s", f"{s.size // 1000} KB CPU s/1000"]
+        kb = f"{s.size // 1000} KB"
+        header += [f"{kb} events/s", f"{kb} CPU s/1000", f"{kb} peak RSS MiB", f"{kb} batch"]
     rows = []
     for level in levels:
         row = [str(level)]
@@ -716,6 +724,8 @@ def _scaling_table(results: Sequence[SizeResult]) -> str:
             row += [
                 number(run.events_per_s if run else None),
                 number(run.cpu_s_per_1000 if run else None, 2),
+                number(run.peak_rss_mib if run else None),
+                number(run.triton_batch_mean if run else None, 1),
             ]
         rows.append(row)
     return markdown_table(header, rows)

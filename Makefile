@@ -1,11 +1,11 @@
-# The two commands of the README. Each sets itself up: a virtualenv in .venv with the pinned
+# The commands of the README. Each sets itself up: a virtualenv in .venv with the pinned
 # dependencies of deploy/constraints.txt, rebuilt when pyproject.toml or the pins change.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.installed
 
-.PHONY: demo test stack-up stack-status stack-down clean
+.PHONY: demo test bench stack-up stack-status stack-down clean
 
 demo: $(READY)
 	$(BIN)/python -m service demo
@@ -15,6 +15,11 @@ test: $(READY)
 	$(BIN)/ruff format --check service tests triton_models deploy
 	$(BIN)/mypy service deploy/kustomize.py triton_models/fill.py
 	$(BIN)/pytest
+
+# guardstream against a bare Kafka loop, a bare Triton loop and a naive loop (minutes; a table
+# on the terminal, the figures in .guardstream/bench/throughput.json).
+bench: $(READY)
+	$(BIN)/python -m tests.benchmarks.throughput
 
 stack-up stack-status stack-down: $(READY)
 	$(BIN)/python -m service stack $(@:stack-%=%)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from importlib.metadata import version
 
 from aiokafka.errors import KafkaError
@@ -44,19 +44,23 @@ def limits_from(settings: Settings) -> PipelineLimits:
     )
 
 
+def sampling_from(settings: Settings) -> Sampling:
+    return Sampling(
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        seed=settings.seed,
+        end_id=settings.end_id,
+        pad_id=settings.pad_id,
+    )
+
+
 def guard_from(settings: Settings) -> GuardClient:
     return GuardClient(
         settings.triton_url,
         settings.guard_model,
-        Sampling(
-            max_tokens=settings.max_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            seed=settings.seed,
-            end_id=settings.end_id,
-            pad_id=settings.pad_id,
-        ),
+        sampling_from(settings),
         version=settings.guard_model_version,
         timeout_s=settings.guard_timeout_s,
     )
@@ -77,6 +81,50 @@ def fetcher_from(settings: Settings) -> Fetcher | None:
             user_agent=f"guardstream/{version('guardstream')}",
         ),
         max_connections=settings.max_in_flight,
+    )
+
+
+def breaker_from(settings: Settings, guard: GuardClient, metrics: Metrics) -> Breaker:
+    async def guard_ready() -> bool:
+        problem = await guard.not_ready(settings.breaker_probe_interval_s * 4)
+        if problem is not None:
+            log.debug("breaker probe: guard still unavailable: %s", problem)
+        return problem is None
+
+    return Breaker(
+        settings.breaker_failures,
+        guard_ready,
+        settings.breaker_probe_interval_s,
+        on_change=lambda is_open: metrics.breaker_open.set(1 if is_open else 0),
+    )
+
+
+def pipeline_from(
+    settings: Settings,
+    *,
+    policies: PolicyRegistry,
+    guard: GuardClient,
+    breaker: Breaker,
+    decode_pool: Executor,
+    metrics: Metrics,
+    tracer: Tracer,
+    fetcher: Fetcher | None,
+) -> Pipeline:
+    return Pipeline(
+        policies=policies,
+        default_policy=settings.default_policy,
+        guard=guard,
+        limits=limits_from(settings),
+        decode_pool=decode_pool,
+        retry=Retry(
+            attempts=settings.guard_retries + 1,
+            first_backoff_s=settings.guard_retry_backoff_s,
+        ),
+        breaker=breaker,
+        deadline_s=settings.event_deadline_s,
+        metrics=metrics,
+        tracer=tracer,
+        fetcher=fetcher,
     )
 
 
@@ -146,30 +194,13 @@ async def serve(
         await guard.wait_ready(settings.guard_startup_timeout_s)
         log.info("Triton model %r is ready; traces go to %s", guard.model, describe_exporter())
 
-        async def guard_ready() -> bool:
-            problem = await guard.not_ready(settings.breaker_probe_interval_s * 4)
-            if problem is not None:
-                log.debug("breaker probe: guard still unavailable: %s", problem)
-            return problem is None
-
-        breaker = Breaker(
-            settings.breaker_failures,
-            guard_ready,
-            settings.breaker_probe_interval_s,
-            on_change=lambda is_open: metrics.breaker_open.set(1 if is_open else 0),
-        )
-        pipeline = Pipeline(
+        breaker = breaker_from(settings, guard, metrics)
+        pipeline = pipeline_from(
+            settings,
             policies=policies,
-            default_policy=settings.default_policy,
             guard=guard,
-            limits=limits_from(settings),
-            decode_pool=decode_pool,
-            retry=Retry(
-                attempts=settings.guard_retries + 1,
-                first_backoff_s=settings.guard_retry_backoff_s,
-            ),
             breaker=breaker,
-            deadline_s=settings.event_deadline_s,
+            decode_pool=decode_pool,
             metrics=metrics,
             tracer=tracer,
             fetcher=fetcher,

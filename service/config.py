@@ -49,6 +49,15 @@ class Settings(BaseSettings):
         description="Kafka max.poll.interval.ms, also the rebalance timeout: how long the group "
         "waits for members to rejoin.",
     )
+    fetch_max_wait_ms: int = Field(
+        500,
+        ge=0,
+        le=60_000,
+        description="Kafka fetch.max.wait.ms: how long the broker may hold a fetch while it has "
+        "no records for it. Kafka answers as soon as a record arrives, so there this adds no "
+        "latency; a broker that holds every fetch this long (Tansu) adds up to it to every "
+        "event's latency, and wants a few milliseconds.",
+    )
     auto_offset_reset: str = Field(
         "earliest",
         pattern="^(earliest|latest)$",

@@ -170,9 +170,12 @@ def _frame(image: Image.Image, index: int, limits: ImageLimits) -> npt.NDArray[n
 
 
 def _downscaled_rgb(image: Image.Image, limits: ImageLimits) -> npt.NDArray[np.uint8]:
-    """RGB, downscaled to the resize side, as a C-contiguous array."""
+    """RGB, downscaled to the resize side, as a C-contiguous array; `image` is left as it is."""
     rgb = _to_rgb(image)
-    rgb.thumbnail((limits.resize_side, limits.resize_side), Image.Resampling.BICUBIC)
+    if max(rgb.size) > limits.resize_side:
+        if rgb is image:
+            rgb = rgb.copy()  # thumbnail resizes in place, and more frames may follow
+        rgb.thumbnail((limits.resize_side, limits.resize_side), Image.Resampling.BICUBIC)
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 
@@ -222,6 +225,8 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
 # What Pillow raises on a malformed EXIF block: struct.error among them, when a tag's stored
 # type does not match Pillow's tag table and exif_transpose rewrites the block.
 _EXIF_ERRORS = (OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError, struct.error)
+# EXIF orientations other than "as stored" (1): mirrored, turned, or both.
+_TRANSPOSED = frozenset(range(2, 9))
 
 
 def _orient(image: Image.Image) -> tuple[Image.Image, bool]:
@@ -229,6 +234,9 @@ def _orient(image: Image.Image) -> tuple[Image.Image, bool]:
     leaves the image as stored."""
     try:
         orientation = image.getexif().get(0x0112, 1)
+        if orientation not in _TRANSPOSED:
+            # exif_transpose would return a copy of the whole image, and most have no turn.
+            return image, False
         return ImageOps.exif_transpose(image), orientation in (5, 6, 7, 8)
     except _EXIF_ERRORS:
         return image, False

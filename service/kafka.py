@@ -118,6 +118,7 @@ class ModerationConsumer:
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
             max_poll_interval_ms=settings.max_poll_interval_ms,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
         self._delivery: Delivery = (
             ExactlyOnce(settings, metrics, tracer)
@@ -251,7 +252,7 @@ class ModerationConsumer:
         offsets.take(message.offset)
         self._window.take(tp, message.offset, len(message.value or b""))
         self._metrics.consumed.labels(tp.topic, str(tp.partition)).inc()
-        task = asyncio.create_task(self._handle(tp, _record(message), offsets))
+        task = asyncio.create_task(self._handle(tp, record_from(message), offsets))
         self._tasks.setdefault(tp, set()).add(task)
         task.add_done_callback(lambda t: self._finished(tp, t))
 
@@ -399,7 +400,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions assigned: %s", _describe_partitions(assigned))
 
 
-def _record(message: ConsumerRecord[bytes, bytes]) -> Record:
+def record_from(message: ConsumerRecord[bytes, bytes]) -> Record:
+    """A consumed record as the pipeline takes it."""
     return Record(
         topic=message.topic,
         partition=message.partition,

@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from service import stack
 from service.errors import GuardError, GuardUnavailable
@@ -14,10 +15,12 @@ from service.guard import (
     GuardClient,
     Sampling,
     ServedModel,
-    build_inputs,
+    Tensor,
     classify_triton_error,
     describe_served_model,
     read_rating_log_prob,
+    request_tensors,
+    serialize_request,
 )
 from service.guard import read_text_output as read_text
 from tests.conftest import free_port
@@ -25,13 +28,13 @@ from tests.conftest import free_port
 SAMPLING = Sampling(max_tokens=500, temperature=0.2, top_p=0.95, top_k=50)
 
 
-def described(inputs: list[object]) -> dict[str, tuple[str, list[int]]]:
-    return {i.name(): (i.datatype(), i.shape()) for i in inputs}  # type: ignore[attr-defined]
+def described(tensors: list[Tensor]) -> dict[str, tuple[str, list[int]]]:
+    return {t.name: (t.datatype, list(t.array.shape)) for t in tensors}
 
 
 def test_the_request_has_the_multimodal_ensemble_contract() -> None:
     pixels = np.zeros((48, 64, 3), np.uint8)
-    assert described(build_inputs("policy", pixels, SAMPLING)) == {
+    assert described(request_tensors("policy", pixels, SAMPLING)) == {
         "text_input": ("BYTES", [1, 1]),
         "image_bytes_input": ("UINT8", [1, 1, 48, 64, 3]),
         "max_tokens": ("INT32", [1, 1]),
@@ -43,9 +46,38 @@ def test_the_request_has_the_multimodal_ensemble_contract() -> None:
 
 def test_token_ids_and_seed_are_sent_only_when_configured() -> None:
     sampling = Sampling(500, 0.2, 0.95, 50, seed=7, end_id=151645, pad_id=151643)
-    inputs = described(build_inputs("p", np.zeros((2, 2, 3), np.uint8), sampling))
+    inputs = described(request_tensors("p", np.zeros((2, 2, 3), np.uint8), sampling))
     assert inputs["seed"] == ("UINT64", [1, 1])
     assert inputs["end_id"] == inputs["pad_id"] == ("INT32", [1, 1])
+
+
+def test_the_serialized_request_is_the_message_tritonclient_would_send() -> None:
+    sampling = Sampling(500, 0.2, 0.95, 50, seed=2**40 + 7, end_id=151645, pad_id=151643)
+    pixels = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    tensors = request_tensors("Assess the image: \u00e9t\u00e9", pixels, sampling)
+    sent = serialize_request("guard", "1", tensors, ["text_output"])
+    # Built the way tritonclient builds it: protobuf, raw contents in the inputs' order,
+    # BYTES with tritonclient's own serializer.
+    expected = service_pb2.ModelInferRequest(model_name="guard", model_version="1")
+    for tensor in tensors:
+        expected.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.array.shape)
+        expected.raw_input_contents.append(
+            serialize_byte_tensor(tensor.array).item()
+            if tensor.datatype == "BYTES"
+            else tensor.array.tobytes()
+        )
+    expected.outputs.add(name="text_output")
+    assert service_pb2.ModelInferRequest.FromString(sent) == expected
+    assert sent == expected.SerializeToString()
+
+
+def test_a_large_image_is_one_length_prefixed_field() -> None:
+    pixels = np.full((600, 700, 3), 7, np.uint8)  # 1.26 MB: a length of three varint bytes
+    request = service_pb2.ModelInferRequest.FromString(
+        serialize_request("guard", "", request_tensors("p", pixels, SAMPLING), [])
+    )
+    assert request.raw_input_contents[1] == pixels.tobytes()
+    assert list(request.inputs[1].shape) == [1, 1, 600, 700, 3]
 
 
 @pytest.mark.parametrize(

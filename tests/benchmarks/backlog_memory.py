@@ -25,46 +25,54 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.structs import RecordMetadata
 from PIL import Image
 
 from service import stack
 from service.client import encode_event, image_event
+from tests.benchmarks.harness import (
+    BENCH_DIR,
+    SERVICE_COMMAND,
+    BenchmarkFailed,
+    CpuTimes,
+    MiB,
+    Outgoing,
+    check_running,
+    end_offsets,
+    in_own_stack,
+    listening_port,
+    log_problems,
+    partitions_of,
+    publish,
+    rss,
+    rss_or_zero,
+    start_child,
+    stop_child,
+    uninterrupted,
+)
 
-BENCH_MODELS = stack.REPO_ROOT / "triton_models" / "bench"
-DEFAULT_JSON = stack.REPO_ROOT / ".guardstream" / "bench" / "backlog_memory.json"
+DEFAULT_JSON = BENCH_DIR / "backlog_memory.json"
 INPUT_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC = "images", "verdicts", "images.dlq"
 GROUP = "guardstream-bench"
-MiB = 1024 * 1024
 # While the service starts, memory and its metrics are read this often, so that the "start"
 # sample is taken at most this long before the first event.
 STARTUP_POLL_S = 0.05
-
-
-class BenchmarkFailed(Exception):
-    """The benchmark could not measure what it should; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -74,40 +82,6 @@ class Sample:
     rss_bytes: int
     committed: int
     """Events committed by the group (sum of committed offsets; the topic starts at 0)."""
-
-
-@dataclass(frozen=True)
-class CpuTimes:
-    """CPU seconds used so far (user + system), by whom."""
-
-    service: float
-    broker: float
-    triton: float
-    """tritonserver and its Python-backend stub."""
-    benchmark: float
-    """This script: producing is over by then, so this is its sampling."""
-    machine: float
-    """Every process on the machine, all cores."""
-
-    @classmethod
-    def now(cls, service: int, state: stack.StackState) -> CpuTimes:
-        return cls(
-            service=_cpu_seconds([service]),
-            broker=_cpu_seconds(_process_tree(state.kafka_pid)),
-            triton=_cpu_seconds(_process_tree(state.triton_pid)),
-            benchmark=_cpu_seconds([os.getpid()]),
-            machine=_machine_busy_seconds(),
-        )
-
-    def percent_since(self, earlier: CpuTimes, seconds: float) -> dict[str, float]:
-        """Percent of one core each used in between; "others" is everyone else on the machine
-        (on a shared machine, what competed with the measurement)."""
-        used = {
-            name: getattr(self, name) - getattr(earlier, name)
-            for name in ("service", "broker", "triton", "benchmark")
-        }
-        used["others"] = max(0.0, self.machine - earlier.machine - sum(used.values()))
-        return {name: 100 * value / seconds for name, value in used.items()}
 
 
 @dataclass(frozen=True)
@@ -159,41 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = _overrides(args)
     except ValueError as exc:
         parser.error(str(exc))
-    # SIGTERM (a CI timeout, `kill`) must clean up like Ctrl-C: the child processes run in
-    # their own sessions and would otherwise outlive us.
-    signal.signal(signal.SIGTERM, _interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="guardstream-bench-"))
-    config = stack.StackConfig(
-        state_dir=workdir,
-        kafka_port=_free_port(),
-        triton_http_port=_free_port(),
-        triton_grpc_port=_free_port(),
-        triton_metrics_port=_free_port(),
-        model_repository=BENCH_MODELS,
-        topics=(INPUT_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC),
-        partitions=args.partitions,
-        broker=args.broker,
+    result = in_own_stack(
+        args.broker,
+        args.partitions,
+        (INPUT_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC),
+        lambda state, workdir: _benchmark(args, state, workdir),
+        keep_data=args.keep_data,
     )
-    print(f"work directory {workdir} (logs: kafka.log, triton.log, service.log)", flush=True)
-    try:
-        print(f"starting {args.broker} and Triton (benchmark guard) ...", flush=True)
-        state = stack.up(config)
-        try:
-            result = asyncio.run(_benchmark(args, state, workdir))
-        finally:
-            with _uninterrupted():
-                print("stopping the stack ...", flush=True)
-                stack.down(workdir)
-                if not args.keep_data:
-                    # The broker's data is ~ the backlog and its verdicts again; logs stay.
-                    shutil.rmtree(workdir / "kafka-data", ignore_errors=True)
-                    shutil.rmtree(workdir / "backends", ignore_errors=True)
-    except KeyboardInterrupt:
-        print(f"interrupted; processes stopped, logs in {workdir}", file=sys.stderr)
-        return 130
-    except (BenchmarkFailed, stack.StackError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
     print(_table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(asdict(result), indent=1) + "\n")
@@ -245,22 +191,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """Hold off Ctrl-C and SIGTERM: an impatient second one must not cut a clean-up short and
-    leave processes behind (each clean-up step has its own time limit)."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 async def _benchmark(args: argparse.Namespace, state: stack.StackState, workdir: Path) -> Result:
     print(f"publishing {args.events} events to {INPUT_TOPIC!r} ...", flush=True)
     produce_started = time.monotonic()
@@ -274,7 +204,7 @@ async def _benchmark(args: argparse.Namespace, state: stack.StackState, workdir:
     settings = _service_settings(args, state)
     log_path = workdir / "service.log"
     started = time.monotonic()
-    service = _start_service(settings, log_path)
+    service = start_child(SERVICE_COMMAND, settings, log_path)
     try:
         admin = AIOKafkaAdminClient(bootstrap_servers=state.bootstrap_servers)
         await admin.start()
@@ -288,8 +218,8 @@ async def _benchmark(args: argparse.Namespace, state: stack.StackState, workdir:
         exit_code = service.wait(timeout=120)
         stop_s = time.monotonic() - stopping
     finally:
-        with _uninterrupted():
-            _stop(service)
+        with uninterrupted():
+            stop_child(service)
     verdicts, dead_letters = await _published(state.bootstrap_servers)
     return _result(
         args,
@@ -330,56 +260,23 @@ async def _produce(bootstrap: str, events: int, idempotent: bool) -> int:
     """Publish the backlog, pipelined; the total bytes of record values."""
     images = _images()
     run = secrets.token_hex(4)
-    # Like the project's producer helper (acks=all, idempotent), but sends are not awaited one
-    # by one: batches of many records per request are what make 100k events take seconds.
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        enable_idempotence=idempotent,
-        linger_ms=20,
-        max_batch_size=256 * 1024,
-    )
-    await producer.start()
-    total = 0
-    try:
-        pending: list[asyncio.Future[RecordMetadata]] = []
-        ends: dict[int, int] = {}
+
+    def records() -> Iterator[Outgoing]:
         for i in range(events):
             event_id = f"bench-{run}-{i:07d}"
-            value = encode_event(
-                image_event(event_id, image=images[i % len(images)], metadata={"bench": run})
-            )
-            total += len(value)
             # A sampled W3C trace context, as an upload service sends: the service continues
             # the trace, which is part of its per-event work.
             traceparent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-            pending.append(
-                await producer.send(
-                    INPUT_TOPIC,
-                    value=value,
-                    key=event_id.encode(),
-                    headers=[
-                        ("traceparent", traceparent.encode()),
-                        ("event-id", event_id.encode()),
-                    ],
-                )
+            yield Outgoing(
+                key=event_id.encode(),
+                value=encode_event(
+                    image_event(event_id, image=images[i % len(images)], metadata={"bench": run})
+                ),
+                headers=[("traceparent", traceparent.encode()), ("event-id", event_id.encode())],
             )
-            if len(pending) >= 5000:
-                _note_ends(ends, await asyncio.gather(*pending))
-                pending.clear()
-        _note_ends(ends, await asyncio.gather(*pending))
-    finally:
-        await producer.stop()
-    # From the acknowledgements, not ListOffsets: Tansu 0.6 answers ListOffsets with the base
-    # offset of a partition's last batch, short of its end by up to a batch.
-    if sum(ends.values()) != events:
-        raise BenchmarkFailed(f"the broker acknowledged offsets up to {ends}, not {events} records")
+
+    _, total = await publish(bootstrap, INPUT_TOPIC, records(), idempotent=idempotent)
     return total
-
-
-def _note_ends(ends: dict[int, int], acks: list[RecordMetadata]) -> None:
-    for ack in acks:
-        ends[ack.partition] = max(ends.get(ack.partition, 0), ack.offset + 1)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -415,37 +312,6 @@ def _service_settings(args: argparse.Namespace, state: stack.StackState) -> dict
     return settings | overrides
 
 
-def _start_service(settings: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GUARDSTREAM_")}
-    env.update({f"GUARDSTREAM_{name}": value for name, value in settings.items()})
-    # Spans are still made (that work is measured) but not exported anywhere an inherited
-    # OTEL_EXPORTER_OTLP_ENDPOINT points.
-    env["OTEL_TRACES_EXPORTER"] = "none"
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service", "run"],
-            cwd=stack.REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl-C in the terminal reaches only us, and we stop it.
-            start_new_session=True,
-        )
-
-
-def _stop(service: subprocess.Popen[bytes]) -> None:
-    """Make sure the service is gone (it is already, unless something failed)."""
-    if service.poll() is not None:
-        return
-    service.send_signal(signal.SIGTERM)
-    try:
-        service.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        service.kill()
-        service.wait()
-
-
 async def _watch(
     service: subprocess.Popen[bytes],
     state: stack.StackState,
@@ -471,23 +337,25 @@ async def _watch(
     next_tick = time.monotonic()
     next_report = next_tick + 15
     while True:
-        _check_running(service, log_path)
+        check_running(service, log_path)
         # Committed offsets trail the work by up to the service's commit interval (500 ms by
         # default), so a sample's count is a little behind the memory it is paired with.
-        rss = _rss(service.pid)
+        resident = rss(service.pid)
         offsets = await admin.list_consumer_group_offsets(GROUP, coordinator, partitions)
         committed = sum(max(meta.offset, 0) for meta in offsets.values())
-        samples.append(Sample(time.monotonic() - started, rss, committed))
+        samples.append(Sample(time.monotonic() - started, resident, committed))
         if committed >= events:
-            cpu = CpuTimes.now(service.pid, state).percent_since(
-                cpu_start, time.monotonic() - cpu_started
-            )
+            seconds = time.monotonic() - cpu_started
+            cpu = {
+                "service" if name == "measured" else name: 100 * used / seconds
+                for name, used in CpuTimes.now(service.pid, state).since(cpu_start).items()
+            }
             return samples, start, cpu
         now = time.monotonic()
         if now - started > limit_s:
             raise BenchmarkFailed(f"only {committed} of {events} committed after {limit_s:.0f}s")
         if now >= next_report:
-            print(f"  {committed:>8} committed, RSS {rss / MiB:.1f} MiB", flush=True)
+            print(f"  {committed:>8} committed, RSS {resident / MiB:.1f} MiB", flush=True)
             next_report += 15
         # Fixed ticks, so the time a request takes does not stretch the interval.
         next_tick += interval
@@ -507,11 +375,11 @@ async def _wait_for_first_event(
     """
     before: Sample | None = None
     while True:
-        _check_running(service, log_path)
-        port = _listening_port(service.pid)
+        check_running(service, log_path)
+        port = listening_port(service.pid)
         ready = port is not None and await asyncio.to_thread(_consumer_up, port)
-        rss = _rss(service.pid)
-        sample = Sample(time.monotonic() - started, rss, 0)
+        resident = rss(service.pid)
+        sample = Sample(time.monotonic() - started, resident, 0)
         consumed = await asyncio.to_thread(_consumed, port) if port is not None else None
         if consumed:
             if before is None:
@@ -558,67 +426,11 @@ def _consumed(port: int) -> int | None:
     )
 
 
-def _check_running(service: subprocess.Popen[bytes], log_path: Path) -> None:
-    if service.poll() is not None:
-        raise BenchmarkFailed(
-            f"the service exited with {service.returncode}:\n{_tail(log_path, 20)}"
-        )
-
-
-def _rss(pid: int) -> int:
-    """Resident memory of `pid` in bytes (VmRSS; the kernel reports kB)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise BenchmarkFailed(f"no VmRSS for pid {pid}")
-
-
-def _listening_port(pid: int) -> int | None:
-    """The TCP port `pid` listens on over IPv4 (its health server), None before it does."""
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:[") : -1])
-    try:
-        table = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return None
-    for line in table:
-        fields = line.split()
-        # fields: sl, local address (hex ip:port), remote, state (0A = LISTEN), ..., inode
-        if fields[3] == "0A" and fields[9] in inodes:
-            return int(fields[1].rsplit(":", 1)[1], 16)
-    return None
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
-    await consumer.topics()  # loads the metadata partitions_for_topic reads
-    return [
-        TopicPartition(topic, p)
-        for topic in topics
-        for p in sorted(consumer.partitions_for_topic(topic) or ())
-    ]
-
-
-async def _end_offsets(bootstrap: str, topics: list[str]) -> dict[str, int]:
-    """Records in each topic: the sum of its partitions' log end offsets."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(await _partitions(consumer, topics))
-    finally:
-        await consumer.stop()
-    return {topic: sum(o for tp, o in ends.items() if tp.topic == topic) for topic in topics}
-
-
 async def _input_partitions(bootstrap: str) -> list[TopicPartition]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
-        return await _partitions(consumer, [INPUT_TOPIC])
+        return await partitions_of(consumer, [INPUT_TOPIC])
     finally:
         await consumer.stop()
 
@@ -626,7 +438,7 @@ async def _input_partitions(bootstrap: str) -> list[TopicPartition]:
 async def _published(bootstrap: str) -> tuple[int, int]:
     """Verdicts and dead letters published (log end offsets; under exactly-once these also
     count one transaction marker per partition and transaction)."""
-    ends = await _end_offsets(bootstrap, [VERDICT_TOPIC, DEAD_LETTER_TOPIC])
+    ends = await end_offsets(bootstrap, [VERDICT_TOPIC, DEAD_LETTER_TOPIC])
     return ends[VERDICT_TOPIC], ends[DEAD_LETTER_TOPIC]
 
 
@@ -683,60 +495,11 @@ def _result(
         dead_letters=dead_letters,
         exit_code=exit_code,
         stop_s=stop_s,
-        service_log_problems=sum(1 for _ in _log_problems(log_path)),
-        broker_rss_end_mib=_rss_or_zero(broker_pid) / MiB,
+        service_log_problems=sum(1 for _ in log_problems(log_path)),
+        broker_rss_end_mib=rss_or_zero(broker_pid) / MiB,
         workdir=str(workdir),
         samples=samples,
     )
-
-
-def _rss_or_zero(pid: int) -> int:
-    try:
-        return _rss(pid)
-    except (OSError, BenchmarkFailed):
-        return 0
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes (0 for one that is gone)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            # After the command name, which may hold spaces: utime and stime are fields 14-15.
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (Triton's Python-backend stubs are its children)."""
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(child) for child in (task / "children").read_text().split()]
-    return tree
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds all cores spent not idle since boot."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    # user nice system idle iowait irq softirq steal (guest time is already in user).
-    busy = sum(fields[:8]) - fields[3] - fields[4]
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _log_problems(log_path: Path) -> Iterator[str]:
-    """Lines of the service's log at WARNING or above (JSON lines, or anything unparsed)."""
-    for line in log_path.read_text(errors="replace").splitlines():
-        try:
-            level = json.loads(line).get("level", "")
-        except (ValueError, AttributeError):
-            level = "UNPARSED"
-        if level != "INFO" and level != "DEBUG":
-            yield line
 
 
 def _table(r: Result) -> str:
@@ -770,19 +533,6 @@ def _table(r: Result) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 if __name__ == "__main__":

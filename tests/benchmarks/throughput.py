@@ -1,0 +1,755 @@
+"""Benchmark: guardstream's throughput, latency, CPU and memory against its ceilings.
+
+    make bench        # = .venv/bin/python -m tests.benchmarks.throughput
+
+A script, not a test: its numbers are read by people. It starts its own Tansu broker and a
+Triton serving the fixed-answer guard of `triton_models/bench` (the guard's tensor contract, no
+inference), so that what is measured is the service and what it is compared with, not a model.
+For each image size (photos from scikit-image re-encoded as JPEGs of about 50 KB and 500 KB,
+sent inline as base64 in ordinary image events) it publishes one backlog and measures, each as
+a child process with a consumer group and output topic of its own:
+
+- ceiling A: a bare aiokafka loop that consumes the records and produces a verdict-sized
+  record for each (no decoding, no Triton): the most Kafka can move for this mix;
+- ceiling B: a bare `tritonclient.grpc.aio` loop sending the same pixel tensors (decoded once)
+  at several concurrencies, the best of which counts: the most Triton can take;
+- baseline: a naive loop, one record at a time: consume, judge, publish, wait, commit;
+- guardstream: `python -m service run`, at several in-flight limits (the scaling table); the
+  run with no overrides is "defaults", the fastest is "best".
+
+Throughput (events/s) is measured on the backlog: outputs counted by a reader of the output
+topic, from the first output until `--events` of them (or `--max-seconds`). CPU seconds per
+1000 events are the child's own (utime + stime from /proc), over the same window; Triton's and
+the broker's are reported beside them. Peak RSS is the child's VmHWM.
+
+Latency is measured separately, at half of each row's own throughput: a fresh topic, a
+warm-up, then events published at a fixed rate for `--paced-seconds`. An event's latency is
+its outcome record's timestamp minus its own, both set by the producers when they are handed
+the record (milliseconds, the same clock); the time this script's reader saw the outcome is
+reported too. "model ms" is Triton's mean compute time per request meanwhile, from its metrics.
+
+The benchmark runs on a shared, small machine: the "others" column is the CPU that processes
+not part of the measurement used meanwhile (% of one core), so a disturbed row can be seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import math
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from aiokafka import AIOKafkaProducer
+from PIL import Image
+from skimage import data as photos
+
+from service import stack
+from service.client import encode_event, image_event
+from tests.benchmarks.harness import (
+    BENCH_DIR,
+    SERVICE_COMMAND,
+    BenchmarkFailed,
+    CpuTimes,
+    MiB,
+    Outgoing,
+    OutputReader,
+    check_running,
+    end_offsets,
+    in_own_stack,
+    peak_rss,
+    publish,
+    start_child,
+    stop_child,
+    tail,
+    triton_metric,
+    uninterrupted,
+)
+from tests.benchmarks.report import (
+    ceiling,
+    latencies_ms,
+    markdown_table,
+    number,
+    percentiles,
+    ratio,
+)
+
+DEFAULT_JSON = BENCH_DIR / "throughput.json"
+PHOTOS = ("astronaut", "coffee", "rocket", "chelsea")
+LOOPS = (sys.executable, "-m", "tests.benchmarks.loops")
+DEFAULT_IN_FLIGHT = 64
+MODES = ("kafka", "triton", "naive", "guardstream")
+WARM_UP_EVENTS = 20
+# Tansu holds a fetch for fetch.max.wait.ms even when records arrive meanwhile (Kafka answers at
+# once), which would add up to Kafka's default 500 ms to every latency measured here. Every
+# program that consumes is given this instead, the same for all.
+FETCH_MAX_WAIT_MS = 5
+_ID_PLACEHOLDER = "@@event-id@@"
+
+
+@dataclass(frozen=True)
+class Latency:
+    offered_per_s: float
+    events: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    seen_p99_ms: float
+    """When this script's reader had the outcome, not when it was written."""
+    model_ms: float
+    """Triton's mean compute time per request during the run (NaN: no requests)."""
+    missing: int
+    """Events published whose outcome did not arrive in time."""
+
+
+@dataclass(frozen=True)
+class Run:
+    mode: str
+    size: int
+    overrides: dict[str, str]
+    """GUARDSTREAM_* settings given (names without the prefix); defaults for the rest."""
+    in_flight: int | None
+    events: int
+    seconds: float
+    events_per_s: float
+    cpu_s_per_1000: float
+    triton_cpu_s_per_1000: float
+    broker_cpu_s_per_1000: float
+    others_percent: float
+    """CPU used meanwhile by processes not part of the measurement, % of one core."""
+    peak_rss_mib: float
+    triton_batch_mean: float = math.nan
+    """Requests per model execution: the batches Triton's dynamic batcher formed."""
+    dead_letters: int = 0
+    exit_code: int = 0
+    latency: Latency | None = None
+
+    @property
+    def label(self) -> str:
+        if self.mode == "kafka":
+            return "ceiling A: aiokafka loop"
+        if self.mode == "triton":
+            return f"ceiling B: tritonclient loop, {self.in_flight} in flight"
+        if self.mode == "naive":
+            return "baseline: naive loop"
+        settings = " ".join(f"{k.lower()}={v}" for k, v in sorted(self.overrides.items()))
+        return f"guardstream {settings or 'defaults'}"
+
+
+@dataclass
+class SizeResult:
+    size: int
+    image_bytes: list[int]
+    record_bytes_mean: float
+    backlog: int
+    publish_s: float
+    runs: list[Run] = field(default_factory=list)
+    triton_levels: list[Run] = field(default_factory=list)
+
+    def find(self, mode: str) -> Run | None:
+        return next((r for r in self.runs if r.mode == mode), None)
+
+    def guardstream(self) -> list[Run]:
+        return [r for r in self.runs if r.mode == "guardstream"]
+
+    def defaults(self) -> Run | None:
+        return next((r for r in self.guardstream() if not r.overrides), None)
+
+    def best(self) -> Run | None:
+        runs = self.guardstream()
+        return max(runs, key=lambda r: r.events_per_s) if runs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if len(args.events) != len(args.sizes):
+        parser.error("--events takes one count per size in --sizes")
+    started = time.monotonic()
+    results = in_own_stack(
+        "tansu", args.partitions, (), lambda state, workdir: _benchmark(args, state, workdir)
+    )
+    wall_s = time.monotonic() - started
+    print()
+    print(report(results, wall_s))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "wall_s": wall_s,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "sizes": [asdict(r) for r in results],
+    }
+    args.json.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"\nwritten to {args.json} ({wall_s:.0f} s)")
+    failed = [r for s in results for r in s.runs if r.exit_code != 0 or r.dead_letters]
+    return 1 if failed else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.benchmarks.throughput",
+        description="Measure guardstream against a bare Kafka loop, a bare Triton loop and a "
+        "naive loop, on the same broker, Triton (fixed-answer guard) and event mix.",
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[50_000, 500_000], help="JPEG sizes, bytes"
+    )
+    parser.add_argument(
+        "--events",
+        type=int,
+        nargs="+",
+        default=[6000, 1000],
+        help="backlog per size, and the outputs a throughput run waits for [%(default)s]",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=8,
+        help="a throughput run ends after this long, if its events are not done [%(default)s]",
+    )
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16, 64, 256],
+        help="GUARDSTREAM_MAX_IN_FLIGHT values to run (64, the default, runs as 'defaults')",
+    )
+    parser.add_argument(
+        "--set",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="another service setting for every guardstream run but the defaults (repeatable)",
+    )
+    parser.add_argument(
+        "--triton-in-flight",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16, 64],
+        help="concurrencies of ceiling B [%(default)s]",
+    )
+    parser.add_argument("--triton-seconds", type=float, default=3, help="per concurrency [3]")
+    parser.add_argument(
+        "--paced-seconds",
+        type=float,
+        default=5,
+        help="latency runs publish at half the throughput for this long; 0: none [%(default)s]",
+    )
+    parser.add_argument(
+        "--paced-max-events",
+        type=int,
+        default=2500,
+        help="fewer seconds for the fastest rows: the broker keeps every record [%(default)s]",
+    )
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--partitions", type=int, default=3, help="of every topic [3]")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="[%(default)s]")
+    return parser
+
+
+# --- images and events ----------------------------------------------------------------------
+
+
+def jpeg_of_size(pixels: npt.NDArray[np.uint8], target: int, quality: int = 88) -> bytes:
+    """The photo rescaled so that its JPEG is about `target` bytes (within a few percent)."""
+    image = Image.fromarray(pixels).convert("RGB")
+    low, high = 32, 4096
+    best = b""
+    for _ in range(14):
+        side = (low + high) // 2
+        scale = side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        out = io.BytesIO()
+        image.resize(size, Image.Resampling.LANCZOS).save(out, "JPEG", quality=quality)
+        encoded = out.getvalue()
+        if abs(len(encoded) - target) < abs(len(best) - target):
+            best = encoded
+        if len(encoded) < target:
+            low = side + 1
+        else:
+            high = side - 1
+        if low > high:
+            break
+    return best
+
+
+def bench_images(size: int) -> list[bytes]:
+    return [jpeg_of_size(getattr(photos, name)(), size) for name in PHOTOS]
+
+
+class Events:
+    """Image events for one size: the photos in turn, ids unique per benchmark run."""
+
+    def __init__(self, images: Sequence[bytes], run: str) -> None:
+        self._run = run
+        self._templates = [
+            encode_event(image_event(_ID_PLACEHOLDER, image=image, metadata={"bench": run}))
+            for image in images
+        ]
+        self._count = 0
+
+    def take(self, count: int) -> Iterator[Outgoing]:
+        for _ in range(count):
+            event_id = f"bench-{self._run}-{self._count:07d}".encode()
+            template = self._templates[self._count % len(self._templates)]
+            self._count += 1
+            # A sampled W3C trace context, as an upload service sends: the service continues
+            # the trace, which is part of its per-event work.
+            traceparent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01".encode()
+            yield Outgoing(
+                key=event_id,
+                value=template.replace(_ID_PLACEHOLDER.encode(), event_id, 1),
+                headers=[("traceparent", traceparent), ("event-id", event_id)],
+            )
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+class Bench:
+    """Runs one measured program at a time against the stack, each with topics of its own."""
+
+    def __init__(self, args: argparse.Namespace, state: stack.StackState, workdir: Path) -> None:
+        self._args = args
+        self._state = state
+        self._workdir = workdir
+        self._runs = 0
+
+    async def _topics(self, *names: str) -> None:
+        await stack.create_topics(self._state.bootstrap_servers, names, self._args.partitions)
+
+    def _settings(self, tag: str, input_topic: str, overrides: dict[str, str]) -> dict[str, str]:
+        return {
+            "BOOTSTRAP_SERVERS": self._state.bootstrap_servers,
+            "TRITON_URL": self._state.triton_grpc,
+            "INPUT_TOPIC": input_topic,
+            "VERDICT_TOPIC": f"out-{tag}",
+            "DEAD_LETTER_TOPIC": f"dlq-{tag}",
+            "GROUP_ID": f"group-{tag}",
+            "HEALTH_HOST": "127.0.0.1",
+            "HEALTH_PORT": "0",
+            "LOG_LEVEL": "WARNING",
+            # Tansu refuses idempotent producers.
+            "ENABLE_IDEMPOTENCE": "false",
+            "FETCH_MAX_WAIT_MS": str(FETCH_MAX_WAIT_MS),
+        } | overrides
+
+    def _tag(self, mode: str, size: int) -> str:
+        self._runs += 1
+        return f"{self._runs:02d}-{mode}-{size // 1000}k"
+
+    async def throughput(
+        self, mode: str, size: int, backlog: str, events: int, overrides: dict[str, str]
+    ) -> Run:
+        """Work through the backlog (or until --max-seconds) and measure."""
+        tag = self._tag(mode, size)
+        await self._topics(f"out-{tag}", f"dlq-{tag}")
+        settings = self._settings(tag, backlog, overrides)
+        log_path = self._workdir / f"{tag}.log"
+        command = SERVICE_COMMAND if mode == "guardstream" else (*LOOPS, mode)
+        print(f"  {tag}: {' '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
+        async with OutputReader(self._state.bootstrap_servers, [f"out-{tag}"]) as reader:
+            child = start_child(command, settings, log_path)
+            try:
+                await self._first_output(reader, child, log_path)
+                cpu_start, count_start = CpuTimes.now(child.pid, self._state), len(reader.records)
+                batches = _triton_counts(self._state)
+                started = time.monotonic()
+                while (
+                    len(reader.records) < events
+                    and time.monotonic() - started < self._args.max_seconds
+                ):
+                    check_running(child, log_path)
+                    await asyncio.sleep(0.05)
+                cpu = CpuTimes.now(child.pid, self._state).since(cpu_start)
+                requests, executions = np.subtract(_triton_counts(self._state), batches)
+                seconds = time.monotonic() - started
+                counted = len(reader.records) - count_start
+                peak = peak_rss(child.pid)
+            finally:
+                with uninterrupted():
+                    exit_code = stop_child(child)
+        dead_letters = (await end_offsets(self._state.bootstrap_servers, [f"dlq-{tag}"]))[
+            f"dlq-{tag}"
+        ]
+        run = Run(
+            mode=mode,
+            size=size,
+            overrides=overrides,
+            in_flight=int(overrides.get("MAX_IN_FLIGHT", DEFAULT_IN_FLIGHT))
+            if mode == "guardstream"
+            else None,
+            events=counted,
+            seconds=seconds,
+            events_per_s=counted / seconds,
+            cpu_s_per_1000=1000 * cpu["measured"] / counted,
+            triton_cpu_s_per_1000=1000 * cpu["triton"] / counted,
+            broker_cpu_s_per_1000=1000 * cpu["broker"] / counted,
+            others_percent=100 * cpu["others"] / seconds,
+            peak_rss_mib=peak / MiB,
+            triton_batch_mean=requests / executions if executions else math.nan,
+            dead_letters=dead_letters,
+            exit_code=exit_code,
+        )
+        print(
+            f"    {run.events_per_s:.0f} events/s ({counted} in {seconds:.1f} s), "
+            f"{run.cpu_s_per_1000:.2f} CPU s per 1000, peak RSS {run.peak_rss_mib:.0f} MiB, "
+            f"exit {exit_code}",
+            flush=True,
+        )
+        return run
+
+    async def _first_output(
+        self, reader: OutputReader, child: subprocess.Popen[bytes], log_path: Path
+    ) -> None:
+        deadline = time.monotonic() + 120
+        while not reader.records:
+            check_running(child, log_path)
+            if time.monotonic() > deadline:
+                raise BenchmarkFailed(f"no output in 120 s:\n{tail(log_path)}")
+            await asyncio.sleep(0.02)
+
+    async def latency(self, run: Run, images: Sequence[bytes], rate: float) -> Latency:
+        """Publish at `rate` events/s to a fresh topic the program reads live; latencies."""
+        tag = self._tag(f"{run.mode}-paced", run.size)
+        live = f"live-{tag}"
+        await self._topics(live, f"out-{tag}", f"dlq-{tag}")
+        settings = self._settings(tag, live, run.overrides)
+        log_path = self._workdir / f"{tag}.log"
+        command = SERVICE_COMMAND if run.mode == "guardstream" else (*LOOPS, run.mode)
+        events = Events(images, tag)
+        count = max(20, min(self._args.paced_max_events, round(rate * self._args.paced_seconds)))
+        print(f"  {tag}: {count} events at {rate:.0f}/s", flush=True)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._state.bootstrap_servers,
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=0,
+            max_request_size=8 * MiB,
+        )
+        await producer.start()
+        try:
+            async with OutputReader(self._state.bootstrap_servers, [f"out-{tag}"]) as reader:
+                child = start_child(command, settings, log_path)
+                try:
+                    for record in events.take(WARM_UP_EVENTS):
+                        await producer.send(live, record.value, record.key, headers=record.headers)
+                    await self._first_output(reader, child, log_path)
+                    await reader.wait_for(WARM_UP_EVENTS, timeout_s=60)
+                    computed = triton_metric(self._state, "nv_inference_compute_infer_duration_us")
+                    requests = triton_metric(self._state, "nv_inference_request_success")
+                    sent_ms = await _paced(producer, live, events.take(count), rate)
+                    arrived = await reader.wait_for(WARM_UP_EVENTS + count, timeout_s=60)
+                    computed = (
+                        triton_metric(self._state, "nv_inference_compute_infer_duration_us")
+                        - computed
+                    )
+                    requests = triton_metric(self._state, "nv_inference_request_success") - requests
+                finally:
+                    with uninterrupted():
+                        stop_child(child)
+        finally:
+            await producer.stop()
+        created = latencies_ms(sent_ms, [(r.key, r.timestamp_ms) for r in reader.records])
+        seen = latencies_ms(sent_ms, [(r.key, round(1000 * r.seen)) for r in reader.records])
+        p50, p95, p99 = percentiles(created, (50, 95, 99))
+        latency = Latency(
+            offered_per_s=rate,
+            events=len(created),
+            p50_ms=p50,
+            p95_ms=p95,
+            p99_ms=p99,
+            seen_p99_ms=percentiles(seen, (99,))[0],
+            model_ms=computed / requests / 1000 if requests else math.nan,
+            missing=count - len(created),
+        )
+        print(
+            f"    p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms"
+            + ("" if arrived else f"; {latency.missing} outcomes missing"),
+            flush=True,
+        )
+        return latency
+
+    async def triton(self, size: int, paths: Sequence[Path], rate: float | None) -> list[Run]:
+        """Ceiling B at each concurrency, or paced at `rate` (one result)."""
+        tag = self._tag("triton" if rate is None else "triton-paced", size)
+        out = self._workdir / f"{tag}.json"
+        log_path = self._workdir / f"{tag}.log"
+        command = [*LOOPS, "triton", "--images", *map(str, paths), "--json", str(out)]
+        command += ["--triton-pid", str(self._state.triton_pid)]
+        if rate is None:
+            command += ["--seconds", str(self._args.triton_seconds), "--levels"]
+            command += [str(c) for c in self._args.triton_in_flight]
+        else:
+            command += ["--seconds", str(self._args.paced_seconds), "--rate", str(rate)]
+        print(f"  {tag}", flush=True)
+        child = start_child(command, self._settings(tag, "unused", {}), log_path)
+        try:
+            exit_code = await asyncio.to_thread(child.wait, 300)
+        finally:
+            with uninterrupted():
+                stop_child(child)
+        if exit_code != 0:
+            raise BenchmarkFailed(f"{tag} exited with {exit_code}:\n{tail(log_path)}")
+        runs = []
+        for level in json.loads(out.read_text()):
+            requests = level["requests"]
+            runs.append(
+                Run(
+                    mode="triton",
+                    size=size,
+                    overrides={},
+                    in_flight=level["in_flight"],
+                    events=requests,
+                    seconds=level["seconds"],
+                    events_per_s=level["per_s"],
+                    cpu_s_per_1000=1000 * level["cpu_s"] / requests,
+                    triton_cpu_s_per_1000=1000 * level["triton_cpu_s"] / requests,
+                    broker_cpu_s_per_1000=math.nan,
+                    others_percent=math.nan,
+                    peak_rss_mib=level["peak_rss_bytes"] / MiB,
+                    latency=Latency(
+                        offered_per_s=rate,
+                        events=requests,
+                        p50_ms=level["p50_ms"],
+                        p95_ms=level["p95_ms"],
+                        p99_ms=level["p99_ms"],
+                        seen_p99_ms=math.nan,
+                        model_ms=math.nan,
+                        missing=0,
+                    )
+                    if rate is not None
+                    else None,
+                )
+            )
+            print(f"    {level['in_flight']} in flight: {level['per_s']:.0f}/s", flush=True)
+        return runs
+
+
+def _triton_counts(state: stack.StackState) -> tuple[float, float]:
+    """Requests Triton's guard answered, and the model executions (batches) that did it."""
+    return (
+        triton_metric(state, "nv_inference_request_success"),
+        triton_metric(state, "nv_inference_exec_count"),
+    )
+
+
+async def _paced(
+    producer: AIOKafkaProducer, topic: str, records: Iterator[Outgoing], rate: float
+) -> dict[bytes, int]:
+    """Publish at a fixed rate, by the clock (a late send does not delay the next ones); each
+    record's timestamp, set here so that it is known exactly."""
+    sent: dict[bytes, int] = {}
+    deliveries = []
+    started = time.monotonic()
+    for i, record in enumerate(records):
+        await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+        timestamp_ms = round(time.time() * 1000)
+        deliveries.append(
+            await producer.send(
+                topic,
+                record.value,
+                record.key,
+                headers=record.headers,
+                timestamp_ms=timestamp_ms,
+            )
+        )
+        sent[record.key] = timestamp_ms
+    await asyncio.gather(*deliveries)
+    return sent
+
+
+async def _benchmark(
+    args: argparse.Namespace, state: stack.StackState, workdir: Path
+) -> list[SizeResult]:
+    bench = Bench(args, state, workdir)
+    extra = dict(item.split("=", 1) for item in args.set)
+    extra = {k.upper().removeprefix("GUARDSTREAM_"): v for k, v in extra.items()}
+    results = []
+    for size, backlog_events in zip(args.sizes, args.events, strict=True):
+        images = await asyncio.to_thread(bench_images, size)
+        paths = []
+        for i, image in enumerate(images):
+            paths.append(workdir / f"{size // 1000}k-{i}.jpg")
+            paths[-1].write_bytes(image)
+        backlog = f"images-{size // 1000}k"
+        await stack.create_topics(state.bootstrap_servers, [backlog], args.partitions)
+        events = Events(images, secrets.token_hex(4))
+        print(
+            f"{size // 1000} KB JPEGs ({', '.join(str(len(i)) for i in images)} B): "
+            f"publishing {backlog_events} events to {backlog!r} ...",
+            flush=True,
+        )
+        started = time.monotonic()
+        sent, total = await publish(
+            state.bootstrap_servers, backlog, events.take(backlog_events), idempotent=False
+        )
+        result = SizeResult(
+            size=size,
+            image_bytes=[len(i) for i in images],
+            record_bytes_mean=total / sent,
+            backlog=sent,
+            publish_s=time.monotonic() - started,
+        )
+        results.append(result)
+        for mode in ("kafka", "naive"):
+            if mode in args.modes:
+                result.runs.append(await bench.throughput(mode, size, backlog, sent, {}))
+        if "guardstream" in args.modes:
+            for in_flight in args.in_flight:
+                overrides = (
+                    {}
+                    if in_flight == DEFAULT_IN_FLIGHT
+                    else {"MAX_IN_FLIGHT": str(in_flight), **extra}
+                )
+                result.runs.append(
+                    await bench.throughput("guardstream", size, backlog, sent, overrides)
+                )
+        if "triton" in args.modes:
+            result.triton_levels = await bench.triton(size, paths, None)
+            best_b = max(result.triton_levels, key=lambda r: r.events_per_s)
+            result.runs.append(best_b)
+        if args.paced_seconds > 0:
+            await _latencies(bench, result, images, paths)
+    return results
+
+
+async def _latencies(
+    bench: Bench, result: SizeResult, images: Sequence[bytes], paths: Sequence[Path]
+) -> None:
+    """Each table row's latency at half its own throughput."""
+    rows = [result.find("kafka"), result.find("naive"), result.defaults(), result.best()]
+    for i, run in enumerate(rows):
+        if run is None or any(run is other for other in rows[:i]):
+            continue  # the defaults may be the best too
+        latency = await bench.latency(run, images, run.events_per_s / 2)
+        result.runs[result.runs.index(run)] = replace(run, latency=latency)
+    b = result.find("triton")
+    if b is not None:
+        paced = (await bench.triton(result.size, paths, b.events_per_s / 2))[0]
+        result.runs[result.runs.index(b)] = replace(b, latency=paced.latency)
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def report(results: Sequence[SizeResult], wall_s: float) -> str:
+    parts = []
+    for result in results:
+        parts.append(_size_table(result))
+    parts.append(_scaling_table(results))
+    if any(r.triton_levels for r in results):
+        parts.append(_triton_table(results))
+    parts.append(f"benchmark wall time {wall_s:.0f} s")
+    return "\n\n".join(parts)
+
+
+def _size_table(result: SizeResult) -> str:
+    a, b, baseline = result.find("kafka"), result.find("triton"), result.find("naive")
+    defaults, best = result.defaults(), result.best()
+    rows: list[Run] = [r for r in (a, b, baseline, defaults) if r is not None]
+    if best is not None and best is not defaults:
+        rows.append(best)
+    lines = [
+        [
+            run.label + (" (best)" if run is best else ""),
+            number(run.events_per_s),
+            *(
+                number(getattr(run.latency, name) if run.latency else None, 1)
+                for name in ("p50_ms", "p95_ms", "p99_ms")
+            ),
+            number(run.cpu_s_per_1000, 2),
+            number(run.triton_cpu_s_per_1000, 2),
+            number(run.peak_rss_mib),
+            number(run.others_percent),
+            str(run.events),
+        ]
+        for run in rows
+    ]
+    header = [
+        f"{result.size // 1000} KB JPEGs",
+        "events/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "CPU s/1000 ev",
+        "Triton CPU s/1000",
+        "peak RSS MiB",
+        "others %",
+        "events",
+    ]
+    limit = ceiling([r.events_per_s for r in (a, b) if r is not None])
+    notes = [
+        f"backlog {result.backlog} events, {result.record_bytes_mean / 1000:.0f} KB per "
+        f"record (JPEGs of {', '.join(f'{n / 1000:.0f}' for n in result.image_bytes)} KB); "
+        "latency at half of each row's events/s"
+    ]
+    for run in (defaults, best if best is not defaults else None):
+        if run is None:
+            continue
+        baseline_rate = baseline.events_per_s if baseline else math.nan
+        notes.append(
+            f"{run.label}: {ratio(run.events_per_s, limit):.2f} x min(A, B), "
+            f"{ratio(run.events_per_s, baseline_rate):.1f} x baseline"
+            + (
+                f"; p99 at half its throughput {run.latency.p99_ms:.1f} ms, "
+                f"minus the model's {run.latency.model_ms:.2f} ms"
+                if run.latency
+                else ""
+            )
+        )
+    return markdown_table(header, lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def _scaling_table(results: Sequence[SizeResult]) -> str:
+    levels = sorted({r.in_flight for s in results for r in s.guardstream() if r.in_flight})
+    header = ["in flight"]
+    for s in results:
+        kb = f"{s.size // 1000} KB"
+        header += [f"{kb} events/s", f"{kb} CPU s/1000", f"{kb} peak RSS MiB", f"{kb} batch"]
+    rows = []
+    for level in levels:
+        row = [str(level)]
+        for s in results:
+            run = next((r for r in s.guardstream() if r.in_flight == level), None)
+            row += [
+                number(run.events_per_s if run else None),
+                number(run.cpu_s_per_1000 if run else None, 2),
+                number(run.peak_rss_mib if run else None),
+                number(run.triton_batch_mean if run else None, 1),
+            ]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def _triton_table(results: Sequence[SizeResult]) -> str:
+    header = ["ceiling B, in flight"]
+    for s in results:
+        kb = f"{s.size // 1000} KB"
+        header += [f"{kb} requests/s", f"{kb} client CPU s/1000", f"{kb} Triton CPU s/1000"]
+    levels = sorted({r.in_flight for s in results for r in s.triton_levels if r.in_flight})
+    rows = []
+    for level in levels:
+        row = [str(level)]
+        for s in results:
+            run = next((r for r in s.triton_levels if r.in_flight == level), None)
+            row += [
+                number(run.events_per_s if run else None),
+                number(run.cpu_s_per_1000 if run else None, 2),
+                number(run.triton_cpu_s_per_1000 if run else None, 2),
+            ]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

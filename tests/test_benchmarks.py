@@ -1,0 +1,162 @@
+"""The throughput benchmark: its arithmetic, its inputs, and one tiny run so that it cannot rot.
+
+The benchmark itself (`make bench`) takes minutes and its figures are read by people; here it
+runs on a few hundred events with the service alone, and only its machinery is checked, never
+its timings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from skimage import data as photos
+
+from service.events import EventLimits, parse_event
+from tests.benchmarks import throughput
+from tests.benchmarks.report import (
+    ceiling,
+    latencies_ms,
+    markdown_table,
+    number,
+    percentiles,
+    ratio,
+)
+from tests.benchmarks.throughput import Events, Latency, Run, SizeResult, jpeg_of_size
+
+
+@given(
+    st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=50),
+    st.lists(st.floats(0, 100), min_size=1, max_size=5),
+)
+def test_percentiles_interpolate_between_ranks_like_numpy(
+    values: list[float], wanted: list[float]
+) -> None:
+    expected = np.percentile(np.array(values), wanted)
+    assert percentiles(values, wanted) == pytest.approx(list(expected), rel=1e-9, abs=1e-6)
+
+
+def test_percentiles_of_nothing_are_unknown_and_out_of_range_is_refused() -> None:
+    assert all(math.isnan(p) for p in percentiles([], (50, 99)))
+    assert percentiles([3.0, 1.0, 2.0], (0, 50, 100)) == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        percentiles([1.0], (101,))
+
+
+def test_latency_is_each_sent_keys_first_outcome_minus_its_send_time() -> None:
+    sent = {b"a": 1000, b"b": 1010}
+    outputs = [(b"a", 1004), (b"x", 1005), (None, 1006), (b"b", 1019), (b"a", 1500)]
+    # b"x" was not sent in this run, None has no key, the second b"a" is a redelivery.
+    assert latencies_ms(sent, outputs) == [4.0, 9.0]
+
+
+def test_ratios_and_the_ceiling_say_unknown_rather_than_guess() -> None:
+    assert ratio(80, 100) == 0.8
+    assert math.isnan(ratio(80, 0))
+    assert math.isnan(ratio(math.nan, 100))
+    assert ceiling([600.0, 2900.0]) == 600.0
+    assert ceiling([math.nan, 2900.0]) == 2900.0
+    assert math.isnan(ceiling([]))
+    assert number(math.nan) == "-"
+    assert number(1234.5, 1) == "1,234.5"
+
+
+def test_markdown_table_aligns_number_columns_right() -> None:
+    assert markdown_table(["row", "events/s"], [["a", "1"], ["b", "22"]]) == (
+        "| row | events/s |\n| --- | ---: |\n| a | 1 |\n| b | 22 |"
+    )
+
+
+def test_images_are_jpegs_of_about_the_asked_size() -> None:
+    for target in (20_000, 60_000):
+        encoded = jpeg_of_size(photos.astronaut(), target)
+        assert encoded[:2] == b"\xff\xd8"
+        assert abs(len(encoded) - target) < 0.05 * target
+
+
+def test_events_are_valid_image_events_with_unique_ids_and_trace_context() -> None:
+    events = list(Events([b"\xff\xd8first", b"\xff\xd8second"], "run1").take(3))
+    limits = EventLimits(max_event_bytes=1 << 20, max_metadata_bytes=4096)
+    parsed = [parse_event(e.value, limits) for e in events]
+    assert [p.event_id for p in parsed] == [e.key.decode() for e in events]
+    assert len({p.event_id for p in parsed}) == 3
+    assert parsed[0].image != parsed[1].image
+    assert parsed[0].image == parsed[2].image
+    assert all(dict(e.headers)["traceparent"].startswith(b"00-") for e in events)
+
+
+def _run(mode: str, per_s: float, overrides: dict[str, str] | None = None) -> Run:
+    return Run(
+        mode=mode,
+        size=50_000,
+        overrides=overrides or {},
+        in_flight=int((overrides or {}).get("MAX_IN_FLIGHT", 64)) if mode == "guardstream" else 4,
+        events=1000,
+        seconds=10,
+        events_per_s=per_s,
+        cpu_s_per_1000=2.0,
+        triton_cpu_s_per_1000=1.0,
+        broker_cpu_s_per_1000=0.5,
+        others_percent=3,
+        peak_rss_mib=150,
+        latency=Latency(per_s / 2, 100, 4.0, 6.0, 9.5, 12.0, 0.5, 0),
+    )
+
+
+def test_report_has_every_row_the_ratios_and_the_scaling_table() -> None:
+    best = _run("guardstream", 480, {"MAX_IN_FLIGHT": "256"})
+    result = SizeResult(
+        size=50_000,
+        image_bytes=[50_000],
+        record_bytes_mean=67_000,
+        backlog=6000,
+        publish_s=2,
+        runs=[
+            _run("kafka", 3000),
+            _run("triton", 600),
+            _run("naive", 60),
+            _run("guardstream", 400),
+            best,
+        ],
+        triton_levels=[_run("triton", 600)],
+    )
+    text = throughput.report([result], wall_s=123)
+    for row in (
+        "ceiling A: aiokafka loop",
+        "ceiling B: tritonclient loop, 4 in flight",
+        "baseline: naive loop",
+        "guardstream defaults",
+        "guardstream max_in_flight=256 (best)",
+    ):
+        assert f"| {row} |" in text
+    # best: 480 / min(3000, 600) and 480 / 60; defaults: 400 / 600 and 400 / 60.
+    assert "guardstream max_in_flight=256: 0.80 x min(A, B), 8.0 x baseline" in text
+    assert "guardstream defaults: 0.67 x min(A, B), 6.7 x baseline" in text
+    assert "| 256 | 480 | 2.00 | 150 | - |" in text
+    assert "benchmark wall time 123 s" in text
+
+
+@pytest.mark.stack
+def test_the_benchmark_runs_on_a_few_hundred_events(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    argv = ["--sizes", "20000", "--events", "300", "--modes", "guardstream"]
+    argv += ["--in-flight", "64", "--paced-seconds", "1", "--json", str(out)]
+    assert throughput.main(argv) == 0
+    document = json.loads(out.read_text())
+    (size,) = document["sizes"]
+    runs = {run["mode"] + ("-paced" if run["latency"] else ""): run for run in size["runs"]}
+    assert set(runs) == {"guardstream-paced"}
+    for run in runs.values():
+        assert run["events"] > 0
+        assert run["events_per_s"] > 0
+        assert run["exit_code"] == 0
+        assert run["dead_letters"] == 0
+        assert run["peak_rss_mib"] > 0
+        assert run["cpu_s_per_1000"] > 0
+        assert run["latency"]["missing"] == 0
+        assert run["latency"]["p99_ms"] >= 0

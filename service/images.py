@@ -128,13 +128,14 @@ def decode_image(encoded: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageDecodeFailed(f"{image.format} image could not be decoded: {exc}") from None
     oriented, turned = _orient(image)
     width, height = (declared[1], declared[0]) if turned else declared
-    first = _downscaled_rgb(oriented, limits)
     frame_count = getattr(image, "n_frames", 1) if limits.frames > 1 else 1
     frames = sample_frames(frame_count, limits.frames, declared, limits.max_image_pixels)
+    image_format = str(image.format)
+    first = _downscaled_rgb(oriented, limits, keep=len(frames) > 1)
     more = tuple(_frame(image, index, limits) for index in frames[1:])
     return DecodedImage(
         pixels=first,
-        format=str(image.format),
+        format=image_format,
         width=width,
         height=height,
         sha256=hashlib.sha256(encoded).hexdigest(),
@@ -166,15 +167,18 @@ def _frame(image: Image.Image, index: int, limits: ImageLimits) -> npt.NDArray[n
         image.load()
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
         raise ImageDecodeFailed(f"frame {index} could not be decoded: {exc}") from None
-    return _downscaled_rgb(_orient(image)[0], limits)
+    return _downscaled_rgb(_orient(image)[0], limits, keep=True)
 
 
-def _downscaled_rgb(image: Image.Image, limits: ImageLimits) -> npt.NDArray[np.uint8]:
-    """RGB, downscaled to the resize side, as a C-contiguous array; `image` is left as it is."""
+def _downscaled_rgb(
+    image: Image.Image, limits: ImageLimits, *, keep: bool
+) -> npt.NDArray[np.uint8]:
+    """RGB, downscaled to the resize side, as a C-contiguous array. `keep`: `image` must stay
+    as it is (more frames are read from it); otherwise it may be resized in place."""
     rgb = _to_rgb(image)
     if max(rgb.size) > limits.resize_side:
-        if rgb is image:
-            rgb = rgb.copy()  # thumbnail resizes in place, and more frames may follow
+        if rgb is image and keep:
+            rgb = rgb.copy()  # thumbnail resizes in place
         rgb.thumbnail((limits.resize_side, limits.resize_side), Image.Resampling.BICUBIC)
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 

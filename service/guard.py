@@ -276,6 +276,8 @@ class GuardClient:
         return None
 
     async def _served_model(self, timeout_s: float) -> ServedModel:
+        if self._served is not None:  # every request asks: no lock once it is known
+            return self._served
         # One reading for all the requests that find it missing, not one each.
         async with self._describing:
             if self._served is None:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service import contract, stack
+from service import contract
+from service.adapters.kafka.delivery import PublishFailed
 from service.config import ENV_PREFIX, Settings
-from service.delivery import PublishFailed
-from service.errors import GuardstreamError
-from service.logs import setup_logging
+from service.core.errors import GuardstreamError
+from service.dev import stack
+from service.ops.logs import setup_logging
 
 log = logging.getLogger("service")
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stack":
         return stack_command(args)
     if args.command == "demo":
-        from service.demo import run_demo
+        from service.dev.demo import run_demo
 
         return run_demo(stack_config(args), keep_stack=args.keep_stack)
     if args.command == "schemas":
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(settings: Settings) -> int:
     from service.app import serve
-    from service.tracing import setup_tracing
+    from service.ops.tracing import setup_tracing
 
     provider = setup_tracing()
 

@@ -11,18 +11,18 @@ from importlib.metadata import version
 from aiokafka.errors import KafkaError
 from opentelemetry.trace import Tracer
 
-from service.breaker import Breaker
+from service.adapters.fetch import Fetcher, FetchLimits, parse_allowed_hosts, parse_allowed_networks
+from service.adapters.kafka.consumer import ModerationConsumer
+from service.adapters.triton import GuardClient, Sampling
 from service.config import Settings
-from service.events import EventLimits
-from service.fetch import Fetcher, FetchLimits, parse_allowed_hosts, parse_allowed_networks
-from service.guard import GuardClient, Sampling
-from service.health import Check, HealthServer
-from service.images import ImageLimits, use_pixel_limit
-from service.kafka import ModerationConsumer
-from service.metrics import Metrics
-from service.pipeline import Pipeline, PipelineLimits, Retry
-from service.policies import PolicyRegistry
-from service.tracing import describe_exporter, get_tracer
+from service.core.breaker import Breaker
+from service.core.events import EventLimits
+from service.core.images import ImageLimits, use_pixel_limit
+from service.core.pipeline import Pipeline, PipelineLimits, Retry
+from service.core.policies import PolicyRegistry
+from service.ops.health import Check, HealthServer
+from service.ops.metrics import Metrics
+from service.ops.tracing import describe_exporter, get_tracer
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from aiokafka.structs import RecordMetadata
 from opentelemetry.trace import SpanKind
 from pydantic import JsonValue
 
-from service.events import ImageEvent, ImageUrl, InlineImage
-from service.tracing import get_tracer, inject
+from service.core.events import ImageEvent, ImageUrl, InlineImage
+from service.ops.tracing import get_tracer, inject
 
 
 def image_event(

@@ -2,7 +2,7 @@
 
 `python -m service --help` prints this table from the field descriptions below, so the
 descriptions are the documentation. OpenTelemetry reads its own standard `OTEL_*` variables
-(see `service.tracing`).
+(see `service.ops.tracing`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from aiokafka.helpers import create_ssl_context
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.fetch import parse_allowed_networks
+from service.adapters.fetch import parse_allowed_networks
 
 ENV_PREFIX = "GUARDSTREAM_"
 MiB = 1024 * 1024
@@ -225,7 +225,7 @@ class Settings(BaseSettings):
         2, ge=1, le=64, description="Threads that decode images off the event loop."
     )
 
-    # Fetching image.url (SSRF defence: see service/fetch.py)
+    # Fetching image.url (SSRF defence: see service/adapters/fetch.py)
     fetch_urls: bool = Field(
         True,
         description="Fetch `image.url` events; false dead-letters them as url_not_supported.",

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from service.events import ImageEvent
-from service.policies import Policy, PolicyRegistry
-from service.verdicts import DeadLetter, Verdict
+from service.core.events import ImageEvent
+from service.core.policies import Policy, PolicyRegistry
+from service.core.verdicts import DeadLetter, Verdict
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 _BASE_ID = "https://guardstream.dev/schemas/"

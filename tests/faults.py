@@ -1,7 +1,7 @@
 """Fault-injection harness: a stack to break, consumers to kill, and an exact count of outcomes.
 
 A scenario runs real processes only: the Kafka-protocol broker and tritonserver of
-`service.stack` (each in its own process group, so one signal reaches every process of it) and
+`service.dev.stack` (each in its own process group, so one signal reaches every process of it) and
 one or more `python -m service run` children. It produces events, breaks something, waits until
 every event has an outcome, and counts by `event_id` what the service delivered:
 
@@ -50,8 +50,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from PIL import Image
 
-from service import stack
 from service.client import encode_event, image_event
+from service.dev import stack
 from tests.conftest import Topics, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ def _tail(path: Path, lines: int) -> str:
 class FaultStack:
     """A broker and a Triton of our own, on free ports, that a test may kill, pause and restart.
 
-    Built on `service.stack` (the same start-up code as `python -m service stack up`), but it
+    Built on `service.dev.stack` (the same start-up code as `python -m service stack up`), but it
     keeps the `Popen` of each server, so it can signal and reap them itself. The broker's data
     directory and both ports stay the same across restarts, so clients reconnect to the same
     address and the broker finds its data again. Starting is blocking code (it polls ports and
@@ -374,7 +374,7 @@ def service_env(
         "GUARDSTREAM_GROUP_ID": topics.group,
         "GUARDSTREAM_CLIENT_ID": f"guardstream-{name}",
         "GUARDSTREAM_DELIVERY": delivery,
-        # Tansu refuses idempotent producers (see service/stack.py).
+        # Tansu refuses idempotent producers (see service/dev/stack.py).
         "GUARDSTREAM_ENABLE_IDEMPOTENCE": str(fault_stack.config.broker != "tansu").lower(),
         "GUARDSTREAM_GUARD_STARTUP_TIMEOUT_S": "60",
         # Several consumers on one machine: each health/metrics server on a port of its own.
@@ -601,7 +601,7 @@ async def produce(
 
 
 def is_dead_letter(outcome: Mapping[str, Any]) -> bool:
-    """Dead letters carry `error`; verdicts carry `rating` (see `service/verdicts.py`)."""
+    """Dead letters carry `error`; verdicts carry `rating` (see `service/core/verdicts.py`)."""
     return "error" in outcome
 
 

@@ -15,8 +15,9 @@ The servers the URL cases point at run on loopback in the test's own event loop:
   images, error statuses, redirect chains, slow-loris and endless bodies, huge lengths.
 - `RawServer` (asyncio, 127.0.0.2) misbehaves below HTTP: silence, dripped headers, garbage.
 
-The expected codes follow `service/events.py`, `service/images.py` and `service/fetch.py` under
-the limits in `LIMITS`; a case whose code depends on a limit says so in its name.
+The expected codes follow `service/core/events.py`, `service/core/images.py` and
+`service/adapters/fetch.py` under the limits in `LIMITS`; a case whose code depends on a limit
+says so in its name.
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from service import stack
-from service.errors import GuardError
-from service.guard import GuardClient, Sampling
-from service.policies import ModelIdentity, PolicyRegistry, parse_answer
+from service.adapters.triton import GuardClient, Sampling
+from service.core.errors import GuardError
+from service.core.policies import ModelIdentity, PolicyRegistry, parse_answer
+from service.dev import stack
 from tests.conftest import free_port
 
 MODELS = Path(__file__).resolve().parents[1] / "triton_models"

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from skimage import data as photos
 
-from service.events import EventLimits, parse_event
+from service.core.events import EventLimits, parse_event
 from tests.benchmarks import throughput
 from tests.benchmarks.report import (
     ceiling,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.breaker import Breaker
+from service.core.breaker import Breaker
 
 
 class Probe:

@@ -13,10 +13,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service import stack
 from service.client import ImageEventProducer, image_event
 from service.config import Settings
-from service.samples import all_samples, photo_bytes
+from service.dev import stack
+from service.dev.samples import all_samples, photo_bytes
 from tests.conftest import Topics, free_port
 from tests.outputs import collect, committed_offsets
 

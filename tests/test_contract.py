@@ -15,11 +15,10 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from service import contract
-from service.errors import EventTooLarge, InvalidEvent, InvalidJson
-from service.events import EventLimits, parse_event
-from service.policies import PolicyRegistry, parse_answer
-from service.samples import all_samples
-from service.verdicts import (
+from service.core.errors import EventTooLarge, InvalidEvent, InvalidJson
+from service.core.events import EventLimits, parse_event
+from service.core.policies import PolicyRegistry, parse_answer
+from service.core.verdicts import (
     DeadLetter,
     DeadLetterError,
     ModelInfo,
@@ -29,6 +28,7 @@ from service.verdicts import (
     describe_headers,
     serialize,
 )
+from service.dev.samples import all_samples
 
 LIMITS = EventLimits(max_event_bytes=12 << 20, max_metadata_bytes=4096)
 

@@ -21,10 +21,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from service import stack
 from service.app import serve
 from service.client import ImageEventProducer
-from service.samples import PHOTOS, Sample, all_samples, event_sample, photo_bytes
+from service.dev import stack
+from service.dev.samples import PHOTOS, Sample, all_samples, event_sample, photo_bytes
 from tests.conftest import Topics
 from tests.outputs import collect, committed_offsets
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import EventTooLarge, InvalidEvent, InvalidJson
-from service.events import (
+from service.core.errors import EventTooLarge, InvalidEvent, InvalidJson
+from service.core.events import (
     EventLimits,
     ImageEvent,
     ImageUrl,

@@ -13,8 +13,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import FetchFailed, FetchTimeout, ImageTooLarge, UrlForbidden
-from service.fetch import (
+from service.adapters.fetch import (
     Fetcher,
     FetchLimits,
     IPAddress,
@@ -22,8 +21,9 @@ from service.fetch import (
     check_url,
     parse_allowed_hosts,
     parse_allowed_networks,
-    shown_url,
 )
+from service.core.errors import FetchFailed, FetchTimeout, ImageTooLarge, UrlForbidden
+from service.core.events import shown_url
 
 LIMITS = FetchLimits(max_bytes=10_000)
 

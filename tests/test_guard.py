@@ -9,12 +9,9 @@ import pytest
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from service import stack
-from service.errors import GuardError, GuardUnavailable
-from service.guard import (
+from service.adapters.triton import (
     GuardClient,
     Sampling,
-    ServedModel,
     Tensor,
     classify_triton_error,
     describe_served_model,
@@ -22,7 +19,10 @@ from service.guard import (
     request_tensors,
     serialize_request,
 )
-from service.guard import read_text_output as read_text
+from service.adapters.triton import read_text_output as read_text
+from service.core.errors import GuardError, GuardUnavailable
+from service.core.guard import ServedModel
+from service.dev import stack
 from tests.conftest import free_port
 
 SAMPLING = Sampling(max_tokens=500, temperature=0.2, top_p=0.95, top_k=50)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.policies import PolicyRegistry, parse_answer
+from service.core.policies import PolicyRegistry, parse_answer
 from triton_models.common import guard_answer as ga
 
 DEFAULT = ga.compile_decision_pattern(ga.DECISION_PATTERN)

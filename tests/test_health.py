@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.health import Check, HealthServer
-from service.metrics import Metrics
+from service.ops.health import Check, HealthServer
+from service.ops.metrics import Metrics
 
 ALL_OK = {
     "partitions": Check(ok=True, detail="waiting for an assignment"),
@@ -114,7 +114,7 @@ async def test_a_source_that_raises_is_not_ready_rather_than_a_500(
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="service.health")
+    caplog.set_level(logging.DEBUG, logger="service.ops.health")
     source.error = RuntimeError("consumer not started")
     async with http.get(url(server, "/readyz")) as response:
         assert response.status == 503
@@ -158,7 +158,7 @@ async def test_readiness_changes_are_logged_once_each(
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="service.health")
+    caplog.set_level(logging.INFO, logger="service.ops.health")
     source.checks = {**ALL_OK, "breaker": Check(ok=False, detail="open for 12s")}
     for _ in range(3):
         async with http.get(url(server, "/readyz")):

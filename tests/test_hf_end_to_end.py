@@ -18,10 +18,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from service import stack
 from service.app import serve
 from service.client import ImageEventProducer
-from service.samples import photo_bytes
+from service.dev import stack
+from service.dev.samples import photo_bytes
 from tests import tiny_llava
 from tests.conftest import Topics
 from tests.outputs import collect, committed_offsets

@@ -29,9 +29,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import InferInput, model_config_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from service.errors import GuardError
-from service.guard import GuardClient, Sampling, read_rating_log_prob
-from service.policies import PolicyRegistry, parse_answer
+from service.adapters.triton import GuardClient, Sampling, read_rating_log_prob
+from service.core.errors import GuardError
+from service.core.policies import PolicyRegistry, parse_answer
 from tests import tiny_llava
 from triton_models.common.guard_answer import DECISION_PATTERN
 

@@ -25,9 +25,9 @@ from aiokafka import AIOKafkaProducer
 from PIL import Image
 from yarl import URL
 
-from service import stack
 from service.app import serve
 from service.client import encode_event, image_event
+from service.dev import stack
 from tests.conftest import Topics
 from tests.hostile import (
     ALLOWED_HOST,

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import UnparseableModelOutput
-from service.policies import (
+from service.core.errors import UnparseableModelOutput
+from service.core.policies import (
     MAX_ANSWER_BYTES,
     Assessment,
     Category,
@@ -29,7 +29,7 @@ from service.policies import (
     YesNoAnswers,
     parse_answer,
 )
-from service.verdicts import DeadLetter, Verdict
+from service.core.verdicts import DeadLetter, Verdict
 from tests.test_pipeline import ScriptedGuard, event_record, judge
 
 POLICY = PolicyRegistry.load().get("icm-assistant")

@@ -22,8 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import GifImagePlugin, Image, ImageFile
 
-from service.errors import ImageDecodeFailed, ImageTooLarge, InvalidEvent, UnsupportedImageFormat
-from service.images import (
+from service.core.errors import (
+    ImageDecodeFailed,
+    ImageTooLarge,
+    InvalidEvent,
+    UnsupportedImageFormat,
+)
+from service.core.images import (
     ALLOWED_FORMATS,
     DecodedImage,
     ImageLimits,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from service.logs import HUMAN_FORMAT, JsonFormatter, setup_logging
+from service.ops.logs import HUMAN_FORMAT, JsonFormatter, setup_logging
 
 log = logging.getLogger("service.test_logs")
 

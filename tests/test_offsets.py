@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.offsets import PartitionOffsets
+from service.adapters.kafka.offsets import PartitionOffsets
 
 
 def test_nothing_is_committable_before_the_first_record_finishes() -> None:

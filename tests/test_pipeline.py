@@ -20,17 +20,17 @@ from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 from PIL import Image
 
+from service.adapters.fetch import Fetcher, FetchLimits, IPAddress, parse_allowed_networks
 from service.app import limits_from
-from service.breaker import Breaker
 from service.client import encode_event, image_event
 from service.config import Settings
-from service.errors import GuardError, GuardUnavailable
-from service.fetch import Fetcher, FetchLimits, IPAddress, parse_allowed_networks
-from service.guard import GuardReply, ServedModel
-from service.metrics import Metrics
-from service.pipeline import Outcome, Pipeline, Record, Retry
-from service.policies import PolicyRegistry
-from service.verdicts import DeadLetter, Verdict, serialize
+from service.core.breaker import Breaker
+from service.core.errors import GuardError, GuardUnavailable
+from service.core.guard import GuardReply, ServedModel
+from service.core.pipeline import Outcome, Pipeline, Record, Retry
+from service.core.policies import PolicyRegistry
+from service.core.verdicts import DeadLetter, Verdict, serialize
+from service.ops.metrics import Metrics
 
 SAFE = json.dumps({"rating": "Safe", "category": "NA: None applying", "rationale": "a cat"})
 

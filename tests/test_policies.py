@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import UnknownPolicy, UnparseableModelOutput
-from service.policies import (
+from service.core.errors import UnknownPolicy, UnparseableModelOutput
+from service.core.policies import (
     MAX_ANSWER_BYTES,
     Assessment,
     Category,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiokafka import TopicPartition
 
-from service.kafka import Window
-from service.metrics import Metrics
+from service.adapters.kafka.consumer import Window
+from service.ops.metrics import Metrics
 
 TP0 = TopicPartition("images", 0)
 TP1 = TopicPartition("images", 1)

@@ -60,8 +60,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from service import stack
-from service.policies import PolicyRegistry
+from service.core.policies import PolicyRegistry
+from service.dev import stack
 from tests.conftest import free_port
 from triton_models.common import guard_answer
 from triton_models.fill import fill

@@ -5,8 +5,8 @@
 
 Standard library plus numpy and Pillow (both in the Triton TensorRT-LLM image), so it runs where
 tritonserver runs; it speaks Triton's HTTP/REST protocol with the binary tensor extension and
-sends exactly the consumer's request (service/guard.py): the policy prompt, one decoded RGB image
-of at most --max-side pixels, max_tokens and the consumer's default sampling.
+sends exactly the consumer's request (service/adapters/triton.py): the policy prompt, one
+decoded RGB image of at most --max-side pixels, max_tokens and the consumer's default sampling.
 
 Checks, each failing the run (exit 1):
 - the model is ready and declares the consumer's contract; `rating_log_prob` when declared;

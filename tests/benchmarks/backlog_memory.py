@@ -44,8 +44,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from PIL import Image
 
-from service import stack
 from service.client import encode_event, image_event
+from service.dev import stack
 from tests.benchmarks.harness import (
     BENCH_DIR,
     SERVICE_COMMAND,

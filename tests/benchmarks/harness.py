@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import RecordMetadata
 
-from service import stack
+from service.dev import stack
 
 BENCH_MODELS = stack.REPO_ROOT / "triton_models" / "bench"
 BENCH_DIR = stack.REPO_ROOT / ".guardstream" / "bench"

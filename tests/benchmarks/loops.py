@@ -40,15 +40,15 @@ import tritonclient.grpc.aio as triton_aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
+from service.adapters.kafka.consumer import record_from
+from service.adapters.triton import TEXT_OUTPUT, Tensor, request_tensors
 from service.app import breaker_from, guard_from, limits_from, pipeline_from, sampling_from
 from service.config import Settings
-from service.guard import TEXT_OUTPUT, Tensor, request_tensors
-from service.images import decode_image, use_pixel_limit
-from service.kafka import record_from
-from service.metrics import Metrics
-from service.policies import PolicyRegistry
-from service.tracing import get_tracer, setup_tracing
-from service.verdicts import DeadLetter, serialize
+from service.core.images import decode_image, use_pixel_limit
+from service.core.policies import PolicyRegistry
+from service.core.verdicts import DeadLetter, serialize
+from service.ops.metrics import Metrics
+from service.ops.tracing import get_tracer, setup_tracing
 from tests.benchmarks.harness import cpu_seconds, process_tree
 from tests.benchmarks.report import percentiles
 

@@ -53,8 +53,8 @@ from aiokafka import AIOKafkaProducer
 from PIL import Image
 from skimage import data as photos
 
-from service import stack
 from service.client import encode_event, image_event
+from service.dev import stack
 from tests.benchmarks.harness import (
     BENCH_DIR,
     SERVICE_COMMAND,

@@ -21,7 +21,7 @@ DECISION_PATTERN = r"""(?i)["']rating["']\s*:\s*["']\s*([^\s"'])|^[\W_]*(yes|no)
 """The decisive character is where the first non-None group of the first match starts.
 
 - LlavaGuard JSON: the first character of the "rating" value, `S` of `"rating": "Safe"` or `U` of
-  `"Unsafe"`. Key case and quote style are free, as `service.policies.parse_answer` reads them.
+  `"Unsafe"`. Key case and quote style are free, as `service.core.policies.parse_answer` reads them.
 - ICM-Assistant: the leading Yes or No of the answer ("Yes, the image violates ..."), after
   the same lead-in `parse_answer` skips (whitespace, punctuation, markdown), in any case.
 

@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`python -m service demo`: the whole flow on the embedded stack, outcomes shown as they land.
 
 It runs the real service as a child process (`python -m service run`, exactly what a pod
-runs), publishes `service.samples` through the producer helper, and reads the verdicts and
+runs), publishes `service.dev.samples` through the producer helper, and reads the verdicts and
 dead-letters topics like any downstream consumer would.
 """
 
@@ -28,11 +28,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
-from service import stack
 from service.client import ImageEventProducer
 from service.config import Settings
-from service.samples import Sample, all_samples
-from service.tracing import one_line
+from service.dev import stack
+from service.dev.samples import Sample, all_samples
+from service.ops.tracing import one_line
 
 _COLUMNS = (("event", 22), ("outcome", 11), ("rating / code", 26), ("ms", 5), ("detail", 90))
 

@@ -1,6 +1,7 @@
 """Getting outcomes to the broker and offsets committed: at least once, or exactly once.
 
-`service.kafka` judges records concurrently and hands each outcome to a `Delivery`:
+`service.adapters.kafka.consumer` judges records concurrently and hands each outcome to a
+`Delivery`:
 
 - `AtLeastOnce` publishes it at once with an idempotent producer and reports it finished when
   the broker acknowledges it; offsets are committed by the consumer afterwards, so a crash
@@ -44,10 +45,10 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Tracer
 
 from service.config import Settings
-from service.metrics import Metrics
-from service.pipeline import Outcome
-from service.tracing import inject
-from service.verdicts import DeadLetter
+from service.core.pipeline import Outcome
+from service.core.verdicts import DeadLetter
+from service.ops.metrics import Metrics
+from service.ops.tracing import inject
 
 log = logging.getLogger(__name__)
 

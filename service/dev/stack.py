@@ -35,7 +35,7 @@ from typing import Literal
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "cpu"
 DEFAULT_STATE_DIR = REPO_ROOT / ".guardstream" / "stack"
 DEFAULT_TOPICS = ("images", "verdicts", "images.dlq")

@@ -2,9 +2,9 @@
 
 A line looks like
 
-    {"time": "2026-11-22T10:00:00.123Z", "level": "INFO", "logger": "service.kafka",
-     "message": "partitions assigned: images[0]", "trace_id": "4bf9…", "span_id": "00f0…",
-     "partitions": 3}
+    {"time": "2026-11-22T10:00:00.123Z", "level": "INFO",
+     "logger": "service.adapters.kafka.consumer", "message": "partitions assigned: images[0]",
+     "trace_id": "4bf9…", "span_id": "00f0…", "partitions": 3}
 
 `trace_id` and `span_id` are there when the line is logged inside a valid span (so a log search
 finds every line of one event's trace); fields passed with `extra={...}` follow; `exception` holds

@@ -1,8 +1,9 @@
 """One record in, one outcome out: event → image → guard → verdict, or a dead letter.
 
 This is the whole moderation flow and the one place that decides between a verdict, a dead
-letter and a retry. It knows nothing of Kafka: `service.kafka` hands it a `Record` and
-publishes what it returns, so it runs in unit tests with a fake guard.
+letter and a retry. It knows nothing of Kafka, Triton or HTTP: `service.adapters.kafka.consumer`
+hands it a `Record` and publishes what it returns, and the guard and the fetcher are passed in
+(`service.core.guard.Guard`, `Fetcher`), so it runs in unit tests with fakes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,9 +24,9 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
-from service.breaker import Breaker
-from service.errors import DeadlineExceeded, GuardstreamError, UrlNotSupported
-from service.events import (
+from service.core.breaker import Breaker
+from service.core.errors import DeadlineExceeded, GuardstreamError, UrlNotSupported
+from service.core.events import (
     EventLimits,
     ImageEvent,
     ImageUrl,
@@ -35,14 +35,12 @@ from service.events import (
     is_raw_image,
     parse_event,
     parse_raw_event,
+    shown_url,
 )
-from service.fetch import Fetcher, shown_url
-from service.guard import GuardReply
-from service.images import DecodedImage, ImageLimits, decode_image, decode_inline
-from service.metrics import Metrics
-from service.policies import Assessment, Policy, PolicyRegistry, parse_answer
-from service.tracing import grpc_metadata, trace_id_of
-from service.verdicts import (
+from service.core.guard import Guard, GuardReply
+from service.core.images import DecodedImage, ImageLimits, decode_image, decode_inline
+from service.core.policies import Assessment, Policy, PolicyRegistry, parse_answer
+from service.core.verdicts import (
     DeadLetter,
     DeadLetterError,
     ModelInfo,
@@ -52,6 +50,8 @@ from service.verdicts import (
     describe_headers,
     keep_original,
 )
+from service.ops.metrics import Metrics
+from service.ops.tracing import grpc_metadata, trace_id_of
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,10 @@ class Record:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
-class Guard(Protocol):
-    async def ask(
-        self,
-        prompt: str,
-        pixels: npt.NDArray[np.uint8],
-        headers: Mapping[str, str] | None = None,
-    ) -> GuardReply: ...
+class Fetcher(Protocol):
+    async def fetch(self, url: str) -> bytes:
+        """The bytes at `url`, or a GuardstreamError that says why not."""
+        ...
 
 
 @dataclass(frozen=True)

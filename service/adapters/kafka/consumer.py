@@ -6,8 +6,8 @@
    prefetched); while the guard breaker is open, or before `max_poll_interval_ms` runs out,
    every assigned partition is paused and polled, so the group does not evict the member.
 2. Each record is judged concurrently by `Pipeline.judge`, which always returns a verdict or a
-   dead letter, and handed to the `Delivery` (`service.delivery`): at least once publishes it
-   now, exactly once holds it for the next transaction.
+   dead letter, and handed to the `Delivery` (`service.adapters.kafka.delivery`): at least
+   once publishes it now, exactly once holds it for the next transaction.
 3. Every `commit_interval_ms`, each partition's offset is committed up to its first unfinished
    record (`PartitionOffsets`), by the consumer (at least once) or inside the transaction that
    publishes those outcomes (exactly once). Commits never pass unfinished work.
@@ -30,14 +30,14 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
-from service.breaker import Breaker
+from service.adapters.kafka.delivery import AtLeastOnce, Delivery, ExactlyOnce, Outgoing, describe
+from service.adapters.kafka.offsets import PartitionOffsets
 from service.config import Settings
-from service.delivery import AtLeastOnce, Delivery, ExactlyOnce, Outgoing, describe
-from service.metrics import Metrics
-from service.offsets import PartitionOffsets
-from service.pipeline import Pipeline, Record
-from service.tracing import extract
-from service.verdicts import DeadLetter, serialize
+from service.core.breaker import Breaker
+from service.core.pipeline import Pipeline, Record
+from service.core.verdicts import DeadLetter, serialize
+from service.ops.metrics import Metrics
+from service.ops.tracing import extract
 
 log = logging.getLogger(__name__)
 

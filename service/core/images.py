@@ -20,7 +20,12 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import ImageDecodeFailed, ImageTooLarge, InvalidEvent, UnsupportedImageFormat
+from service.core.errors import (
+    ImageDecodeFailed,
+    ImageTooLarge,
+    InvalidEvent,
+    UnsupportedImageFormat,
+)
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 

@@ -45,7 +45,8 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import InferenceServerException
 
-from service.errors import GuardError, GuardFailed, GuardUnavailable
+from service.core.errors import GuardError, GuardFailed, GuardUnavailable
+from service.core.guard import GuardReply, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +92,6 @@ class Sampling:
     seed: int | None = None
     end_id: int | None = None
     pad_id: int | None = None
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What Triton says of the model behind the name, read from its metadata and config."""
-
-    outputs: tuple[str, ...]
-    name: str | None = None
-    """The guard model's own name (`guard_model_name` parameter), when the config names it."""
-    version: str | None = None
-
-
-@dataclass(frozen=True)
-class GuardReply:
-    text: str
-    model_name: str
-    model_version: str
-    rating_log_prob: float | None = None
-    """Natural log of the probability of the rating's deciding token, when the model says."""
-    served: ServedModel | None = None
 
 
 def describe_served_model(metadata: Mapping[str, Any], config: Mapping[str, Any]) -> ServedModel:

@@ -38,8 +38,9 @@ from pydantic import (
     Tag,
     ValidationError,
 )
+from yarl import URL
 
-from service.errors import EventTooLarge, InvalidEvent, InvalidJson
+from service.core.errors import EventTooLarge, InvalidEvent, InvalidJson
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -242,3 +243,13 @@ def _location(loc: tuple[int | str, ...]) -> str:
     """A field path for a message: producers' keys may hold anything, logs must stay one line."""
     path = ".".join(str(part)[:64] for part in loc) or "<event>"
     return "".join(c if c.isprintable() else "?" for c in path)
+
+
+def shown_url(url: str | URL) -> str:
+    """A URL for messages and logs: scheme, host and path, never the query (signed URLs carry
+    credentials there)."""
+    try:
+        parsed = url if isinstance(url, URL) else URL(url)
+        return str(parsed.with_query(None).with_fragment(None).with_user(None))
+    except ValueError:
+        return "(invalid URL)"

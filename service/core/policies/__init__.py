@@ -37,7 +37,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from service.errors import UnknownPolicy, UnparseableModelOutput
+from service.core.errors import UnknownPolicy, UnparseableModelOutput
 
 ANSWER_FORMATS = ("llavaguard-json", "icm-yes-no")
 """Answer formats `parse_answer` can read; a policy file must name one of them."""

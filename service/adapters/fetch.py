@@ -32,7 +32,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from service.errors import FetchFailed, FetchTimeout, ImageTooLarge, UrlForbidden
+from service.core.errors import FetchFailed, FetchTimeout, ImageTooLarge, UrlForbidden
+from service.core.events import shown_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -393,13 +394,3 @@ class Fetcher:
                 trust_env=False,
             )
         return self._session
-
-
-def shown_url(url: str | URL) -> str:
-    """A URL for messages and logs: scheme, host and path, never the query (signed URLs carry
-    credentials there)."""
-    try:
-        parsed = url if isinstance(url, URL) else URL(url)
-        return str(parsed.with_query(None).with_fragment(None).with_user(None))
-    except ValueError:
-        return "(invalid URL)"

@@ -1,0 +1,45 @@
+"""The guard model as the pipeline sees it: ask about one image, get its answer and who gave it.
+
+`service.adapters.triton.GuardClient` is the implementation that talks to Triton; tests use
+fakes of `Guard`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the server says of the model behind the name (Triton: its metadata and config)."""
+
+    outputs: tuple[str, ...]
+    name: str | None = None
+    """The guard model's own name (`guard_model_name` parameter), when the config names it."""
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class GuardReply:
+    text: str
+    model_name: str
+    model_version: str
+    rating_log_prob: float | None = None
+    """Natural log of the probability of the rating's deciding token, when the model says."""
+    served: ServedModel | None = None
+
+
+class Guard(Protocol):
+    async def ask(
+        self,
+        prompt: str,
+        pixels: npt.NDArray[np.uint8],
+        headers: Mapping[str, str] | None = None,
+    ) -> GuardReply:
+        """One answer about one (H, W, 3) RGB image; `headers` carry the trace context."""
+        ...

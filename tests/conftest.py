@@ -7,10 +7,8 @@ and consumer groups.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,14 +18,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service.config import Settings
 from service.dev import stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.stack import Topics, free_port
 
 
 @pytest.fixture(scope="session")
@@ -57,29 +49,6 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.S
         stack.down(config.state_dir)
 
 
-@dataclass(frozen=True)
-class Topics:
-    input: str
-    verdicts: str
-    dead_letters: str
-    group: str
-
-    def settings(self, state: stack.StackState, **overrides: object) -> Settings:
-        values: dict[str, object] = {
-            "bootstrap_servers": state.bootstrap_servers,
-            "triton_url": state.triton_grpc,
-            "input_topic": self.input,
-            "verdict_topic": self.verdicts,
-            "dead_letter_topic": self.dead_letters,
-            "group_id": self.group,
-            "commit_interval_ms": 100,
-            "guard_startup_timeout_s": 60,
-            "health_port": 0,
-            **overrides,
-        }
-        return Settings(**values)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 async def topics(embedded_stack: stack.StackState) -> AsyncIterator[Topics]:
     """Fresh input, verdict and dead-letter topics (3 partitions) and a fresh group."""
@@ -101,7 +70,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     fault scenario recorded a row this session."""
     import sys
 
-    faults = sys.modules.get("tests.faults")
+    faults = sys.modules.get("tests.support.faults")
     table = faults.write_table() if faults is not None else None
     if table:
         terminalreporter.write_sep("=", "fault injection")

@@ -23,7 +23,7 @@ from service.adapters.triton import GuardClient, Sampling
 from service.core.errors import GuardError
 from service.core.policies import ModelIdentity, PolicyRegistry, parse_answer
 from service.dev import stack
-from tests.conftest import free_port
+from tests.support.stack import free_port
 
 MODELS = Path(__file__).resolve().parents[1] / "triton_models"
 CPU_GUARD = MODELS / "cpu" / "guard"

@@ -17,8 +17,8 @@ from service.client import ImageEventProducer, image_event
 from service.config import Settings
 from service.dev import stack
 from service.dev.samples import all_samples, photo_bytes
-from tests.conftest import Topics, free_port
-from tests.outputs import collect, committed_offsets
+from tests.support.outputs import collect, committed_offsets
+from tests.support.stack import Topics, free_port
 
 
 def cli(

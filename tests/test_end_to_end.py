@@ -25,8 +25,8 @@ from service.app import serve
 from service.client import ImageEventProducer
 from service.dev import stack
 from service.dev.samples import PHOTOS, Sample, all_samples, event_sample, photo_bytes
-from tests.conftest import Topics
-from tests.outputs import collect, committed_offsets
+from tests.support.outputs import collect, committed_offsets, outcome_label
+from tests.support.stack import Topics
 
 pytestmark = pytest.mark.stack
 
@@ -180,12 +180,6 @@ async def run(
         await asyncio.wait_for(service, 60)
     committed, ends = await committed_offsets(embedded_stack.bootstrap_servers, topics)
     return Run(published, outcomes, committed, ends, list(spans.get_finished_spans()), topics)
-
-
-def outcome_label(topic: str, value: dict[str, Any], topics: Topics) -> str:
-    if topic == topics.dead_letters:
-        return f"dead:{value['error']['code']}"
-    return f"{value['rating']}/{value['category_code']}"
 
 
 def test_every_event_ends_as_exactly_one_expected_outcome(run: Run) -> None:

@@ -1,7 +1,7 @@
 """Fault injection: what the service delivers when its broker, its Triton or itself fails.
 
 The accounting is tested by hand first; then each scenario runs real processes (see
-`tests/faults.py`) and records one row of the table printed at the end of the session. The
+`tests/support/faults.py`) and records one row of the table printed at the end of the session. The
 stack is shared by the module's scenarios (starting it costs seconds, each scenario heals what
 the one before broke); topics and consumer groups are each scenario's own.
 """
@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from service.client import encode_event, image_event
-from tests import faults
-from tests.faults import (
+from tests.support import faults
+from tests.support.faults import (
     AT_LEAST_ONCE,
     EXACTLY_ONCE,
     NO_EVENT_ID,

@@ -23,7 +23,7 @@ from service.adapters.triton import read_text_output as read_text
 from service.core.errors import GuardError, GuardUnavailable
 from service.core.guard import ServedModel
 from service.dev import stack
-from tests.conftest import free_port
+from tests.support.stack import free_port
 
 SAMPLING = Sampling(max_tokens=500, temperature=0.2, top_p=0.95, top_k=50)
 

@@ -1,7 +1,7 @@
 """The consumer end to end on the HF guard: events in, verdicts with a confidence out.
 
 The real broker of the session stack, a real tritonserver serving triton_models/hf filled for
-the scripted tiny LLaVA-OneVision checkpoint (tests/tiny_llava.py), and the service in this
+the scripted tiny LLaVA-OneVision checkpoint (tests/support/tiny_llava.py), and the service in this
 process. The checkpoint writes one LlavaGuard answer whatever the image, with the rating token
 at probability 0.8, so every verdict is Safe with confidence 0.8 — unless the event's policy
 cannot hold that answer, and then the raw answer goes to the dead letters.
@@ -22,10 +22,9 @@ from service.app import serve
 from service.client import ImageEventProducer
 from service.dev import stack
 from service.dev.samples import photo_bytes
-from tests import tiny_llava
-from tests.conftest import Topics
-from tests.outputs import collect, committed_offsets
-from tests.test_end_to_end import outcome_label
+from tests.support import tiny_llava
+from tests.support.outputs import collect, committed_offsets, outcome_label
+from tests.support.stack import Topics
 
 pytestmark = pytest.mark.stack
 

@@ -1,8 +1,8 @@
 """The HF guard (triton_models/hf): LlavaGuard's -hf checkpoints under transformers, in Triton.
 
 No real weights can be had here, so the template is filled for tiny checkpoints of the same
-architecture, files and chat template, built at test time (tests/tiny_llava.py), and loaded by
-the same code that loads AIML-TUDA/LlavaGuard-v1.2-{0.5B,7B}-OV-hf. The model logic runs
+architecture, files and chat template, built at test time (tests/support/tiny_llava.py), and
+loaded by the same code that loads AIML-TUDA/LlavaGuard-v1.2-{0.5B,7B}-OV-hf. The model logic runs
 in-process (`hf_guard`, imported from the filled repository as Triton's stub imports it); the
 contract runs through a real tritonserver and the consumer's own client.
 """
@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from service.adapters.triton import GuardClient, Sampling, read_rating_log_prob
 from service.core.errors import GuardError
 from service.core.policies import PolicyRegistry, parse_answer
-from tests import tiny_llava
+from tests.support import tiny_llava
 from triton_models.common.guard_answer import DECISION_PATTERN
 
 MODELS = Path(__file__).resolve().parents[1] / "triton_models"

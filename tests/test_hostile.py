@@ -1,9 +1,9 @@
 """Hostile input end to end: hundreds of bad events, one outcome each, the consumer unharmed.
 
 One run (module scope) starts the canary and the hostile servers on loopback, publishes every
-case of `tests.hostile` to fresh topics, serves them with the service in this process (fetching
-allowed from 127.0.0.2 only), and reads both output topics. The tests then check each case's
-outcome, the canary, the service task and this process's memory. The run's summary is printed
+case of `tests.support.hostile` to fresh topics, serves them with the service in this process
+(fetching allowed from 127.0.0.2 only), and reads both output topics. The tests then check each
+case's outcome, the canary, the service task and this process's memory. The run's summary is printed
 and written to `.guardstream/hostile-summary.md`.
 """
 
@@ -28,8 +28,7 @@ from yarl import URL
 from service.app import serve
 from service.client import encode_event, image_event
 from service.dev import stack
-from tests.conftest import Topics
-from tests.hostile import (
+from tests.support.hostile import (
     ALLOWED_HOST,
     LIMITS,
     VERDICT,
@@ -41,7 +40,8 @@ from tests.hostile import (
     good_png,
     hostile_events,
 )
-from tests.outputs import collect
+from tests.support.outputs import collect
+from tests.support.stack import Topics
 
 SUMMARY_PATH = Path(__file__).resolve().parent.parent / ".guardstream" / "hostile-summary.md"
 COLLECT_TIMEOUT_S = 180.0

@@ -30,7 +30,7 @@ from service.core.policies import (
     parse_answer,
 )
 from service.core.verdicts import DeadLetter, Verdict
-from tests.test_pipeline import ScriptedGuard, event_record, judge
+from tests.support.pipeline import ScriptedGuard, event_record, judge
 
 POLICY = PolicyRegistry.load().get("icm-assistant")
 

@@ -5,7 +5,8 @@
   there with its type and rank, every output it reads is declared, every required input is sent;
   the models it calls exist; the tensorrtllm backend finds the parameters it cannot load without.
 - The BLS end to end, through a fake `triton_python_backend_utils`: the real `guard` model code,
-  with the tiny LLaVA-OneVision checkpoint (tests/tiny_llava.py) standing in for the engines.
+  with the tiny LLaVA-OneVision checkpoint (tests/support/tiny_llava.py) standing in for the
+  engines.
   The fake `vision_encoder` is the real feature packing fed by the tiny model's own vision tower
   and projector (what the TensorRT vision engine computes); the fake `tensorrt_llm` applies
   TensorRT-LLM's prompt-table rule (ids >= vocabulary size select table rows) and generates with
@@ -36,7 +37,7 @@ import torch
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from tests import tiny_llava
+from tests.support import tiny_llava
 from triton_models import fill
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.conftest import Topics
+from tests.support.stack import Topics
 
 
 async def collect(
@@ -54,3 +54,9 @@ async def committed_offsets(
         return committed, {tp.partition: end for tp, end in ends.items()}
     finally:
         await probe.stop()
+
+
+def outcome_label(topic: str, value: dict[str, Any], topics: Topics) -> str:
+    if topic == topics.dead_letters:
+        return f"dead:{value['error']['code']}"
+    return f"{value['rating']}/{value['category_code']}"

@@ -52,7 +52,7 @@ from PIL import Image
 
 from service.client import encode_event, image_event
 from service.dev import stack
-from tests.conftest import Topics, free_port
+from tests.support.stack import Topics, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TABLE_PATH = REPO_ROOT / ".guardstream" / "fault-table.md"

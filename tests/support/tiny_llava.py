@@ -62,7 +62,7 @@ from transformers import (
 
 from service.core.policies import PolicyRegistry
 from service.dev import stack
-from tests.conftest import free_port
+from tests.support.stack import free_port
 from triton_models.common import guard_answer
 from triton_models.fill import fill
 

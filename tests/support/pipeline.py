@@ -1,0 +1,116 @@
+"""The pipeline with a scripted guard, for tests of what it makes of answers and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from opentelemetry.sdk.trace import TracerProvider
+from PIL import Image
+
+from service.app import limits_from
+from service.client import encode_event, image_event
+from service.config import Settings
+from service.core.breaker import Breaker
+from service.core.guard import GuardReply, ServedModel
+from service.core.pipeline import Fetcher, Outcome, Pipeline, Record, Retry
+from service.core.policies import PolicyRegistry
+from service.core.verdicts import DeadLetter
+from service.ops.metrics import Metrics
+
+SAFE = json.dumps({"rating": "Safe", "category": "NA: None applying", "rationale": "a cat"})
+
+
+class ScriptedGuard:
+    """Answers (or fails) from a script, and remembers what it was asked."""
+
+    def __init__(
+        self,
+        *script: str | Exception | float,
+        rating_log_prob: float | None = None,
+        served: ServedModel | None = None,
+    ) -> None:
+        self.script = list(script)
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+        self.rating_log_prob = rating_log_prob
+        self.served = served
+
+    async def ask(
+        self,
+        prompt: str,
+        pixels: npt.NDArray[np.uint8],
+        headers: Mapping[str, str] | None = None,
+    ) -> GuardReply:
+        self.calls.append((prompt, pixels.shape))
+        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(step, Exception):
+            raise step
+        if isinstance(step, float):  # a slow answer
+            await asyncio.sleep(step)
+            step = SAFE
+        return GuardReply(
+            text=step,
+            model_name="guard",
+            model_version="7",
+            rating_log_prob=self.rating_log_prob,
+            served=self.served,
+        )
+
+
+def jpeg(width: int = 64, height: int = 48) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def record(value: bytes | None, headers: tuple[tuple[str, bytes], ...] = ()) -> Record:
+    return Record(topic="images", partition=2, offset=41, key=b"k", value=value, headers=headers)
+
+
+def event_record(**fields: object) -> Record:
+    fields.setdefault("image", jpeg())
+    return record(encode_event(image_event("ev-1", **fields)))  # type: ignore[arg-type]
+
+
+def make_pipeline(
+    guard: ScriptedGuard,
+    pool: ThreadPoolExecutor,
+    breaker: Breaker | None = None,
+    deadline_s: float = 30.0,
+    fetcher: Fetcher | None = None,
+    **settings: Any,
+) -> Pipeline:
+    config = Settings(image_resize_side=32, dead_letter_original_bytes=100, **settings)
+    return Pipeline(
+        policies=PolicyRegistry.load(),
+        default_policy="llavaguard-v1.2",
+        guard=guard,
+        limits=limits_from(config),
+        decode_pool=pool,
+        retry=Retry(attempts=3, first_backoff_s=0.001),
+        breaker=breaker or Breaker(100, always_ready, 0.01),
+        deadline_s=deadline_s,
+        metrics=Metrics(),
+        tracer=TracerProvider().get_tracer("test"),
+        fetcher=fetcher,
+    )
+
+
+async def always_ready() -> bool:
+    return True
+
+
+async def judge(guard: ScriptedGuard, rec: Record) -> Outcome:
+    with ThreadPoolExecutor(1) as pool:
+        return await make_pipeline(guard, pool).judge(rec)
+
+
+def dead(outcome: Outcome) -> DeadLetter:
+    assert isinstance(outcome, DeadLetter), outcome
+    return outcome

@@ -1,0 +1,38 @@
+"""Ports and per-test topics on the embedded stack (the session fixtures in conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from service.config import Settings
+from service.dev import stack
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Topics:
+    input: str
+    verdicts: str
+    dead_letters: str
+    group: str
+
+    def settings(self, state: stack.StackState, **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "bootstrap_servers": state.bootstrap_servers,
+            "triton_url": state.triton_grpc,
+            "input_topic": self.input,
+            "verdict_topic": self.verdicts,
+            "dead_letter_topic": self.dead_letters,
+            "group_id": self.group,
+            "commit_interval_ms": 100,
+            "guard_startup_timeout_s": 60,
+            "health_port": 0,
+            **overrides,
+        }
+        return Settings(**values)  # type: ignore[arg-type]

@@ -202,10 +202,7 @@ def _policy_from_data(data: dict[str, Any]) -> Policy:
     if misplaced:
         raise ValueError(f"{', '.join(misplaced)}: only for answer_format 'icm-yes-no'")
     categories = _categories(data.get("categories"))
-    safe_code = _text(data, "safe_category")
-    safe = next((c for c in categories if c.code == safe_code), None)
-    if safe is None:
-        raise ValueError(f"safe_category {safe_code!r} is not the code of any category")
+    safe = _category_named_by(data, "safe_category", categories)
     _check_names_unique(categories, safe)
     return Policy(
         id=policy_id,
@@ -221,12 +218,9 @@ def _policy_from_data(data: dict[str, Any]) -> Policy:
 def _yes_no_answers(
     data: dict[str, Any], categories: tuple[Category, ...], safe: Category
 ) -> YesNoAnswers:
-    code = _text(data, "default_unsafe_category")
-    default = next((c for c in categories if c.code == code), None)
-    if default is None:
-        raise ValueError(f"default_unsafe_category {code!r} is not the code of any category")
+    default = _category_named_by(data, "default_unsafe_category", categories)
     if default == safe:
-        raise ValueError(f"default_unsafe_category {code!r} is the safe category")
+        raise ValueError(f"default_unsafe_category {default.code!r} is the safe category")
     return YesNoAnswers(  # which checks unsafe_answer
         unsafe_answer=_text(data, "unsafe_answer"),
         default_category=default,
@@ -244,6 +238,17 @@ def _categories(value: object) -> tuple[Category, ...]:
         _check_keys(entry, _CATEGORY_KEYS, "category")
         categories.append(Category(code=_text(entry, "code"), label=_text(entry, "label")))
     return tuple(categories)
+
+
+def _category_named_by(
+    table: dict[str, Any], key: str, categories: tuple[Category, ...]
+) -> Category:
+    """The category whose code `table[key]` holds."""
+    code = _text(table, key)
+    category = next((c for c in categories if c.code == code), None)
+    if category is None:
+        raise ValueError(f"{key} {code!r} is not the code of any category")
+    return category
 
 
 def _check_names_unique(categories: Iterable[Category], safe: Category) -> None:

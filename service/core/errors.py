@@ -1,7 +1,8 @@
 """Every way an event can fail, with the dead-letter code each one carries.
 
 ```
-GuardstreamError                       code                      retriable
+class                                  code                      retriable
+GuardstreamError                       internal_error
 ├── EventRejected                      (the record itself is bad; dead-letter it)
 │   ├── EventTooLarge                  event_too_large
 │   ├── InvalidJson                    invalid_json
@@ -127,19 +128,12 @@ class UnparseableModelOutput(GuardstreamError):
         self.model_output = model_output
 
 
-DEAD_LETTER_CODES: tuple[str, ...] = (
-    GuardstreamError.code,
-    EventTooLarge.code,
-    InvalidJson.code,
-    InvalidEvent.code,
-    UnknownPolicy.code,
-    UrlNotSupported.code,
-    ImageTooLarge.code,
-    UnsupportedImageFormat.code,
-    ImageDecodeFailed.code,
-    DeadlineExceeded.code,
-    GuardUnavailable.code,
-    GuardError.code,
-    UnparseableModelOutput.code,
-)
-"""Every code a dead letter can carry; `internal_error` marks a bug in guardstream itself."""
+def _codes_from(error: type[GuardstreamError]) -> list[str]:
+    """The code of `error` and of every subclass below it, depth first."""
+    return [error.code, *(code for sub in error.__subclasses__() for code in _codes_from(sub))]
+
+
+DEAD_LETTER_CODES: tuple[str, ...] = tuple(dict.fromkeys(_codes_from(GuardstreamError)))
+"""Every code a dead letter can carry, in the order of the tree above; `internal_error` (the root's
+code) marks a bug in guardstream itself. Collected from the classes when this module is imported:
+the dead-letter schema lists these, so an error class belongs here, not in another module."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 from pydantic_core import to_json
+
+from service.core.errors import DEAD_LETTER_CODES
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -79,8 +81,18 @@ class Verdict(_Out):
     decided_at: datetime
 
 
+def _dead_letter_code(code: str) -> str:
+    if code not in DEAD_LETTER_CODES:
+        raise ValueError(f"{code!r} is not a dead-letter code")
+    return code
+
+
 class DeadLetterError(_Out):
-    code: str = Field(description="Stable, machine-readable reason; see the README.")
+    # Not a Literal: that would list the codes a second time, apart from the error classes.
+    code: Annotated[str, AfterValidator(_dead_letter_code)] = Field(
+        description="Stable, machine-readable reason; see the README.",
+        json_schema_extra={"enum": list(DEAD_LETTER_CODES)},
+    )
     message: str = Field(description="What went wrong, for a human.")
     model_output: str | None = Field(
         None, description="The guard's raw answer, when the answer was what failed."

@@ -9,7 +9,9 @@ import signal
 import sys
 import textwrap
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple, get_args
 
 from pydantic import ValidationError
 
@@ -106,66 +108,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StackOption(NamedTuple):
+    """A `stack.StackConfig` field as a command-line option: `--kafka-port` sets kafka_port."""
+
+    field: str
+    type: Callable[[str], object]
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+_STACK_OPTIONS = (
+    _StackOption("state_dir", Path, "where pids, logs and broker data live"),
+    _StackOption("kafka_port", int, "broker port"),
+    _StackOption("triton_http_port", int, "Triton HTTP port"),
+    _StackOption("triton_grpc_port", int, "Triton gRPC port"),
+    _StackOption("triton_metrics_port", int, "Triton metrics port"),
+    _StackOption("model_repository", Path, "Triton model repository"),
+    _StackOption("partitions", int, "partitions of the topics it creates"),
+    _StackOption(
+        "broker",
+        str,
+        "noida-db (transactions, keeps its data) or tansu (in memory, refuses idempotent "
+        "producers: run the service with GUARDSTREAM_ENABLE_IDEMPOTENCE=false)",
+        choices=get_args(stack.Broker),
+    ),
+)
+
+
 def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     defaults = stack.StackConfig()
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=defaults.state_dir,
-        help="where pids, logs and broker data live [%(default)s]",
-    )
-    parser.add_argument(
-        "--kafka-port", type=int, default=defaults.kafka_port, help="broker port [%(default)s]"
-    )
-    parser.add_argument(
-        "--triton-http-port",
-        type=int,
-        default=defaults.triton_http_port,
-        help="Triton HTTP port [%(default)s]",
-    )
-    parser.add_argument(
-        "--triton-grpc-port",
-        type=int,
-        default=defaults.triton_grpc_port,
-        help="Triton gRPC port [%(default)s]",
-    )
-    parser.add_argument(
-        "--triton-metrics-port",
-        type=int,
-        default=defaults.triton_metrics_port,
-        help="Triton metrics port [%(default)s]",
-    )
-    parser.add_argument(
-        "--model-repository",
-        type=Path,
-        default=defaults.model_repository,
-        help="Triton model repository [%(default)s]",
-    )
-    parser.add_argument(
-        "--partitions",
-        type=int,
-        default=defaults.partitions,
-        help="partitions of the topics it creates [%(default)s]",
-    )
-    parser.add_argument(
-        "--broker",
-        choices=["noida-db", "tansu"],
-        default=defaults.broker,
-        help="noida-db (transactions, keeps its data) or tansu (in memory, refuses idempotent "
-        "producers: run the service with GUARDSTREAM_ENABLE_IDEMPOTENCE=false) [%(default)s]",
-    )
+    for option in _STACK_OPTIONS:
+        parser.add_argument(
+            f"--{option.field.replace('_', '-')}",
+            type=option.type,
+            choices=option.choices,
+            default=getattr(defaults, option.field),
+            help=f"{option.help} [%(default)s]",
+        )
 
 
 def stack_config(args: argparse.Namespace) -> stack.StackConfig:
     return stack.StackConfig(
-        state_dir=args.state_dir,
-        kafka_port=args.kafka_port,
-        triton_http_port=args.triton_http_port,
-        triton_grpc_port=args.triton_grpc_port,
-        triton_metrics_port=args.triton_metrics_port,
-        model_repository=args.model_repository,
-        partitions=args.partitions,
-        broker=args.broker,
+        **{option.field: getattr(args, option.field) for option in _STACK_OPTIONS}
     )
 
 

@@ -378,32 +378,20 @@ def test_metadata_size_counts_utf8_bytes_not_characters() -> None:
         _parse(_event(metadata=metadata))
 
 
-def test_metadata_nested_just_past_the_serialiser_depth_raises_invalid_event() -> None:
-    depth = 255
-    value = (
-        b'{"event_id": "e", "image": {"data": "QQ=="}, "metadata": '
-        + b'{"a": ' * depth
-        + b"1"
-        + b"}" * depth
-        + b"}"
-    )
+def _nested_metadata_event(depth: int) -> bytes:
+    """An event whose metadata is `depth` objects, each inside the one before."""
+    nested = b'{"a": ' * depth + b"1" + b"}" * depth
+    return b'{"event_id": "e", "image": {"data": "QQ=="}, "metadata": ' + nested + b"}"
 
+
+def test_metadata_nested_just_past_the_serialiser_depth_raises_invalid_event() -> None:
     with pytest.raises(InvalidEvent):
-        parse_event(value, LIMITS)
+        parse_event(_nested_metadata_event(255), LIMITS)
 
 
 def test_deeply_nested_metadata_is_rejected_as_invalid() -> None:
-    depth = 300
-    value = (
-        b'{"event_id": "e", "image": {"data": "QQ=="}, "metadata": '
-        + b'{"a": ' * depth
-        + b"1"
-        + b"}" * depth
-        + b"}"
-    )
-
     with pytest.raises(InvalidEvent, match=r"^invalid image event: metadata\."):
-        parse_event(value, LIMITS)
+        parse_event(_nested_metadata_event(300), LIMITS)
 
 
 # --- The validation message ----------------------------------------------------------------------

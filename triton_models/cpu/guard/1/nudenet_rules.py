@@ -4,7 +4,6 @@ Nothing here imports Triton: `model.py` is the glue, this module is the model, s
 it without a server. One step per function, in the order the data flows:
 
     parse_settings      config.pbtxt parameters -> Settings, or InvalidSettingsError
-    image_from_tensor   one request's [1, 1, H, W, 3] tensor -> an RGB image, or InvalidImageError
     letterbox           RGB image -> the network's input planes, exactly as NudeNet builds them
     Detector.detect     several images -> ONE onnxruntime run -> detections per image
     decode_detections   one image's raw output -> detections, exactly as NudeNet post-processes
@@ -14,6 +13,10 @@ it without a server. One step per function, in the order the data flows:
 Reproduced from nudenet 3.4.2 (`nudenet/nudenet.py`), so that the scores are NudeNet's own:
 pad bottom/right to a black square, resize to 320x320 with cv2 INTER_LINEAR, scale by 1/255,
 keep rows whose best class score is >= 0.2, then `cv2.dnn.NMSBoxes(..., 0.25, 0.45)`.
+
+A request's image comes from `guard_request.image_from_tensor`, the image contract's one check
+for every guard; `max_image_side` bounds it here because the letterbox pads to a square of the
+longer side, so a long thin strip would otherwise cost side * side * 3 bytes.
 """
 
 from __future__ import annotations
@@ -78,10 +81,6 @@ PARAMETERS = ("rules", "categories", "report_min_score", "intra_op_num_threads",
 
 class InvalidSettingsError(ValueError):
     """A config.pbtxt parameter is missing or wrong; the model must not load."""
-
-
-class InvalidImageError(ValueError):
-    """One request's image tensor cannot be judged; only that request fails."""
 
 
 @dataclass(frozen=True)
@@ -227,28 +226,6 @@ def _parse_positive_int(name: str, text: str) -> int:
     if value < 1:
         raise InvalidSettingsError(message)
     return value
-
-
-def image_from_tensor(tensor: NDArray[Any], max_side: int) -> RGBImage:
-    """The one RGB image of a request whose `image_bytes_input` is [1, 1, H, W, 3] UINT8."""
-    shape = list(tensor.shape)
-    if tensor.ndim != 5 or shape[4] != 3:
-        raise InvalidImageError(f"image_bytes_input: expected shape [1, 1, H, W, 3], got {shape}")
-    if tensor.dtype != np.uint8:
-        raise InvalidImageError(f"image_bytes_input: expected UINT8, got {tensor.dtype}")
-    if shape[0] * shape[1] != 1:
-        raise InvalidImageError(f"image_bytes_input: expected one image, got {shape[0] * shape[1]}")
-    height, width = shape[2], shape[3]
-    if height == 0 or width == 0:
-        raise InvalidImageError(f"image_bytes_input: empty image of {width}x{height} pixels")
-    # The letterbox pads to a square of the longer side: a long thin strip would otherwise cost
-    # side * side * 3 bytes.
-    if max(height, width) > max_side:
-        raise InvalidImageError(
-            f"image_bytes_input: {width}x{height} pixels, longer side over max_image_side "
-            f"{max_side}"
-        )
-    return np.ascontiguousarray(tensor[0, 0])
 
 
 def letterbox(image: RGBImage) -> NDArray[np.float32]:

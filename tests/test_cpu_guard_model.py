@@ -335,8 +335,8 @@ def test_bad_image_tensors_are_refused(gr: ModuleType, tensor: np.ndarray, messa
         ({"categories": {"O4": "NA: None applying"}}, "is the safe answer"),
         ({"report_min_score": "high"}, "report_min_score: must be a number in 0..1, got 'high'"),
         ({"report_min_score": "nan"}, "report_min_score: must be a number in 0..1"),
-        ({"intra_op_num_threads": "0"}, "intra_op_num_threads: must be a positive integer"),
-        ({"max_image_side": "big"}, "max_image_side: must be a positive integer, got 'big'"),
+        ({"intra_op_num_threads": "0"}, "intra_op_num_threads: must be an integer of at least 1"),
+        ({"max_image_side": "big"}, "max_image_side: must be an integer of at least 1, got 'big'"),
     ],
 )
 def test_invalid_settings_are_refused_with_the_reason(

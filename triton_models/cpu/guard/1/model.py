@@ -7,13 +7,13 @@ detector in one onnxruntime run. Nothing raises out of `execute`.
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from guard_request import IMAGE_INPUT, InvalidRequestError, image_from_tensor
+from model_parameters import string_values
 from nudenet_rules import Detector, RGBImage, answer_json, judge, model_version, parse_settings
 
 TEXT_OUTPUT = "text_output"
@@ -21,13 +21,9 @@ TEXT_OUTPUT = "text_output"
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = json.loads(args["model_config"])
-        parameters = {
-            name: value["string_value"] for name, value in config.get("parameters", {}).items()
-        }
         # An InvalidSettingsError here fails the model load with its message, which is the
         # point: a guard with misread rules must not answer.
-        settings = parse_settings(parameters)
+        settings = parse_settings(string_values(args["model_config"]))
         self._policy = settings.policy
         self._max_image_side = settings.max_image_side
         self._version = model_version(settings.policy, version("nudenet"))

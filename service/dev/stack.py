@@ -288,9 +288,10 @@ def _render_model_repository(config: StackConfig) -> Path:
     """The repository as Triton serves it: rendered by fill.py into the state directory.
 
     fill.py copies triton_models/common's modules next to each model.py, the only place the
-    Python backend imports them from; the images run the same command (deploy/). A copy made at
-    each start, not links committed in the repository: `COPY` puts a symbolic link into an image
-    as a link, dangling there. A template with placeholders left unfilled fails here, named.
+    Python backend imports them from. It runs as a program, as the images run it (deploy/):
+    triton_models belongs to the checkout, not to the installed package. A copy made at each
+    start, not links committed in the repository: `COPY` puts a symbolic link into an image as
+    a link, dangling there. A template with placeholders left unfilled fails here, named.
     """
     served = config.state_dir / "models"
     rendering = subprocess.run(

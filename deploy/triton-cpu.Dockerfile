@@ -2,7 +2,8 @@
 #
 # Build from the repository root:
 #   docker build -f deploy/triton-cpu.Dockerfile -t REGISTRY/guardstream-triton-cpu:0.1.0 .
-# BuildKit reads deploy/triton-cpu.Dockerfile.dockerignore, which sends only triton_models/cpu.
+# BuildKit reads deploy/triton-cpu.Dockerfile.dockerignore, which sends only triton_models/cpu,
+# triton_models/common and triton_models/fill.py.
 #
 # It stands in for the production TensorRT-LLM guard on clusters without GPUs: same model name
 # (`guard`), same tensor contract. It judges exposed nudity (O4) only. NudeNet's weights derive
@@ -10,6 +11,15 @@
 #
 # The -py3 image carries the Python backend. Its stub runs the image's system Python, which in
 # the 24.xx releases is Ubuntu 22.04's Python 3.10, so the guard's packages are installed there.
+
+# The model repository, rendered as the embedded stack renders it (service/dev/stack.py):
+# fill.py copies triton_models/common's modules next to each model.py, the only place the Python
+# backend imports them from. A stage of its own, so the image holds the result, not the sources;
+# the same base image, so the stage costs no other download.
+FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS models
+COPY triton_models /src/triton_models
+RUN python3 /src/triton_models/fill.py /src/triton_models/cpu /models
+
 
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 
@@ -35,7 +45,7 @@ RUN python3 -m pip install --no-cache-dir \
       mpmath==1.3.0
 
 # The model repository, read-only to the server's user (root owns it).
-COPY triton_models/cpu /models
+COPY --from=models /models /models
 
 # The base image's unprivileged user, triton-server (the image's build asserts uid and gid 1000),
 # numeric so that Kubernetes can verify runAsNonRoot.

@@ -54,6 +54,9 @@ def test_bench_guard_is_served_and_batched_like_the_cpu_guard() -> None:
     assert bench.name == cpu.name == "guard"
     assert bench.backend == cpu.backend == "python"
     assert bench.max_batch_size == cpu.max_batch_size == 8
+    # Images the real guard refuses as too large, the benchmark refuses too.
+    side = "max_image_side"
+    assert bench.parameters[side].string_value == cpu.parameters[side].string_value == "8192"
     assert bench.HasField("dynamic_batching")
     assert (BENCH_GUARD / "1" / "model.py").is_file()
 

@@ -1,7 +1,9 @@
 """The CPU guard's model logic (triton_models/cpu/guard/1/nudenet_rules.py), without Triton.
 
 NudeNet's real weights run on scikit-image's sample photos: the detections must be NudeNet's own,
-and the shipped config.pbtxt must turn them into the answers pinned here.
+and the shipped config.pbtxt must turn them into the answers pinned here. The modules are
+imported from the repository as fill.py renders it for Triton (triton_models/common's modules
+beside them), as the embedded stack and the image serve it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from tritonclient.grpc import model_config_pb2
 
+from triton_models import fill
+
 MODEL_DIR = Path(__file__).resolve().parents[1] / "triton_models" / "cpu" / "guard"
 SAMPLES = Path(skimage.__file__).parent / "data"
 SCOPE = (
@@ -45,11 +49,30 @@ DEFAULT_CATEGORIES = {"O4": "O4: Nudity Content"}
 
 
 @pytest.fixture(scope="module")
-def nr() -> ModuleType:
-    """nudenet_rules, imported from the model's version directory as Triton's stub does."""
+def version_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The guard's version directory in triton_models/cpu rendered by fill.py."""
+    out = tmp_path_factory.mktemp("cpu") / "models"
+    fill.fill(MODEL_DIR.parent, out, {})
+    return out / MODEL_DIR.name / "1"
+
+
+def served_module(version_dir: Path, name: str) -> ModuleType:
+    """A module of the version directory, imported as Triton's stub does (its siblings on
+    sys.path)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(MODEL_DIR / "1"))
-        return importlib.import_module("nudenet_rules")
+        patch.syspath_prepend(str(version_dir))
+        return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def nr(version_dir: Path) -> ModuleType:
+    return served_module(version_dir, "nudenet_rules")
+
+
+@pytest.fixture(scope="module")
+def gr(version_dir: Path) -> ModuleType:
+    """guard_request, the image check the CPU guard shares with the LlavaGuard engines."""
+    return served_module(version_dir, "guard_request")
 
 
 @pytest.fixture(scope="module")
@@ -243,9 +266,9 @@ def test_no_images_is_no_run(detector: Any) -> None:
     assert detector.detect([]) == []
 
 
-def test_image_from_tensor_takes_the_one_image(nr: ModuleType) -> None:
+def test_image_from_tensor_takes_the_one_image(gr: ModuleType) -> None:
     tensor = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(1, 1, 2, 3, 3)
-    image = nr.image_from_tensor(tensor, 8192)
+    image = gr.image_from_tensor(tensor, 8192)
     assert image.shape == (2, 3, 3)
     assert np.array_equal(image, tensor[0, 0])
 
@@ -253,20 +276,23 @@ def test_image_from_tensor_takes_the_one_image(nr: ModuleType) -> None:
 @pytest.mark.parametrize(
     ("tensor", "message"),
     [
-        (np.zeros((1, 4, 4, 3), np.uint8), r"expected shape \[1, 1, H, W, 3\], got \[1, 4, 4, 3\]"),
-        (np.zeros((1, 1, 4, 4, 4), np.uint8), r"expected shape \[1, 1, H, W, 3\]"),
-        (np.zeros((2, 1, 4, 4, 3), np.uint8), "expected one image, got 2"),
-        (np.zeros((1, 2, 4, 4, 3), np.uint8), "expected one image, got 2"),
-        (np.zeros((1, 0, 4, 4, 3), np.uint8), "expected one image, got 0"),
+        (np.zeros((1, 4, 4, 3), np.uint8), r"expected \[1, 1, H, W, 3\], got \[1, 4, 4, 3\]"),
+        (np.zeros((1, 1, 4, 4, 4), np.uint8), r"expected \[1, 1, H, W, 3\]"),
+        (np.zeros((2, 1, 4, 4, 3), np.uint8), r"got \[2, 1, 4, 4, 3\]"),
+        (np.zeros((1, 2, 4, 4, 3), np.uint8), r"got \[1, 2, 4, 4, 3\]"),
+        (np.zeros((1, 0, 4, 4, 3), np.uint8), r"got \[1, 0, 4, 4, 3\]"),
         (np.zeros((1, 1, 0, 4, 3), np.uint8), "empty image of 4x0 pixels"),
         (np.zeros((1, 1, 4, 0, 3), np.uint8), "empty image of 0x4 pixels"),
         (np.zeros((1, 1, 4, 4, 3), np.float32), "expected UINT8, got float32"),
-        (np.zeros((1, 1, 1, 101, 3), np.uint8), "101x1 pixels, longer side over max_image_side"),
+        (
+            np.zeros((1, 1, 1, 101, 3), np.uint8),
+            "101x1 pixels; the longer side exceeds max_image_side 100",
+        ),
     ],
 )
-def test_bad_image_tensors_are_refused(nr: ModuleType, tensor: np.ndarray, message: str) -> None:
-    with pytest.raises(nr.InvalidImageError, match=message):
-        nr.image_from_tensor(tensor, 100)
+def test_bad_image_tensors_are_refused(gr: ModuleType, tensor: np.ndarray, message: str) -> None:
+    with pytest.raises(gr.InvalidRequestError, match=message):
+        gr.image_from_tensor(tensor, 100)
 
 
 @pytest.mark.parametrize(
@@ -309,8 +335,8 @@ def test_bad_image_tensors_are_refused(nr: ModuleType, tensor: np.ndarray, messa
         ({"categories": {"O4": "NA: None applying"}}, "is the safe answer"),
         ({"report_min_score": "high"}, "report_min_score: must be a number in 0..1, got 'high'"),
         ({"report_min_score": "nan"}, "report_min_score: must be a number in 0..1"),
-        ({"intra_op_num_threads": "0"}, "intra_op_num_threads: must be a positive integer"),
-        ({"max_image_side": "big"}, "max_image_side: must be a positive integer, got 'big'"),
+        ({"intra_op_num_threads": "0"}, "intra_op_num_threads: must be an integer of at least 1"),
+        ({"max_image_side": "big"}, "max_image_side: must be an integer of at least 1, got 'big'"),
     ],
 )
 def test_invalid_settings_are_refused_with_the_reason(

@@ -1,19 +1,22 @@
-"""The Triton client: the tensor contract, error mapping, and calls to the real server."""
+"""The Triton client: the tensor contract, error mapping, one channel, and the real server."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2
-from tritonclient.utils import InferenceServerException, serialize_byte_tensor
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.utils import serialize_byte_tensor
 
 from service.adapters.triton import (
     GuardClient,
     Sampling,
     Tensor,
-    classify_triton_error,
+    classify_rpc_error,
     describe_served_model,
     read_rating_log_prob,
     request_tensors,
@@ -80,25 +83,26 @@ def test_a_large_image_is_one_length_prefixed_field() -> None:
     assert list(request.inputs[1].shape) == [1, 1, 600, 700, 3]
 
 
+RETRIABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+def rpc_error(code: grpc.StatusCode, details: str = "it failed") -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
 @pytest.mark.parametrize(
-    ("status", "expected"),
-    [
-        ("StatusCode.UNAVAILABLE", GuardUnavailable),
-        ("StatusCode.DEADLINE_EXCEEDED", GuardUnavailable),
-        ("StatusCode.RESOURCE_EXHAUSTED", GuardUnavailable),
-        ("StatusCode.INVALID_ARGUMENT", GuardError),
-        ("StatusCode.NOT_FOUND", GuardError),
-        ("StatusCode.INTERNAL", GuardError),
-        (None, GuardError),
-    ],
+    "code", [c for c in grpc.StatusCode if c is not grpc.StatusCode.OK], ids=lambda c: c.name
 )
-def test_triton_statuses_map_to_retriable_or_final_errors(
-    status: str | None, expected: type[Exception]
-) -> None:
-    error = classify_triton_error(InferenceServerException("it failed", status=status), "guard")
-    assert type(error) is expected
-    assert "guard" in error.message
-    assert "it failed" in error.message
+def test_grpc_statuses_map_to_retriable_or_final_errors(code: grpc.StatusCode) -> None:
+    error = classify_rpc_error(rpc_error(code), "guard")
+    assert type(error) is (GuardUnavailable if code in RETRIABLE else GuardError)
+    assert error.message == f"Triton model 'guard': StatusCode.{code.name}: it failed"
 
 
 def test_text_output_is_read_from_either_shape_and_missing_output_is_an_error() -> None:
@@ -118,25 +122,159 @@ async def test_waiting_for_an_absent_server_fails_with_a_clear_message() -> None
         await guard.close()
 
 
+def model_config(**parameters: str) -> model_config_pb2.ModelConfig:
+    return model_config_pb2.ModelConfig(
+        name="guard",
+        parameters={
+            key: model_config_pb2.ModelParameter(string_value=value)
+            for key, value in parameters.items()
+        },
+    )
+
+
+def model_metadata(*outputs: str) -> service_pb2.ModelMetadataResponse:
+    return service_pb2.ModelMetadataResponse(
+        name="guard",
+        outputs=[service_pb2.ModelMetadataResponse.TensorMetadata(name=name) for name in outputs],
+    )
+
+
 def test_the_served_model_is_described_by_its_outputs_and_name_parameters() -> None:
-    metadata = {"outputs": [{"name": "text_output"}, {"name": "rating_log_prob"}]}
-    config = {
-        "config": {
-            "parameters": {
-                "guard_model_name": {"string_value": "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"},
-                "guard_model_version": {"string_value": "rev-1"},
-                "other": {"string_value": "x"},
-            }
-        }
-    }
-    assert describe_served_model(metadata, config) == ServedModel(
+    config = model_config(
+        guard_model_name="AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf",
+        guard_model_version="rev-1",
+        other="x",
+    )
+    assert describe_served_model(
+        model_metadata("text_output", "rating_log_prob"), config
+    ) == ServedModel(
         outputs=("text_output", "rating_log_prob"),
         name="AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf",
         version="rev-1",
     )
-    # Blank or missing parameters name nothing.
-    blank = {"config": {"parameters": {"guard_model_name": {"string_value": ""}}}}
-    assert describe_served_model({"outputs": []}, blank) == ServedModel(outputs=())
+    # Blank or missing parameters name nothing, and reading them adds none to the config.
+    blank = model_config(guard_model_name="")
+    assert describe_served_model(model_metadata(), blank) == ServedModel(outputs=())
+    assert list(blank.parameters) == ["guard_model_name"]
+
+
+class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Triton's gRPC service as far as GuardClient uses it, noting each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.infer_failure: grpc.StatusCode | None = None
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.calls.append("ServerReady")
+        return service_pb2.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.calls.append("ModelReady")
+        return service_pb2.ModelReadyResponse(ready=request.name == "guard")
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.calls.append("ModelMetadata")
+        return model_metadata("text_output", "rating_log_prob")
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.calls.append("ModelConfig")
+        config = model_config(guard_model_name="fake-guard", guard_model_version="7")
+        return service_pb2.ModelConfigResponse(config=config)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.calls.append("ModelInfer")
+        if self.infer_failure is not None:
+            await context.abort(self.infer_failure, "scripted failure")
+        output = service_pb2.ModelInferResponse.InferOutputTensor
+        return service_pb2.ModelInferResponse(
+            model_name=request.model_name,
+            model_version="1",
+            outputs=[
+                output(name="text_output", datatype="BYTES", shape=[1, 1]),
+                output(name="rating_log_prob", datatype="FP32", shape=[1, 1]),
+            ],
+            raw_output_contents=[
+                serialize_byte_tensor(np.array([[b"{}"]], dtype=np.object_)).item(),
+                np.array([[-0.5]], np.float32).tobytes(),
+            ],
+        )
+
+
+@pytest.fixture
+async def fake_triton() -> AsyncIterator[tuple[FakeTriton, str]]:
+    """A FakeTriton served on a free port; it and its address."""
+    servicer = FakeTriton()
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+async def test_probes_and_inference_go_over_one_channel(
+    fake_triton: tuple[FakeTriton, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    servicer, url = fake_triton
+    opened: list[str] = []
+    open_channel = grpc.aio.insecure_channel
+
+    def counted(target: str, *args: Any, **kwargs: Any) -> Any:
+        opened.append(target)
+        return open_channel(target, *args, **kwargs)
+
+    monkeypatch.setattr(grpc.aio, "insecure_channel", counted)
+    guard = GuardClient(url, "guard", SAMPLING)
+    try:
+        await guard.wait_ready(timeout_s=5)
+        reply = await guard.ask("policy", np.zeros((4, 4, 3), np.uint8))
+        assert await guard.not_ready(timeout_s=5) is None
+    finally:
+        await guard.close()
+    # What the breaker's probe sees of the channel (its state, its reconnect backoff) is what
+    # inference gets.
+    assert opened == [url]
+    assert set(servicer.calls) == {
+        "ServerReady",
+        "ModelReady",
+        "ModelMetadata",
+        "ModelConfig",
+        "ModelInfer",
+    }
+    assert (reply.text, reply.model_name, reply.rating_log_prob) == ("{}", "guard", -0.5)
+    assert reply.served == ServedModel(("text_output", "rating_log_prob"), "fake-guard", "7")
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "read_again"),
+    [
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, GuardUnavailable, True),
+        (grpc.StatusCode.INVALID_ARGUMENT, GuardError, False),
+    ],
+)
+async def test_a_failed_inference_is_translated_where_it_fails(
+    fake_triton: tuple[FakeTriton, str],
+    status: grpc.StatusCode,
+    expected: type[Exception],
+    read_again: bool,
+) -> None:
+    servicer, url = fake_triton
+    guard = GuardClient(url, "guard", SAMPLING)
+    try:
+        servicer.infer_failure = status
+        with pytest.raises(expected, match=f"StatusCode.{status.name}: scripted failure") as caught:
+            await guard.ask("policy", np.zeros((4, 4, 3), np.uint8))
+        assert isinstance(caught.value.__cause__, grpc.aio.AioRpcError)
+        assert caught.value.__cause__.code() is status
+        servicer.infer_failure = None
+        await guard.ask("policy", np.zeros((4, 4, 3), np.uint8))
+    finally:
+        await guard.close()
+    # After a retriable failure the served model is read again: Triton may have changed it.
+    assert servicer.calls.count("ModelConfig") == (2 if read_again else 1)
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,18 @@
-"""Every model configuration in triton_models parses as Triton's ModelConfig protobuf.
+"""Every model repository in triton_models, as Triton is given it: configurations that parse as
+Triton's ModelConfig protobuf, and Python models that find the modules of ours they import.
 
-The plain repositories (cpu, bench) are read as they are; the template repositories (every
-folder with `*.tmpl` files: hf, trtllm) are first rendered by triton_models/fill.py, with a value
-for each placeholder that has no default (a number, which text format also reads as a string or
-a boolean). tritonclient ships the ModelConfig definitions; text_format.Parse refuses unknown
-fields, wrong types and malformed text, as tritonserver does when it loads a model.
+Every repository is read as triton_models/fill.py renders it (the embedded stack and the images
+serve it so): the template repositories (every folder with `*.tmpl` files: hf, trtllm) with a
+value for each placeholder that has no default (a number, which text format also reads as a
+string or a boolean), the plain ones (cpu, bench) as they are, and every one with
+triton_models/common's modules beside each model.py. tritonclient ships the ModelConfig
+definitions; text_format.Parse refuses unknown fields, wrong types and malformed text, as
+tritonserver does when it loads a model.
 """
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -23,8 +27,6 @@ TEMPLATES = [p for p in REPOSITORIES if any(p.rglob("*" + fill.TEMPLATE_SUFFIX))
 
 
 def rendered(repository: Path, tmp_path: Path) -> Path:
-    if repository not in TEMPLATES:
-        return repository
     values = {p.name: "1" for p in fill.placeholders(repository) if p.default is None}
     out = tmp_path / repository.name
     fill.fill(repository, out, values)
@@ -59,6 +61,34 @@ def test_every_model_config_parses_as_tritons_model_config(
         assert versions, f"{model} has no version directory"
         if config.backend == "python":
             assert all((v / "model.py").is_file() for v in versions), model
+
+
+def imported(source: Path) -> set[str]:
+    """The top-level names of the modules a Python file imports, wherever in the file."""
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("repository", REPOSITORIES, ids=lambda p: p.name)
+def test_every_python_model_has_the_modules_of_ours_it_imports_beside_it(
+    repository: Path, tmp_path: Path
+) -> None:
+    # The Python backend puts a model's version directory on sys.path and nothing else of ours.
+    ours = {p.stem for p in MODELS.rglob("*.py")}
+    root = rendered(repository, tmp_path)
+    model_files = list(root.rglob("model.py"))
+    assert model_files, f"{repository.name} has no Python model"
+    for model_file in model_files:
+        directory = model_file.parent
+        beside = {p.stem for p in directory.glob("*.py")}
+        for source in directory.glob("*.py"):
+            missing = (imported(source) & ours) - beside
+            assert not missing, f"{source.relative_to(root)} imports {sorted(missing)}"
 
 
 def test_a_typo_in_a_config_is_caught() -> None:

@@ -259,12 +259,13 @@ def test_the_guard_refuses_an_invalid_schema_or_engine(repository: Path) -> None
     assert settings.limits.max_input_len == ENGINE_MAX_INPUT_LEN
     assert json.loads(settings.guided_json_schema) == ANSWER_SCHEMA
     for change, message in [
-        ({"guided_json_schema": "{not json"}, "not JSON"),
-        ({"guided_json_schema": "[1]"}, "not a JSON object"),
+        ({"guided_json_schema": "{not json"}, "guided_json_schema: not valid JSON"),
+        ({"guided_json_schema": "[1]"}, "guided_json_schema: must be a JSON object, got list"),
         ({"decision_pattern": "no group"}, "needs at least one group"),
         ({"engine_dir": str(repository)}, "cannot read config.json"),
-        ({"max_image_side": "0"}, "positive integer"),
-        ({"guard_model_name": " "}, "guard_model_name is empty"),
+        ({"max_image_side": "0"}, "max_image_side: must be an integer of at least 1, got '0'"),
+        ({"guard_model_name": " "}, "guard_model_name: must not be empty"),
+        ({"engine_dir": ""}, "engine_dir: must not be empty"),
     ]:
         with pytest.raises(spec.InvalidSettingsError, match=re.escape(message)):
             spec.parse_settings({**values, **change}, repository / "guard")

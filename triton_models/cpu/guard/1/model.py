@@ -7,36 +7,23 @@ detector in one onnxruntime run. Nothing raises out of `execute`.
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from nudenet_rules import (
-    Detector,
-    InvalidImageError,
-    RGBImage,
-    answer_json,
-    image_from_tensor,
-    judge,
-    model_version,
-    parse_settings,
-)
+from guard_request import IMAGE_INPUT, InvalidRequestError, image_from_tensor
+from model_parameters import string_values
+from nudenet_rules import Detector, RGBImage, answer_json, judge, model_version, parse_settings
 
-IMAGE_INPUT = "image_bytes_input"
 TEXT_OUTPUT = "text_output"
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = json.loads(args["model_config"])
-        parameters = {
-            name: value["string_value"] for name, value in config.get("parameters", {}).items()
-        }
         # An InvalidSettingsError here fails the model load with its message, which is the
         # point: a guard with misread rules must not answer.
-        settings = parse_settings(parameters)
+        settings = parse_settings(string_values(args["model_config"]))
         self._policy = settings.policy
         self._max_image_side = settings.max_image_side
         self._version = model_version(settings.policy, version("nudenet"))
@@ -50,7 +37,7 @@ class TritonPythonModel:
             try:
                 images.append(self._image(request))
                 judged.append(index)
-            except InvalidImageError as exc:
+            except InvalidRequestError as exc:
                 # INVALID_ARG, not the default INTERNAL: the client must not retry this one.
                 responses[index] = _error_response(str(exc), pb_utils.TritonError.INVALID_ARG)
         for index, response in zip(judged, self._judge(images), strict=True):
@@ -64,7 +51,7 @@ class TritonPythonModel:
     def _image(self, request: Any) -> RGBImage:
         tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
         if tensor is None:
-            raise InvalidImageError(f"{IMAGE_INPUT} is missing")
+            raise InvalidRequestError(f"{IMAGE_INPUT} is missing")
         return image_from_tensor(tensor.as_numpy(), self._max_image_side)
 
     def _judge(self, images: list[RGBImage]) -> list[Any]:

@@ -4,7 +4,6 @@ Nothing here imports Triton: `model.py` is the glue, this module is the model, s
 it without a server. One step per function, in the order the data flows:
 
     parse_settings      config.pbtxt parameters -> Settings, or InvalidSettingsError
-    image_from_tensor   one request's [1, 1, H, W, 3] tensor -> an RGB image, or InvalidImageError
     letterbox           RGB image -> the network's input planes, exactly as NudeNet builds them
     Detector.detect     several images -> ONE onnxruntime run -> detections per image
     decode_detections   one image's raw output -> detections, exactly as NudeNet post-processes
@@ -14,6 +13,10 @@ it without a server. One step per function, in the order the data flows:
 Reproduced from nudenet 3.4.2 (`nudenet/nudenet.py`), so that the scores are NudeNet's own:
 pad bottom/right to a black square, resize to 320x320 with cv2 INTER_LINEAR, scale by 1/255,
 keep rows whose best class score is >= 0.2, then `cv2.dnn.NMSBoxes(..., 0.25, 0.45)`.
+
+A request's image comes from `guard_request.image_from_tensor`, the image contract's one check
+for every guard; `max_image_side` bounds it here because the letterbox pads to a square of the
+longer side, so a long thin strip would otherwise cost side * side * 3 bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import cv2
 import nudenet
 import numpy as np
 import onnxruntime
+from model_parameters import InvalidSettingsError, ModelParameters
 from numpy.typing import NDArray
 
 RGBImage = NDArray[np.uint8]
@@ -74,14 +78,6 @@ SAFE, UNSAFE = "Safe", "Unsafe"
 # LlavaGuard's policy categories; the rationale names the ones this detector does not assess.
 LLAVAGUARD_CODES: tuple[str, ...] = tuple(f"O{number}" for number in range(1, 10))
 PARAMETERS = ("rules", "categories", "report_min_score", "intra_op_num_threads", "max_image_side")
-
-
-class InvalidSettingsError(ValueError):
-    """A config.pbtxt parameter is missing or wrong; the model must not load."""
-
-
-class InvalidImageError(ValueError):
-    """One request's image tensor cannot be judged; only that request fails."""
 
 
 @dataclass(frozen=True)
@@ -136,26 +132,21 @@ class Answer:
 def parse_settings(parameters: Mapping[str, str]) -> Settings:
     """Settings from the `parameters` of config.pbtxt, every one of them required, so that
     config.pbtxt is the one place their values live."""
-    missing = [name for name in PARAMETERS if name not in parameters]
-    if missing:
-        raise InvalidSettingsError(f"config.pbtxt parameters missing: {', '.join(missing)}")
-    categories = parse_categories(parameters["categories"])
+    read = ModelParameters(parameters, required=PARAMETERS)
+    categories = parse_categories(read.json_object("categories"))
     return Settings(
         policy=Policy(
-            rules=parse_rules(parameters["rules"], categories),
+            rules=parse_rules(read.json_object("rules"), categories),
             categories=categories,
-            report_min_score=_parse_score("report_min_score", parameters["report_min_score"]),
+            report_min_score=read.number("report_min_score", minimum=0, maximum=1),
         ),
-        intra_op_num_threads=_parse_positive_int(
-            "intra_op_num_threads", parameters["intra_op_num_threads"]
-        ),
-        max_image_side=_parse_positive_int("max_image_side", parameters["max_image_side"]),
+        intra_op_num_threads=read.integer("intra_op_num_threads", minimum=1),
+        max_image_side=read.integer("max_image_side", minimum=1),
     )
 
 
-def parse_categories(text: str) -> dict[str, str]:
+def parse_categories(categories: Mapping[str, Any]) -> dict[str, str]:
     """`{"O4": "O4: Nudity Content"}`: category code -> the label answers carry."""
-    categories = _parse_json_object("categories", text)
     if not categories:
         raise InvalidSettingsError("categories: must name at least one category")
     for code, label in categories.items():
@@ -170,10 +161,9 @@ def parse_categories(text: str) -> dict[str, str]:
     return dict(categories)
 
 
-def parse_rules(text: str, categories: Mapping[str, str]) -> dict[str, Rule]:
+def parse_rules(raw: Mapping[str, Any], categories: Mapping[str, str]) -> dict[str, Rule]:
     """`{"BUTTOCKS_EXPOSED": {"category": "O4", "min_score": 0.5}, ...}`: a detection of that
     label scoring at least min_score makes the image Unsafe in that category."""
-    raw = _parse_json_object("rules", text)
     if not raw:
         raise InvalidSettingsError("rules: empty, so every image would be Safe")
     rules = {}
@@ -193,62 +183,11 @@ def parse_rules(text: str, categories: Mapping[str, str]) -> dict[str, Rule]:
     return rules
 
 
-def _parse_json_object(name: str, text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidSettingsError(f"{name}: not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise InvalidSettingsError(f"{name}: must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _parse_score(name: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise InvalidSettingsError(f"{name}: must be a number in 0..1, got {text!r}") from exc
-    return _check_score(name, value)
-
-
 def _check_score(name: str, value: object) -> float:
     # bool is an int to Python, but `true` as a threshold is a mistake in the config.
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise InvalidSettingsError(f"{name}: must be a number in 0..1, got {value!r}")
     return float(value)
-
-
-def _parse_positive_int(name: str, text: str) -> int:
-    message = f"{name}: must be a positive integer, got {text!r}"
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise InvalidSettingsError(message) from exc
-    if value < 1:
-        raise InvalidSettingsError(message)
-    return value
-
-
-def image_from_tensor(tensor: NDArray[Any], max_side: int) -> RGBImage:
-    """The one RGB image of a request whose `image_bytes_input` is [1, 1, H, W, 3] UINT8."""
-    shape = list(tensor.shape)
-    if tensor.ndim != 5 or shape[4] != 3:
-        raise InvalidImageError(f"image_bytes_input: expected shape [1, 1, H, W, 3], got {shape}")
-    if tensor.dtype != np.uint8:
-        raise InvalidImageError(f"image_bytes_input: expected UINT8, got {tensor.dtype}")
-    if shape[0] * shape[1] != 1:
-        raise InvalidImageError(f"image_bytes_input: expected one image, got {shape[0] * shape[1]}")
-    height, width = shape[2], shape[3]
-    if height == 0 or width == 0:
-        raise InvalidImageError(f"image_bytes_input: empty image of {width}x{height} pixels")
-    # The letterbox pads to a square of the longer side: a long thin strip would otherwise cost
-    # side * side * 3 bytes.
-    if max(height, width) > max_side:
-        raise InvalidImageError(
-            f"image_bytes_input: {width}x{height} pixels, longer side over max_image_side "
-            f"{max_side}"
-        )
-    return np.ascontiguousarray(tensor[0, 0])
 
 
 def letterbox(image: RGBImage) -> NDArray[np.float32]:

@@ -47,6 +47,7 @@ from guard_answer import (
     token_pieces,
 )
 from guard_request import InvalidRequestError, image_from_tensor
+from model_parameters import InvalidSettingsError, ModelParameters
 from numpy.typing import NDArray
 from transformers import (
     AutoProcessor,
@@ -83,10 +84,6 @@ _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 TensorLookup = Callable[[str], NDArray[Any] | None]
 """A request's input tensor by name, None when the client did not send it."""
-
-
-class InvalidSettingsError(ValueError):
-    """A config.pbtxt parameter or the checkpoint is wrong; the model must not load."""
 
 
 @dataclass(frozen=True)
@@ -147,61 +144,36 @@ class Answer:
 
 def parse_settings(parameters: Mapping[str, str]) -> Settings:
     """Settings from config.pbtxt's parameters, each required (fill.py writes them all)."""
-    missing = [name for name in PARAMETERS if name not in parameters]
-    if missing:
-        raise InvalidSettingsError(f"config.pbtxt parameters missing: {', '.join(missing)}")
-    for name in ("checkpoint", "guard_model_name", "guard_model_version"):
-        if not parameters[name].strip():
-            raise InvalidSettingsError(f"{name}: must not be empty")
-    device = parameters["device"]
+    read = ModelParameters(parameters, required=PARAMETERS)
+    checkpoint = read.string("checkpoint", blank=False)
+    model_name = read.string("guard_model_name", blank=False)
+    model_version = read.string("guard_model_version", blank=False)
+    device = read.string("device")
     if not _DEVICE.fullmatch(device):
         raise InvalidSettingsError(f"device: must be cpu, cuda or cuda:N, got {device!r}")
-    dtype = parameters["dtype"]
-    if dtype not in DTYPES:
-        raise InvalidSettingsError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = read.choice("dtype", tuple(DTYPES))
     if dtype == "float16" and device == "cpu":
         # PyTorch's CPU kernels for half precision are missing or slow; bfloat16 works.
         raise InvalidSettingsError("dtype: float16 is for CUDA; use float32 or bfloat16 on cpu")
-    attention = parameters["attn_implementation"]
-    if attention not in ATTENTION:
-        raise InvalidSettingsError(
-            f"attn_implementation: must be one of {', '.join(ATTENTION)}, got {attention!r}"
-        )
+    attention = read.choice("attn_implementation", ATTENTION)
     try:
-        pattern = compile_decision_pattern(parameters["decision_pattern"] or DECISION_PATTERN)
+        pattern = compile_decision_pattern(read.string("decision_pattern") or DECISION_PATTERN)
     except ValueError as exc:
         raise InvalidSettingsError(str(exc)) from exc
     return Settings(
-        checkpoint=Path(parameters["checkpoint"]),
-        model_name=parameters["guard_model_name"],
-        model_version=parameters["guard_model_version"],
-        verify_checkpoint=_parse_bool("verify_checkpoint", parameters["verify_checkpoint"]),
+        checkpoint=Path(checkpoint),
+        model_name=model_name,
+        model_version=model_version,
+        verify_checkpoint=read.boolean("verify_checkpoint"),
         device=device,
         dtype=dtype,
         attn_implementation=attention,
-        max_new_tokens=_parse_int("max_new_tokens", parameters["max_new_tokens"], 1),
-        max_input_tokens=_parse_int("max_input_tokens", parameters["max_input_tokens"], 1),
-        max_image_side=_parse_int("max_image_side", parameters["max_image_side"], 1),
+        max_new_tokens=read.integer("max_new_tokens", minimum=1),
+        max_input_tokens=read.integer("max_input_tokens", minimum=1),
+        max_image_side=read.integer("max_image_side", minimum=1),
         decision_pattern=pattern,
-        torch_num_threads=_parse_int("torch_num_threads", parameters["torch_num_threads"], 0),
+        torch_num_threads=read.integer("torch_num_threads", minimum=0),
     )
-
-
-def _parse_bool(name: str, text: str) -> bool:
-    if text not in ("true", "false"):
-        raise InvalidSettingsError(f"{name}: must be true or false, got {text!r}")
-    return text == "true"
-
-
-def _parse_int(name: str, text: str, minimum: int) -> int:
-    message = f"{name}: must be an integer of at least {minimum}, got {text!r}"
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise InvalidSettingsError(message) from exc
-    if value < minimum:
-        raise InvalidSettingsError(message)
-    return value
 
 
 def resolve_device(device: str, instance_kind: str, instance_device_id: str) -> torch.device:

@@ -7,7 +7,6 @@ INTERNAL, and the others are still answered; nothing raises out of `execute`.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from hf_guard import (
     plan_batches,
     resolve_device,
 )
+from model_parameters import string_values
 
 TEXT_OUTPUT = "text_output"
 RATING_LOG_PROB = "rating_log_prob"
@@ -29,13 +29,9 @@ RATING_LOG_PROB = "rating_log_prob"
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = json.loads(args["model_config"])
-        parameters = {
-            name: value["string_value"] for name, value in config.get("parameters", {}).items()
-        }
         # InvalidSettingsError fails the load with its message: a guard that cannot say which
         # model it is, or runs another one, must not answer.
-        self._settings = parse_settings(parameters)
+        self._settings = parse_settings(string_values(args["model_config"]))
         device = resolve_device(
             self._settings.device,
             args.get("model_instance_kind", "CPU"),

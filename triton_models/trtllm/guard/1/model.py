@@ -9,13 +9,13 @@ the request is at fault) and the others are still judged. Nothing raises out of 
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from guard_request import InvalidRequestError
+from model_parameters import string_values
 from trtllm_guard import (
     GuardRequest,
     Settings,
@@ -41,15 +41,10 @@ class TritonPythonModel:
         # Imported here: the Triton image has transformers; the module's tests need only numpy.
         from transformers import AutoProcessor
 
-        config = json.loads(args["model_config"])
-        parameters = {
-            name: value.get("string_value", "")
-            for name, value in config.get("parameters", {}).items()
-        }
         model_dir = Path(args["model_repository"])
         # An InvalidSettingsError fails the model load with its message: a guard that would
         # answer with the wrong template, limits or schema must not answer at all.
-        self._settings: Settings = parse_settings(parameters, model_dir)
+        self._settings: Settings = parse_settings(string_values(args["model_config"]), model_dir)
         self._processor = AutoProcessor.from_pretrained(str(self._settings.processor_dir))
         tokenizer = self._processor.tokenizer
         vocab = tokenizer.get_vocab()

@@ -36,15 +36,12 @@ from guard_answer import (
     token_pieces,
 )
 from guard_request import IMAGE_INPUT, InvalidRequestError, image_from_tensor
+from model_parameters import InvalidSettingsError, ModelParameters
 from numpy.typing import NDArray
 
 TEXT_INPUT = "text_input"
 MAX_TOKENS_INPUT = "max_tokens"
 JSON_SCHEMA_GUIDE = "json_schema"
-
-
-class InvalidSettingsError(ValueError):
-    """A parameter of config.pbtxt (or the engine's config.json) the model cannot run with."""
 
 
 @dataclass(frozen=True)
@@ -148,40 +145,20 @@ def read_engine_limits(engine_config: Mapping[str, Any]) -> EngineLimits:
 
 def parse_settings(parameters: Mapping[str, str], model_dir: Path) -> Settings:
     """Settings from config.pbtxt's parameters; relative paths are relative to `model_dir`."""
-
-    def required(name: str) -> str:
-        value = parameters.get(name)
-        if value is None:
-            raise InvalidSettingsError(f"parameter {name} is missing")
-        return value
+    read = ModelParameters(parameters)
 
     def path(name: str) -> Path:
-        value = required(name)
-        if not value:
-            raise InvalidSettingsError(f"parameter {name} is empty")
-        return model_dir / value  # an absolute value replaces model_dir
+        return model_dir / read.string(name, blank=False)  # an absolute value replaces model_dir
 
-    def positive_int(name: str) -> int:
-        value = required(name)
-        try:
-            number = int(value)
-        except ValueError:
-            number = 0
-        if number <= 0:
-            raise InvalidSettingsError(
-                f"parameter {name}: expected a positive integer, got {value!r}"
-            )
-        return number
+    def name(parameter: str) -> str:
+        return read.string(parameter, blank=False).strip()
 
-    schema = required("guided_json_schema")
-    if schema.strip():
-        try:
-            if not isinstance(json.loads(schema), dict):
-                raise InvalidSettingsError("parameter guided_json_schema: not a JSON object")
-        except json.JSONDecodeError as exc:
-            raise InvalidSettingsError(f"parameter guided_json_schema: not JSON: {exc}") from exc
+    # Blank, on purpose, turns the constraint off; anything else must be a JSON schema.
+    schema = read.string("guided_json_schema").strip()
+    if schema:
+        read.json_object("guided_json_schema")
     try:
-        pattern = compile_decision_pattern(required("decision_pattern") or DECISION_PATTERN)
+        pattern = compile_decision_pattern(read.string("decision_pattern") or DECISION_PATTERN)
     except ValueError as exc:
         raise InvalidSettingsError(str(exc)) from exc
 
@@ -190,24 +167,19 @@ def parse_settings(parameters: Mapping[str, str], model_dir: Path) -> Settings:
         engine_config = json.loads((engine_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InvalidSettingsError(f"engine_dir: cannot read config.json: {exc}") from exc
-    names = {}
-    for name in ("guard_model_name", "guard_model_version", "vision_encoder_model", "llm_model"):
-        names[name] = required(name).strip()
-        if not names[name]:
-            raise InvalidSettingsError(f"parameter {name} is empty")
     return Settings(
-        guard_model_name=names["guard_model_name"],
-        guard_model_version=names["guard_model_version"],
+        guard_model_name=name("guard_model_name"),
+        guard_model_version=name("guard_model_version"),
         processor_dir=path("processor_dir"),
         engine_dir=engine_dir,
         limits=read_engine_limits(engine_config),
-        guided_json_schema=schema.strip(),
+        guided_json_schema=schema,
         decision_pattern=pattern,
-        end_token=required("end_token"),
-        pad_token=required("pad_token"),
-        max_image_side=positive_int("max_image_side"),
-        vision_encoder_model=names["vision_encoder_model"],
-        llm_model=names["llm_model"],
+        end_token=read.string("end_token"),
+        pad_token=read.string("pad_token"),
+        max_image_side=read.integer("max_image_side", minimum=1),
+        vision_encoder_model=name("vision_encoder_model"),
+        llm_model=name("llm_model"),
     )
 
 

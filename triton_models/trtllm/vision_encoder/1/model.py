@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
+from model_parameters import ModelParameters, string_values
 from vision_features import Layout, layouts, run_batched
 
 OUTPUT = "prompt_embedding_table"
@@ -61,20 +62,18 @@ class TritonPythonModel:
         from safetensors.torch import load_file
         from transformers import AutoConfig
 
-        config = json.loads(args["model_config"])
-        parameters = {
-            name: value.get("string_value", "")
-            for name, value in config.get("parameters", {}).items()
-        }
+        parameters = ModelParameters(string_values(args["model_config"]))
         model_dir = Path(args["model_repository"])
-        engine_dir = model_dir / parameters["engine_dir"]
+        engine_dir = model_dir / parameters.string("engine_dir", blank=False)
         builder = json.loads((engine_dir / "config.json").read_text())["builder_config"]
         model_type = builder["model_type"]
         self._max_batch = int(builder["max_batch_size"])
         self._device = torch.device(f"cuda:{args['model_instance_device_id']}")
         newline_file = engine_dir / "image_newlines.safetensors"
         newline = load_file(str(newline_file))["image_newline"] if newline_file.exists() else None
-        hf_config = AutoConfig.from_pretrained(str(model_dir / parameters["hf_dir"]))
+        hf_config = AutoConfig.from_pretrained(
+            str(model_dir / parameters.string("hf_dir", blank=False))
+        )
         known = layouts(hf_config, newline)
         if model_type not in known:
             raise ValueError(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
+from service.core.backoff import exponential, full_jitter
 from service.core.breaker import Breaker
 from service.core.errors import DeadlineExceeded, GuardstreamError, UrlNotSupported
 from service.core.events import (
@@ -91,7 +91,7 @@ class Retry:
     max_backoff_s: float = 10.0
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_backoff_s, self.first_backoff_s * 2**attempt))
+        return full_jitter(exponential(attempt, self.first_backoff_s, self.max_backoff_s))
 
 
 @dataclass(frozen=True)

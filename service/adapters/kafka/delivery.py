@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -45,6 +46,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Tracer
 
 from service.config import Settings
+from service.core.backoff import exponential
 from service.core.pipeline import Outcome
 from service.core.verdicts import DeadLetter
 from service.ops.metrics import Metrics
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 _JSON = ("content-type", b"application/json")
 _PRODUCER_BROKEN = (OutOfOrderSequenceNumber,)
+_PUBLISH_FIRST_BACKOFF_S = 0.1
+_PUBLISH_MAX_BACKOFF_S = 5.0
 
 
 class PublishFailed(Exception):
@@ -194,8 +198,8 @@ class AtLeastOnce:
 
     async def _publish(self, outgoing: Outgoing, headers: list[tuple[str, bytes]]) -> None:
         deadline = time.monotonic() + self._settings.publish_timeout_s
-        backoff = 0.1
-        while True:
+        for attempt in itertools.count():
+            backoff = exponential(attempt, _PUBLISH_FIRST_BACKOFF_S, _PUBLISH_MAX_BACKOFF_S)
             producer = self._producer.current
             try:
                 delivery = await producer.send(
@@ -215,7 +219,6 @@ class AtLeastOnce:
                     await self._producer.replace(producer)
             self._metrics.publish_retries.inc()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int]:
         try:

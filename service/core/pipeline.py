@@ -40,6 +40,7 @@ from service.core.events import (
 from service.core.guard import Guard, GuardReply
 from service.core.images import DecodedImage, ImageLimits, decode_image, decode_inline
 from service.core.policies import Assessment, Policy, PolicyRegistry, parse_answer
+from service.core.positions import where
 from service.core.verdicts import (
     DeadLetter,
     DeadLetterError,
@@ -73,7 +74,7 @@ class Record:
 
     @property
     def where(self) -> str:
-        return f"{self.topic}[{self.partition}]@{self.offset}"
+        return where(self.topic, self.partition, self.offset)
 
 
 class Fetcher(Protocol):

@@ -35,6 +35,7 @@ from service.adapters.kafka.offsets import PartitionOffsets
 from service.config import Settings
 from service.core.breaker import Breaker
 from service.core.pipeline import Pipeline, Record
+from service.core.positions import where
 from service.core.verdicts import DeadLetter, serialize
 from service.ops.metrics import Metrics
 from service.ops.tracing import extract
@@ -247,7 +248,7 @@ class ModerationConsumer:
         if not offsets.is_new(message.offset):
             # The client moved back on a partition it kept (an offset reset after a broker
             # restart): this record was taken already and is finished or in flight.
-            log.warning("skipping %s[%d]@%d: already taken", tp.topic, tp.partition, message.offset)
+            log.warning("skipping %s: already taken", where(tp.topic, tp.partition, message.offset))
             return
         offsets.take(message.offset)
         self._window.take(tp, message.offset, len(message.value or b""))
@@ -414,4 +415,4 @@ def record_from(message: ConsumerRecord[bytes, bytes]) -> Record:
 
 
 def _describe_partitions(partitions: Iterable[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
+    return ", ".join(where(tp.topic, tp.partition) for tp in sorted(partitions)) or "none"

@@ -48,6 +48,7 @@ from opentelemetry.trace import SpanKind, Tracer
 from service.config import Settings
 from service.core.backoff import exponential
 from service.core.pipeline import Outcome
+from service.core.positions import where
 from service.core.verdicts import DeadLetter
 from service.ops.metrics import Metrics
 from service.ops.tracing import inject
@@ -77,6 +78,11 @@ class Outgoing:
     timestamp_ms: int | None
     context: Context
     """The trace context of the record's process span: the publish span's parent."""
+
+    @property
+    def where(self) -> str:
+        """The record this is the outcome of, as `topic[partition]@offset`."""
+        return where(self.source.topic, self.source.partition, self.offset)
 
     def headers(self) -> list[tuple[str, bytes]]:
         """The current (publish) span's context, the content type, the event id, the code."""
@@ -211,7 +217,7 @@ class AtLeastOnce:
                 replaced = producer is not self._producer.current  # closed by another task
                 if not (replaced or retriable(exc)) or time.monotonic() + backoff > deadline:
                     raise PublishFailed(
-                        f"could not publish the outcome of {_where(outgoing)} to "
+                        f"could not publish the outcome of {outgoing.where} to "
                         f"{outgoing.topic}: {exc!r}"
                     ) from exc
                 log.warning("publish to %s failed, retrying: %r", outgoing.topic, exc)
@@ -345,9 +351,5 @@ async def _abort(producer: AIOKafkaProducer) -> None:
         log.warning("abort failed: %r", exc)
 
 
-def _where(outgoing: Outgoing) -> str:
-    return f"{outgoing.source.topic}[{outgoing.source.partition}]@{outgoing.offset}"
-
-
 def describe(offsets: Mapping[TopicPartition, int]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]={o}" for tp, o in sorted(offsets.items()))
+    return ", ".join(f"{where(tp.topic, tp.partition)}={o}" for tp, o in sorted(offsets.items()))

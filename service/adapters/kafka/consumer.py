@@ -22,15 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
-from service.adapters.kafka.delivery import AtLeastOnce, Delivery, ExactlyOnce, Outgoing, describe
+from service.adapters.kafka.clients import Batches, KafkaConsumer
+from service.adapters.kafka.delivery import Delivery, Outgoing, describe
 from service.adapters.kafka.offsets import PartitionOffsets
 from service.config import Settings
 from service.core.breaker import Breaker
@@ -89,6 +90,8 @@ class ModerationConsumer:
     def __init__(
         self,
         settings: Settings,
+        consumer: KafkaConsumer,
+        delivery: Delivery,
         pipeline: Pipeline,
         breaker: Breaker,
         metrics: Metrics,
@@ -109,23 +112,8 @@ class ModerationConsumer:
         self._committing = asyncio.Lock()
         self._failure: BaseException | None = None
         self.connected = False
-        self.consumer = AIOKafkaConsumer(
-            **settings.kafka_connection(),
-            group_id=settings.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=settings.auto_offset_reset,
-            isolation_level="read_committed",
-            group_instance_id=settings.group_instance_id or None,
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
-            max_poll_interval_ms=settings.max_poll_interval_ms,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        )
-        self._delivery: Delivery = (
-            ExactlyOnce(settings, metrics, tracer)
-            if settings.delivery == "exactly-once"
-            else AtLeastOnce(settings, self.consumer, metrics, tracer)
-        )
+        self.consumer = consumer
+        self._delivery = delivery
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then drain, commit and close. Raises if delivery failed."""
@@ -187,9 +175,7 @@ class ModerationConsumer:
                 await self._commit()
                 next_commit = time.monotonic() + interval
 
-    async def _poll(
-        self, stop: asyncio.Event, timeout_ms: int, max_records: int
-    ) -> Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    async def _poll(self, stop: asyncio.Event, timeout_ms: int, max_records: int) -> Batches:
         """getmany, given up when stop is set: during a rebalance aiokafka waits for the new
         assignment whatever the timeout, and a rebalance that never completes must not keep
         SIGTERM from working. Nothing is lost by cancelling: records are handed out only when
@@ -201,7 +187,7 @@ class ModerationConsumer:
         await asyncio.wait([fetch, stopped], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         if fetch.done():
-            records: Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = fetch.result()
+            records: Batches = fetch.result()
             return records
         fetch.cancel()
         await asyncio.gather(fetch, return_exceptions=True)

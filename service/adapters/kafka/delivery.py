@@ -27,13 +27,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
@@ -45,6 +44,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Tracer
 
+from service.adapters.kafka.clients import KafkaConsumer, KafkaProducer, transactional_id
 from service.config import Settings
 from service.core.backoff import exponential
 from service.core.pipeline import Outcome
@@ -121,7 +121,7 @@ def retriable(exc: KafkaError) -> bool:
 class _Producer:
     """One aiokafka producer, replaced when it breaks (by whichever caller sees it first)."""
 
-    def __init__(self, factory: Callable[[], AIOKafkaProducer]) -> None:
+    def __init__(self, factory: Callable[[], KafkaProducer]) -> None:
         self._factory = factory
         self.current = factory()
         self._lock = asyncio.Lock()
@@ -132,7 +132,7 @@ class _Producer:
     async def stop(self) -> None:
         await self.current.stop()
 
-    async def replace(self, broken: AIOKafkaProducer) -> None:
+    async def replace(self, broken: KafkaProducer) -> None:
         async with self._lock:
             if self.current is not broken:
                 return
@@ -169,7 +169,8 @@ class AtLeastOnce:
     def __init__(
         self,
         settings: Settings,
-        consumer: AIOKafkaConsumer,
+        consumer: KafkaConsumer,
+        new_producer: Callable[[], KafkaProducer],
         metrics: Metrics,
         tracer: Tracer,
     ) -> None:
@@ -177,14 +178,7 @@ class AtLeastOnce:
         self._consumer = consumer
         self._metrics = metrics
         self._tracer = tracer
-        self._producer = _Producer(
-            lambda: AIOKafkaProducer(
-                **settings.kafka_connection(),
-                acks="all",
-                enable_idempotence=settings.enable_idempotence,
-                linger_ms=5,
-            )
-        )
+        self._producer = _Producer(new_producer)
 
     async def start(self) -> None:
         await self._producer.start()
@@ -241,20 +235,18 @@ class AtLeastOnce:
 
 
 class ExactlyOnce:
-    def __init__(self, settings: Settings, metrics: Metrics, tracer: Tracer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        new_producer: Callable[[], KafkaProducer],
+        metrics: Metrics,
+        tracer: Tracer,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._tracer = tracer
-        self.transactional_id = settings.transactional_id or (
-            f"{settings.group_id}-{settings.group_instance_id or socket.gethostname()}"
-        )
-        self._producer = _Producer(
-            lambda: AIOKafkaProducer(
-                **settings.kafka_connection(),
-                transactional_id=self.transactional_id,
-                linger_ms=5,
-            )
-        )
+        self.transactional_id = transactional_id(settings)
+        self._producer = _Producer(new_producer)
         self._held: dict[TopicPartition, dict[int, Outgoing]] = {}
         self._failing_since: float | None = None
 
@@ -299,7 +291,7 @@ class ExactlyOnce:
 
     async def _transaction(
         self,
-        producer: AIOKafkaProducer,
+        producer: KafkaProducer,
         offsets: Mapping[TopicPartition, int],
         batch: list[Outgoing],
     ) -> None:
@@ -314,7 +306,7 @@ class ExactlyOnce:
                 raise
             await producer.commit_transaction()
 
-    async def _send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> asyncio.Future[object]:
+    async def _send(self, producer: KafkaProducer, outgoing: Outgoing) -> asyncio.Future[object]:
         parent = trace.get_current_span(outgoing.context)
         with self._tracer.start_as_current_span(
             f"{outgoing.topic} publish",
@@ -342,7 +334,20 @@ class ExactlyOnce:
             self._held.pop(tp, None)
 
 
-async def _abort(producer: AIOKafkaProducer) -> None:
+def delivery_from(
+    settings: Settings,
+    consumer: KafkaConsumer,
+    new_producer: Callable[[], KafkaProducer],
+    metrics: Metrics,
+    tracer: Tracer,
+) -> Delivery:
+    """The delivery `settings.delivery` asks for (at least once commits through `consumer`)."""
+    if settings.delivery == "exactly-once":
+        return ExactlyOnce(settings, new_producer, metrics, tracer)
+    return AtLeastOnce(settings, consumer, new_producer, metrics, tracer)
+
+
+async def _abort(producer: KafkaProducer) -> None:
     try:
         async with asyncio.timeout(10):
             await producer.abort_transaction()

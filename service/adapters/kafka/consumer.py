@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable
 
 from aiokafka import ConsumerRecord, TopicPartition
@@ -143,11 +142,14 @@ class ModerationConsumer:
             raise self._failure
 
     async def _serve(self, stop: asyncio.Event) -> None:
-        next_commit = time.monotonic()
+        # The event loop's clock (time.monotonic) is the one asyncio's timeouts use, so one
+        # virtual clock drives both in tests.
+        clock = asyncio.get_running_loop().time
+        next_commit = clock()
         interval = self._settings.commit_interval_ms / 1000
         # A member that does not poll within max.poll.interval.ms is dropped from the group.
         must_poll_s = self._settings.max_poll_interval_ms / 2000
-        last_poll = time.monotonic()
+        last_poll = clock()
         while not stop.is_set() and self._failure is None:
             room = self._window.room()
             if room > 0 and not self._breaker.is_open:
@@ -155,13 +157,13 @@ class ModerationConsumer:
                 batches = await self._poll(
                     stop, timeout_ms=min(100, int(interval * 1000)), max_records=room
                 )
-                last_poll = time.monotonic()
-            elif self._breaker.is_open or time.monotonic() - last_poll > must_poll_s:
+                last_poll = clock()
+            elif self._breaker.is_open or clock() - last_poll > must_poll_s:
                 # Paused, and polled only to stay in the group. Pausing makes aiokafka drop
                 # what it prefetched, so a merely full window is waited out without it.
                 self._pause_all()
                 batches = await self._poll(stop, timeout_ms=0, max_records=1)
-                last_poll = time.monotonic()
+                last_poll = clock()
                 await self._until_changed(stop, max_wait_s=min(1.0, interval))
             else:
                 batches = {}
@@ -171,9 +173,9 @@ class ModerationConsumer:
             for tp, messages in batches.items():
                 for message in messages:
                     self._start(tp, message)
-            if time.monotonic() >= next_commit:
+            if clock() >= next_commit:
                 await self._commit()
-                next_commit = time.monotonic() + interval
+                next_commit = clock() + interval
 
     async def _poll(self, stop: asyncio.Event, timeout_ms: int, max_records: int) -> Batches:
         """getmany, given up when stop is set: during a rebalance aiokafka waits for the new
@@ -187,8 +189,7 @@ class ModerationConsumer:
         await asyncio.wait([fetch, stopped], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         if fetch.done():
-            records: Batches = fetch.result()
-            return records
+            return fetch.result()
         fetch.cancel()
         await asyncio.gather(fetch, return_exceptions=True)
         return {}

@@ -197,7 +197,8 @@ class AtLeastOnce:
         return True
 
     async def _publish(self, outgoing: Outgoing, headers: list[tuple[str, bytes]]) -> None:
-        deadline = time.monotonic() + self._settings.publish_timeout_s
+        clock = asyncio.get_running_loop().time  # the clock of asyncio's timeouts, as elsewhere
+        deadline = clock() + self._settings.publish_timeout_s
         for attempt in itertools.count():
             backoff = exponential(attempt, _PUBLISH_FIRST_BACKOFF_S, _PUBLISH_MAX_BACKOFF_S)
             producer = self._producer.current
@@ -209,7 +210,7 @@ class AtLeastOnce:
                 return
             except KafkaError as exc:
                 replaced = producer is not self._producer.current  # closed by another task
-                if not (replaced or retriable(exc)) or time.monotonic() + backoff > deadline:
+                if not (replaced or retriable(exc)) or clock() + backoff > deadline:
                     raise PublishFailed(
                         f"could not publish the outcome of {outgoing.where} to "
                         f"{outgoing.topic}: {exc!r}"
@@ -320,8 +321,9 @@ class ExactlyOnce:
             return future
 
     def _failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self._failing_since = self._failing_since or now
+        now = asyncio.get_running_loop().time()
+        if self._failing_since is None:  # not `or`: a virtual clock may well read 0.0
+            self._failing_since = now
         if now - self._failing_since > self._settings.publish_timeout_s:
             raise PublishFailed(
                 f"transactions failing for {now - self._failing_since:.0f}s: {exc!r}"

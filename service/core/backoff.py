@@ -7,6 +7,9 @@ Every retry loop takes its delays from here, so the schedules differ only in the
   not all come back at the same instant;
 - publishing an outcome at least once (`service.adapters.kafka.delivery`): from 0.1 s, capped
   at 5 s, without jitter; the idempotent producer, not the spread, keeps retries harmless.
+
+A failed exactly-once transaction has no schedule of its own: its outcomes are held and go
+in the next transaction, one commit interval later.
 """
 
 from __future__ import annotations

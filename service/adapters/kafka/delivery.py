@@ -119,7 +119,7 @@ def retriable(exc: KafkaError) -> bool:
 
 
 class _Producer:
-    """One aiokafka producer, replaced when it breaks (by whichever caller sees it first)."""
+    """One producer, replaced when it breaks (by whichever caller sees it first)."""
 
     def __init__(self, factory: Callable[[], KafkaProducer]) -> None:
         self._factory = factory

@@ -12,7 +12,9 @@ from aiokafka.errors import KafkaError
 from opentelemetry.trace import Tracer
 
 from service.adapters.fetch import Fetcher, FetchLimits, parse_allowed_hosts, parse_allowed_networks
+from service.adapters.kafka.clients import consumer_from, producer_factory
 from service.adapters.kafka.consumer import ModerationConsumer
+from service.adapters.kafka.delivery import delivery_from
 from service.adapters.triton import GuardClient, Sampling
 from service.config import Settings
 from service.core.breaker import Breaker
@@ -205,7 +207,9 @@ async def serve(
             tracer=tracer,
             fetcher=fetcher,
         )
-        consumer = ModerationConsumer(settings, pipeline, breaker, metrics, tracer)
+        kafka = consumer_from(settings)
+        delivery = delivery_from(settings, kafka, producer_factory(settings), metrics, tracer)
+        consumer = ModerationConsumer(settings, kafka, delivery, pipeline, breaker, metrics, tracer)
         readiness.consumer, readiness.breaker = consumer, breaker
         try:
             await consumer.run(stop)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
+from service.core.backoff import exponential, full_jitter
 from service.core.breaker import Breaker
 from service.core.errors import DeadlineExceeded, GuardstreamError, UrlNotSupported
 from service.core.events import (
@@ -40,6 +40,7 @@ from service.core.events import (
 from service.core.guard import Guard, GuardReply
 from service.core.images import DecodedImage, ImageLimits, decode_image, decode_inline
 from service.core.policies import Assessment, Policy, PolicyRegistry, parse_answer
+from service.core.positions import where
 from service.core.verdicts import (
     DeadLetter,
     DeadLetterError,
@@ -73,7 +74,7 @@ class Record:
 
     @property
     def where(self) -> str:
-        return f"{self.topic}[{self.partition}]@{self.offset}"
+        return where(self.topic, self.partition, self.offset)
 
 
 class Fetcher(Protocol):
@@ -91,7 +92,7 @@ class Retry:
     max_backoff_s: float = 10.0
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_backoff_s, self.first_backoff_s * 2**attempt))
+        return full_jitter(exponential(attempt, self.first_backoff_s, self.max_backoff_s))
 
 
 @dataclass(frozen=True)

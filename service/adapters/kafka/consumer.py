@@ -21,20 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
-from service.adapters.kafka.delivery import AtLeastOnce, Delivery, ExactlyOnce, Outgoing, describe
+from service.adapters.kafka.clients import Batches, KafkaConsumer
+from service.adapters.kafka.delivery import Delivery, Outgoing, describe
 from service.adapters.kafka.offsets import PartitionOffsets
 from service.config import Settings
 from service.core.breaker import Breaker
 from service.core.pipeline import Pipeline, Record
+from service.core.positions import where
 from service.core.verdicts import DeadLetter, serialize
 from service.ops.metrics import Metrics
 from service.ops.tracing import extract
@@ -88,6 +89,8 @@ class ModerationConsumer:
     def __init__(
         self,
         settings: Settings,
+        consumer: KafkaConsumer,
+        delivery: Delivery,
         pipeline: Pipeline,
         breaker: Breaker,
         metrics: Metrics,
@@ -108,23 +111,8 @@ class ModerationConsumer:
         self._committing = asyncio.Lock()
         self._failure: BaseException | None = None
         self.connected = False
-        self.consumer = AIOKafkaConsumer(
-            **settings.kafka_connection(),
-            group_id=settings.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=settings.auto_offset_reset,
-            isolation_level="read_committed",
-            group_instance_id=settings.group_instance_id or None,
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
-            max_poll_interval_ms=settings.max_poll_interval_ms,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        )
-        self._delivery: Delivery = (
-            ExactlyOnce(settings, metrics, tracer)
-            if settings.delivery == "exactly-once"
-            else AtLeastOnce(settings, self.consumer, metrics, tracer)
-        )
+        self.consumer = consumer
+        self._delivery = delivery
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then drain, commit and close. Raises if delivery failed."""
@@ -154,11 +142,14 @@ class ModerationConsumer:
             raise self._failure
 
     async def _serve(self, stop: asyncio.Event) -> None:
-        next_commit = time.monotonic()
+        # The event loop's clock (time.monotonic) is the one asyncio's timeouts use, so one
+        # virtual clock drives both in tests.
+        clock = asyncio.get_running_loop().time
+        next_commit = clock()
         interval = self._settings.commit_interval_ms / 1000
         # A member that does not poll within max.poll.interval.ms is dropped from the group.
         must_poll_s = self._settings.max_poll_interval_ms / 2000
-        last_poll = time.monotonic()
+        last_poll = clock()
         while not stop.is_set() and self._failure is None:
             room = self._window.room()
             if room > 0 and not self._breaker.is_open:
@@ -166,13 +157,13 @@ class ModerationConsumer:
                 batches = await self._poll(
                     stop, timeout_ms=min(100, int(interval * 1000)), max_records=room
                 )
-                last_poll = time.monotonic()
-            elif self._breaker.is_open or time.monotonic() - last_poll > must_poll_s:
+                last_poll = clock()
+            elif self._breaker.is_open or clock() - last_poll > must_poll_s:
                 # Paused, and polled only to stay in the group. Pausing makes aiokafka drop
                 # what it prefetched, so a merely full window is waited out without it.
                 self._pause_all()
                 batches = await self._poll(stop, timeout_ms=0, max_records=1)
-                last_poll = time.monotonic()
+                last_poll = clock()
                 await self._until_changed(stop, max_wait_s=min(1.0, interval))
             else:
                 batches = {}
@@ -182,13 +173,11 @@ class ModerationConsumer:
             for tp, messages in batches.items():
                 for message in messages:
                     self._start(tp, message)
-            if time.monotonic() >= next_commit:
+            if clock() >= next_commit:
                 await self._commit()
-                next_commit = time.monotonic() + interval
+                next_commit = clock() + interval
 
-    async def _poll(
-        self, stop: asyncio.Event, timeout_ms: int, max_records: int
-    ) -> Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    async def _poll(self, stop: asyncio.Event, timeout_ms: int, max_records: int) -> Batches:
         """getmany, given up when stop is set: during a rebalance aiokafka waits for the new
         assignment whatever the timeout, and a rebalance that never completes must not keep
         SIGTERM from working. Nothing is lost by cancelling: records are handed out only when
@@ -200,8 +189,7 @@ class ModerationConsumer:
         await asyncio.wait([fetch, stopped], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         if fetch.done():
-            records: Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = fetch.result()
-            return records
+            return fetch.result()
         fetch.cancel()
         await asyncio.gather(fetch, return_exceptions=True)
         return {}
@@ -247,7 +235,7 @@ class ModerationConsumer:
         if not offsets.is_new(message.offset):
             # The client moved back on a partition it kept (an offset reset after a broker
             # restart): this record was taken already and is finished or in flight.
-            log.warning("skipping %s[%d]@%d: already taken", tp.topic, tp.partition, message.offset)
+            log.warning("skipping %s: already taken", where(tp.topic, tp.partition, message.offset))
             return
         offsets.take(message.offset)
         self._window.take(tp, message.offset, len(message.value or b""))
@@ -414,4 +402,4 @@ def record_from(message: ConsumerRecord[bytes, bytes]) -> Record:
 
 
 def _describe_partitions(partitions: Iterable[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
+    return ", ".join(where(tp.topic, tp.partition) for tp in sorted(partitions)) or "none"

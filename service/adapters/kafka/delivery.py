@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
@@ -44,8 +44,11 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Tracer
 
+from service.adapters.kafka.clients import KafkaConsumer, KafkaProducer, transactional_id
 from service.config import Settings
+from service.core.backoff import exponential
 from service.core.pipeline import Outcome
+from service.core.positions import where
 from service.core.verdicts import DeadLetter
 from service.ops.metrics import Metrics
 from service.ops.tracing import inject
@@ -54,6 +57,8 @@ log = logging.getLogger(__name__)
 
 _JSON = ("content-type", b"application/json")
 _PRODUCER_BROKEN = (OutOfOrderSequenceNumber,)
+_PUBLISH_FIRST_BACKOFF_S = 0.1
+_PUBLISH_MAX_BACKOFF_S = 5.0
 
 
 class PublishFailed(Exception):
@@ -73,6 +78,11 @@ class Outgoing:
     timestamp_ms: int | None
     context: Context
     """The trace context of the record's process span: the publish span's parent."""
+
+    @property
+    def where(self) -> str:
+        """The record this is the outcome of, as `topic[partition]@offset`."""
+        return where(self.source.topic, self.source.partition, self.offset)
 
     def headers(self) -> list[tuple[str, bytes]]:
         """The current (publish) span's context, the content type, the event id, the code."""
@@ -109,9 +119,9 @@ def retriable(exc: KafkaError) -> bool:
 
 
 class _Producer:
-    """One aiokafka producer, replaced when it breaks (by whichever caller sees it first)."""
+    """One producer, replaced when it breaks (by whichever caller sees it first)."""
 
-    def __init__(self, factory: Callable[[], AIOKafkaProducer]) -> None:
+    def __init__(self, factory: Callable[[], KafkaProducer]) -> None:
         self._factory = factory
         self.current = factory()
         self._lock = asyncio.Lock()
@@ -122,7 +132,7 @@ class _Producer:
     async def stop(self) -> None:
         await self.current.stop()
 
-    async def replace(self, broken: AIOKafkaProducer) -> None:
+    async def replace(self, broken: KafkaProducer) -> None:
         async with self._lock:
             if self.current is not broken:
                 return
@@ -159,7 +169,8 @@ class AtLeastOnce:
     def __init__(
         self,
         settings: Settings,
-        consumer: AIOKafkaConsumer,
+        consumer: KafkaConsumer,
+        new_producer: Callable[[], KafkaProducer],
         metrics: Metrics,
         tracer: Tracer,
     ) -> None:
@@ -167,14 +178,7 @@ class AtLeastOnce:
         self._consumer = consumer
         self._metrics = metrics
         self._tracer = tracer
-        self._producer = _Producer(
-            lambda: AIOKafkaProducer(
-                **settings.kafka_connection(),
-                acks="all",
-                enable_idempotence=settings.enable_idempotence,
-                linger_ms=5,
-            )
-        )
+        self._producer = _Producer(new_producer)
 
     async def start(self) -> None:
         await self._producer.start()
@@ -193,9 +197,10 @@ class AtLeastOnce:
         return True
 
     async def _publish(self, outgoing: Outgoing, headers: list[tuple[str, bytes]]) -> None:
-        deadline = time.monotonic() + self._settings.publish_timeout_s
-        backoff = 0.1
-        while True:
+        clock = asyncio.get_running_loop().time  # the clock of asyncio's timeouts, as elsewhere
+        deadline = clock() + self._settings.publish_timeout_s
+        for attempt in itertools.count():
+            backoff = exponential(attempt, _PUBLISH_FIRST_BACKOFF_S, _PUBLISH_MAX_BACKOFF_S)
             producer = self._producer.current
             try:
                 delivery = await producer.send(
@@ -205,9 +210,9 @@ class AtLeastOnce:
                 return
             except KafkaError as exc:
                 replaced = producer is not self._producer.current  # closed by another task
-                if not (replaced or retriable(exc)) or time.monotonic() + backoff > deadline:
+                if not (replaced or retriable(exc)) or clock() + backoff > deadline:
                     raise PublishFailed(
-                        f"could not publish the outcome of {_where(outgoing)} to "
+                        f"could not publish the outcome of {outgoing.where} to "
                         f"{outgoing.topic}: {exc!r}"
                     ) from exc
                 log.warning("publish to %s failed, retrying: %r", outgoing.topic, exc)
@@ -215,7 +220,6 @@ class AtLeastOnce:
                     await self._producer.replace(producer)
             self._metrics.publish_retries.inc()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int]:
         try:
@@ -232,20 +236,18 @@ class AtLeastOnce:
 
 
 class ExactlyOnce:
-    def __init__(self, settings: Settings, metrics: Metrics, tracer: Tracer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        new_producer: Callable[[], KafkaProducer],
+        metrics: Metrics,
+        tracer: Tracer,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._tracer = tracer
-        self.transactional_id = settings.transactional_id or (
-            f"{settings.group_id}-{settings.group_instance_id or socket.gethostname()}"
-        )
-        self._producer = _Producer(
-            lambda: AIOKafkaProducer(
-                **settings.kafka_connection(),
-                transactional_id=self.transactional_id,
-                linger_ms=5,
-            )
-        )
+        self.transactional_id = transactional_id(settings)
+        self._producer = _Producer(new_producer)
         self._held: dict[TopicPartition, dict[int, Outgoing]] = {}
         self._failing_since: float | None = None
 
@@ -290,7 +292,7 @@ class ExactlyOnce:
 
     async def _transaction(
         self,
-        producer: AIOKafkaProducer,
+        producer: KafkaProducer,
         offsets: Mapping[TopicPartition, int],
         batch: list[Outgoing],
     ) -> None:
@@ -305,7 +307,7 @@ class ExactlyOnce:
                 raise
             await producer.commit_transaction()
 
-    async def _send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> asyncio.Future[object]:
+    async def _send(self, producer: KafkaProducer, outgoing: Outgoing) -> asyncio.Future[object]:
         parent = trace.get_current_span(outgoing.context)
         with self._tracer.start_as_current_span(
             f"{outgoing.topic} publish",
@@ -319,8 +321,9 @@ class ExactlyOnce:
             return future
 
     def _failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self._failing_since = self._failing_since or now
+        now = asyncio.get_running_loop().time()
+        if self._failing_since is None:  # not `or`: a virtual clock may well read 0.0
+            self._failing_since = now
         if now - self._failing_since > self._settings.publish_timeout_s:
             raise PublishFailed(
                 f"transactions failing for {now - self._failing_since:.0f}s: {exc!r}"
@@ -333,7 +336,20 @@ class ExactlyOnce:
             self._held.pop(tp, None)
 
 
-async def _abort(producer: AIOKafkaProducer) -> None:
+def delivery_from(
+    settings: Settings,
+    consumer: KafkaConsumer,
+    new_producer: Callable[[], KafkaProducer],
+    metrics: Metrics,
+    tracer: Tracer,
+) -> Delivery:
+    """The delivery `settings.delivery` asks for (at least once commits through `consumer`)."""
+    if settings.delivery == "exactly-once":
+        return ExactlyOnce(settings, new_producer, metrics, tracer)
+    return AtLeastOnce(settings, consumer, new_producer, metrics, tracer)
+
+
+async def _abort(producer: KafkaProducer) -> None:
     try:
         async with asyncio.timeout(10):
             await producer.abort_transaction()
@@ -342,9 +358,5 @@ async def _abort(producer: AIOKafkaProducer) -> None:
         log.warning("abort failed: %r", exc)
 
 
-def _where(outgoing: Outgoing) -> str:
-    return f"{outgoing.source.topic}[{outgoing.source.partition}]@{outgoing.offset}"
-
-
 def describe(offsets: Mapping[TopicPartition, int]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]={o}" for tp, o in sorted(offsets.items()))
+    return ", ".join(f"{where(tp.topic, tp.partition)}={o}" for tp, o in sorted(offsets.items()))

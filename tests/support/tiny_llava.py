@@ -66,7 +66,7 @@ from tests.support.stack import free_port
 from triton_models.common import guard_answer
 from triton_models.fill import fill
 
-HF_TEMPLATE = Path(__file__).resolve().parents[1] / "triton_models" / "hf"
+HF_TEMPLATE = Path(__file__).resolve().parents[2] / "triton_models" / "hf"
 HF_MODEL_DIR = HF_TEMPLATE / "guard" / "1"
 
 Variant = Literal["random", "scripted"]

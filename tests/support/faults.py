@@ -54,7 +54,7 @@ from service.client import encode_event, image_event
 from service.dev import stack
 from tests.support.stack import Topics, free_port
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLE_PATH = REPO_ROOT / ".guardstream" / "fault-table.md"
 
 AT_LEAST_ONCE = "at-least-once"

@@ -1,19 +1,44 @@
 # The commands of the README. Each sets itself up: a virtualenv in .venv with the pinned
 # dependencies of deploy/constraints.txt, rebuilt when pyproject.toml or the pins change.
+#
+#   make check   the inner loop, under a minute: ruff, mypy --strict, and every test that starts
+#                no broker or Triton process and is not `slow`, on all cores (pytest-xdist)
+#   make test    before pushing, and CI (.ci/run): the same lint and types, then the whole suite,
+#                the real broker and Triton and the fault suite included (about 10 minutes)
+#   make help    this text
+#
+# Test tiers are pytest markers (tests/conftest.py): `stack` (starts or needs a broker or a
+# tritonserver: set by fixture and enforced) and `slow` (torch on tiny checkpoints).
+# `pytest -m "not stack and not slow"` is what check runs; a test file alone, `pytest FILE`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.installed
 
-.PHONY: demo test bench stack-up stack-status stack-down clean
+.PHONY: help demo check test lint bench stack-up stack-status stack-down clean
+
+help:
+	@sed -n '/^#   make/,/^#   make help/p' Makefile | cut -c2-
 
 demo: $(READY)
 	$(BIN)/python -m service demo
 
-test: $(READY)
+# Bytecode is cached under .guardstream/pycache, not beside the sources (a __pycache__ folder in
+# triton_models/ would look like a model repository), even where PYTHONDONTWRITEBYTECODE is set:
+# without the cache every run compiles every module and rewrites every test module's asserts
+# again, seconds of each run's collection.
+check test lint: export PYTHONPYCACHEPREFIX := $(CURDIR)/.guardstream/pycache
+check test lint: export PYTHONDONTWRITEBYTECODE :=
+
+lint: $(READY)
 	$(BIN)/ruff check service tests triton_models deploy
 	$(BIN)/ruff format --check service tests triton_models deploy
 	$(BIN)/mypy service deploy/kustomize.py triton_models/fill.py
+
+check: lint
+	$(BIN)/pytest -m "not stack and not slow" -n auto
+
+test: lint
 	$(BIN)/pytest
 
 # guardstream against a bare Kafka loop, a bare Triton loop and a naive loop (minutes; a table

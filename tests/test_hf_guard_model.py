@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc.aio as triton_aio
 from google.protobuf import text_format
 from tritonclient.grpc import InferInput, model_config_pb2
@@ -33,7 +32,10 @@ from service.adapters.triton import GuardClient, Sampling, read_rating_log_prob
 from service.core.errors import GuardError
 from service.core.policies import PolicyRegistry, parse_answer
 from tests.support import tiny_llava
+from tests.support.lazy import lazy
 from triton_models.common.guard_answer import DECISION_PATTERN
+
+torch = lazy("torch")  # imported by the first test that uses it, not by collection
 
 MODELS = Path(__file__).resolve().parents[1] / "triton_models"
 CPU_GUARD = MODELS / "cpu" / "guard"

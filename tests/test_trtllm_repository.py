@@ -33,12 +33,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-import torch
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from tests.support import tiny_llava
+from tests.support.lazy import lazy
 from triton_models import fill
+
+torch = lazy("torch")  # imported by the first test that uses it, not by collection
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "triton_models" / "trtllm"

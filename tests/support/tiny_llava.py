@@ -44,21 +44,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    GenerationConfig,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionImageProcessor,
-    LlavaOnevisionProcessor,
-    LlavaOnevisionVideoProcessor,
-    Qwen2Config,
-    Qwen2TokenizerFast,
-    SiglipVisionConfig,
-)
+from typing import TYPE_CHECKING, Any, Literal
 
 from service.core.policies import PolicyRegistry
 from service.dev import stack
@@ -66,7 +52,18 @@ from tests.support.stack import free_port
 from triton_models.common import guard_answer
 from triton_models.fill import fill
 
-HF_TEMPLATE = Path(__file__).resolve().parents[1] / "triton_models" / "hf"
+if TYPE_CHECKING:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+        Qwen2TokenizerFast,
+    )
+
+# torch, tokenizers and transformers (seconds to import) are imported by the functions that
+# build a checkpoint, not here: collecting the tests that import this module costs nothing.
+
+HF_TEMPLATE = Path(__file__).resolve().parents[2] / "triton_models" / "hf"
 HF_MODEL_DIR = HF_TEMPLATE / "guard" / "1"
 
 Variant = Literal["random", "scripted"]
@@ -115,6 +112,9 @@ _SCRIPTED_LOGIT = 40.0
 
 def build(directory: Path, variant: Variant = "random") -> Path:
     """Write the checkpoint (model, processor, tokenizer, chat template) into `directory`."""
+    import torch
+    from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
+
     directory.mkdir(parents=True, exist_ok=True)
     processor = _processor(directory)
     tokenizer = processor.tokenizer
@@ -127,7 +127,8 @@ def build(directory: Path, variant: Variant = "random") -> Path:
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
     if variant == "scripted":
-        _script(model, processor)
+        with torch.no_grad():
+            _script(model, processor)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
@@ -151,6 +152,14 @@ def _corpus() -> list[str]:
 
 
 def _processor(directory: Path) -> LlavaOnevisionProcessor:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2TokenizerFast,
+    )
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -189,6 +198,8 @@ def _processor(directory: Path) -> LlavaOnevisionProcessor:
 
 
 def _config(tokenizer: Qwen2TokenizerFast, *, tied: bool) -> LlavaOnevisionConfig:
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
     vision = SiglipVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -225,11 +236,11 @@ def _config(tokenizer: Qwen2TokenizerFast, *, tied: bool) -> LlavaOnevisionConfi
     )
 
 
-@torch.no_grad()
 def _script(
     model: LlavaOnevisionForConditionalGeneration, processor: LlavaOnevisionProcessor
 ) -> None:
-    """Set the weights so that greedy decoding writes SCRIPTED_ANSWER, then the end token."""
+    """Set the weights so that greedy decoding writes SCRIPTED_ANSWER, then the end token
+    (under torch.no_grad(), as `build` calls it)."""
     tokenizer = processor.tokenizer
     language = model.language_model
     for layer in language.model.layers:

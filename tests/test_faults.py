@@ -4,6 +4,9 @@ The accounting is tested by hand first; then each scenario runs real processes (
 `tests/support/faults.py`) and records one row of the table printed at the end of the session. The
 stack is shared by the module's scenarios (starting it costs seconds, each scenario heals what
 the one before broke); topics and consumer groups are each scenario's own.
+
+No scenario is about the model, so all run on the fixed-answer guard of triton_models/bench (the
+CPU guard's tensor contract, no inference; see "Pace" below for what that changes).
 """
 
 from __future__ import annotations
@@ -126,11 +129,29 @@ def test_rows_make_a_markdown_table_written_for_the_session(
 
 
 # --- scenarios on the real stack ------------------------------------------------------------
+#
+# Pace. On the CPU guard each scenario spent ~20 s having 500 events judged by its detector.
+# Through the bench guard the service judges ~300 events/s here at least once on noida-db, ~100/s
+# exactly once (a transaction per commit), ~150/s on Tansu: ten times the CPU guard's pace. So
+# the counts below are sized for that pace, each by what its scenario needs (said at each), and
+# the fault scenarios check that their fault still landed mid-stream (`assert_mid_stream`): with
+# more than a window of events still without an outcome, i.e. records taken and unfinished
+# (unpublished, uncommitted) and a backlog behind them. A faster service or machine then fails
+# a scenario loudly instead of letting it pass without meeting its fault.
+# The consumers commit every 100 ms (GUARDSTREAM_COMMIT_INTERVAL_MS, faults.service_env) instead
+# of the default 500: at this pace a fault at 100 outcomes then follows several commits, as one
+# at 150 outcomes did on the CPU guard with the default.
+
+BENCH = Path(__file__).resolve().parents[1] / "triton_models" / "bench"
+CPU_GUARD = BENCH.parent / "cpu"
+
+WINDOW = 64
+"""GUARDSTREAM_MAX_IN_FLIGHT's default: records taken and not yet finished."""
 
 
 @pytest.fixture(scope="module")
 async def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FaultStack]:
-    made = await FaultStack.start(tmp_path_factory.mktemp("faults"))
+    made = await FaultStack.start(tmp_path_factory.mktemp("faults"), model_repository=BENCH)
     try:
         yield made
     finally:
@@ -153,17 +174,39 @@ async def tansu_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     """noida-db answers a member's commit during a rebalance with ILLEGAL_GENERATION (Kafka
     answers REBALANCE_IN_PROGRESS); aiokafka then drops its member id and noida never finishes
     the rebalance. Group changes with consumer-side commits are therefore tested on Tansu."""
-    made = await FaultStack.start(tmp_path_factory.mktemp("faults-tansu"), broker="tansu")
+    made = await FaultStack.start(
+        tmp_path_factory.mktemp("faults-tansu"), broker="tansu", model_repository=BENCH
+    )
     try:
         yield made
     finally:
         made.close()
 
 
+async def outcomes_now(scenario: Scenario) -> int:
+    """How many outcomes read_committed readers see now."""
+    outcomes = await read_outcomes(scenario.fault_stack.bootstrap, scenario.topics)
+    return sum(map(len, outcomes.values()))
+
+
+def assert_mid_stream(seen: int, produced: int, window: int, what: str) -> None:
+    """`what` met a full window and a backlog: when it was applied, `seen` outcomes were out and
+    more than `window` events were still without one."""
+    assert produced - seen > window, (
+        f"{what} landed after {seen} of {produced} outcomes, with less than a window ({window}) "
+        "left: not mid-stream, the service outpaced the scenario; produce more events"
+    )
+
+
+# No fault, so nothing has to land mid-stream: more events than the window, so that the window
+# fills and is refilled as outcomes are published, on each of the three partitions.
+BASELINE_EVENTS = 100
+
+
 @pytest.mark.stack
 async def test_no_fault_baseline_at_least_once(fault_stack: FaultStack, scenario: Scenario) -> None:
     started = time.monotonic()
-    ids = await produce(fault_stack.bootstrap, scenario.topics.input, 500, "base-")
+    ids = await produce(fault_stack.bootstrap, scenario.topics.input, BASELINE_EVENTS, "base-")
     produced = time.monotonic()
     async with scenario.service() as consumer:
         await wait_for_outcomes(fault_stack.bootstrap, scenario.topics, ids, timeout_s=180)
@@ -172,19 +215,27 @@ async def test_no_fault_baseline_at_least_once(fault_stack: FaultStack, scenario
     wall_s = time.monotonic() - started
     result = await scenario.result(AT_LEAST_ONCE, ids, wall_s)
     print(
-        f"\nbaseline: produce {produced - started:.2f}s, start + judge 500 "
+        f"\nbaseline: produce {produced - started:.2f}s, start + judge {BASELINE_EVENTS} "
         f"{answered - produced:.2f}s, SIGTERM {started + wall_s - answered:.2f}s\n{result.row()}"
     )
     assert returncode == 0, scenario.logs()
     assert "stopped cleanly" in consumer.log_since_start()
     assert (result.lost, result.lost_ids[:5]) == (0, ()), scenario.logs()
     assert (result.duplicates_committed, result.duplicates_uncommitted) == (0, 0)
-    assert (result.verdicts, result.dead_letters, result.unexpected) == (500, {}, 0)
+    assert (result.verdicts, result.dead_letters, result.unexpected) == (BASELINE_EVENTS, {}, 0)
 
 
 # --- faults ---------------------------------------------------------------------------------
 
-EVENTS = 500
+# Faults mid-stream (Triton killed or hung, broker restarted or frozen, consumer killed or
+# stopped): one consumer, the backlog produced before it starts, the fault applied as soon as
+# AFTER outcomes are out. That is ~0.3 s of judging and several commits in, the service at full
+# speed with its window full; EVENTS - AFTER = 150 leaves the window (64) in flight and a backlog
+# behind it even if 80 more are judged between the check and the fault (a few ms here), so the
+# fault meets records taken but unfinished, and the service has work left after it. What else
+# a scenario needs is said at it.
+EVENTS = 250
+AFTER = 100
 
 
 async def progress(scenario: Scenario, at_least: int, timeout_s: float = 120) -> int:
@@ -234,18 +285,23 @@ async def fault_mid_stream(
     fault: Callable[[ServiceProcess], Awaitable[None]],
     *,
     env: Mapping[str, str] | None = None,
-    after: int = 150,
+    events: int = EVENTS,
+    after: int = AFTER,
 ) -> ScenarioResult:
     """Produce the backlog, start one consumer, apply `fault` once `after` outcomes exist,
-    let it finish; nothing may be lost, and exactly once may repeat nothing committed."""
+    let it finish; the fault must have landed mid-stream, nothing may be lost, and exactly once
+    may repeat nothing committed."""
     started = time.monotonic()
     bootstrap = scenario.fault_stack.bootstrap
-    ids = await produce(bootstrap, scenario.topics.input, EVENTS, f"{scenario.topics.group}-")
+    ids = await produce(bootstrap, scenario.topics.input, events, f"{scenario.topics.group}-")
     consumer = scenario.service(delivery=mode, env=env)
     await consumer.start()
-    await progress(scenario, after)
+    seen = await progress(scenario, after)
     await fault(consumer)
     result = await finish(scenario, mode, ids, started, consumer)
+    window = int((env or {}).get("GUARDSTREAM_MAX_IN_FLIGHT", WINDOW))
+    print(f"\n{scenario.name}: the fault landed at {seen} of {events} outcomes")
+    assert_mid_stream(seen, events, window, "the fault")
     await assert_nothing_lost(result, scenario)
     if mode == EXACTLY_ONCE:
         assert result.duplicates_committed == 0
@@ -256,16 +312,19 @@ async def fault_mid_stream(
 async def test_triton_killed_then_restarted_pauses_instead_of_dead_lettering(
     fault_stack: FaultStack, scenario: Scenario
 ) -> None:
+    # Needs requests in flight when Triton dies (they fail; five failures open the breaker) and
+    # a backlog that waits out the outage and is judged after the restart, none dead-lettered:
+    # EVENTS/AFTER. The bench guard loads in about a second, so the restart is quick.
     async def kill_triton(consumer: ServiceProcess) -> None:
         mark = consumer.log_mark()
         fault_stack.kill_triton()
         await consumer.wait_for_log("guard breaker open", timeout_s=60, after=mark)
-        await asyncio.sleep(3)  # an outage, not a blip
+        await asyncio.sleep(3)  # an outage, not a blip: six probes fail meanwhile
         await fault_stack.start_triton()
         await consumer.wait_for_log("guard breaker closed", timeout_s=60, after=mark)
 
     env = {"GUARDSTREAM_BREAKER_PROBE_INTERVAL_S": "0.5"}
-    result = await fault_mid_stream(scenario, AT_LEAST_ONCE, kill_triton, env=env, after=100)
+    result = await fault_mid_stream(scenario, AT_LEAST_ONCE, kill_triton, env=env)
     assert result.dead_letters == {}, "an outage must not dead-letter the backlog"
     assert result.verdicts == EVENTS
 
@@ -274,6 +333,9 @@ async def test_triton_killed_then_restarted_pauses_instead_of_dead_lettering(
 async def test_hung_triton_times_out_opens_the_breaker_and_recovers(
     fault_stack: FaultStack, scenario: Scenario
 ) -> None:
+    # Needs a window of 16 requests hanging when Triton stops, then, after it resumes, 50 more
+    # outcomes to tell a server that came back from one that did not (below): EVENTS - AFTER -
+    # 16 = 134 of backlog leaves room for them.
     async def hang_triton(consumer: ServiceProcess) -> None:
         mark = consumer.log_mark()
         fault_stack.pause_triton()  # SIGSTOP: connections stay open, nothing answers
@@ -299,14 +361,15 @@ async def test_hung_triton_times_out_opens_the_breaker_and_recovers(
         await consumer.wait_for_log("guard breaker closed", timeout_s=60, after=mark)
 
     env = {
-        # Short enough to notice the hang quickly, long enough for a queue of 16 requests on
-        # this CPU guard (a timeout shorter than the queue opens the breaker on load alone).
-        "GUARDSTREAM_GUARD_TIMEOUT_S": "3",
+        # Short enough to notice the hang quickly, long enough for a queue of 16 requests (a
+        # timeout shorter than the queue opens the breaker on load alone): the bench guard
+        # answers one in milliseconds, where the CPU guard's detector needed this at 3 s.
+        "GUARDSTREAM_GUARD_TIMEOUT_S": "1.5",
         "GUARDSTREAM_MAX_IN_FLIGHT": "16",
         "GUARDSTREAM_BREAKER_PROBE_INTERVAL_S": "0.5",
     }
     try:
-        result = await fault_mid_stream(scenario, AT_LEAST_ONCE, hang_triton, env=env, after=100)
+        result = await fault_mid_stream(scenario, AT_LEAST_ONCE, hang_triton, env=env)
     finally:
         # A Triton that was stopped may hold unanswered requests: the next scenarios get a
         # fresh server.
@@ -320,6 +383,8 @@ async def test_hung_triton_times_out_opens_the_breaker_and_recovers(
 async def test_broker_restart_mid_stream_loses_nothing(
     fault_stack: FaultStack, scenario: Scenario, mode: str
 ) -> None:
+    # Needs the frozen consumer to hold a window of records taken and unfinished, and a backlog
+    # to fetch from the restarted broker after it reconnects and rejoins: EVENTS/AFTER.
     async def restart_broker(consumer: ServiceProcess) -> None:
         # noida-db 0.2.3 loses writes it acknowledged while a graceful shutdown is under way
         # (a canary producer measured 2 of 4087 lost): the consumer is frozen for the restart
@@ -329,7 +394,9 @@ async def test_broker_restart_mid_stream_loses_nothing(
         try:
             await asyncio.sleep(0.5)
             await fault_stack.stop_broker()
-            await asyncio.sleep(3)
+            # Down for a moment only: the consumer, frozen, sees none of the time it is down,
+            # only the new process (dropped connections, a group coordinator that forgot it).
+            await asyncio.sleep(0.5)
             await fault_stack.start_broker()
         finally:
             consumer.resume()
@@ -342,6 +409,8 @@ async def test_broker_restart_mid_stream_loses_nothing(
 async def test_broker_frozen_mid_stream_loses_nothing(
     fault_stack: FaultStack, scenario: Scenario, mode: str
 ) -> None:
+    # Needs publishes and commits (every 100 ms) in flight when the broker stops answering, and
+    # a backlog after it answers again: EVENTS/AFTER.
     async def freeze_broker(consumer: ServiceProcess) -> None:
         fault_stack.pause_broker()  # SIGSTOP: requests hang, as behind a network partition
         try:
@@ -352,19 +421,101 @@ async def test_broker_frozen_mid_stream_loses_nothing(
     await fault_mid_stream(scenario, mode, freeze_broker)
 
 
+# The consumer is killed with records in flight; at least once, the restart may repeat what was
+# published and not yet committed: the window (32) and what finished since the last commit.
+# That bound holds where the window's records wait on the model, as on any real guard (the CPU
+# detector here, an LLM on a GPU far longer), so at least once runs on the CPU guard: on the
+# zero-cost bench guard they wait on their publish instead, are visible when the kill lands, and
+# 13 runs (commits every 20 ms) repeated 12 to 38. Exactly once repeats nothing committed
+# whatever the pace, so it runs on the bench guard with the other scenarios.
+KILL_ENV = {
+    # Static membership: the restarted instance takes its partitions back without waiting for
+    # the dead one's session to expire (as a StatefulSet pod would, with its stable name).
+    "GUARDSTREAM_GROUP_INSTANCE_ID": "pod-0",
+    "GUARDSTREAM_MAX_IN_FLIGHT": "32",
+}
+# On the CPU guard (~25 events/s here): AFTER_CPU is above the bound, so a restart that
+# re-judged committed work would fail it; EVENTS_CPU leaves the window in flight at the kill and
+# a backlog (~20) for the restarted consumer.
+EVENTS_CPU = 100
+AFTER_CPU = 45
+
+
 @pytest.mark.stack
 @pytest.mark.parametrize("mode", [AT_LEAST_ONCE, EXACTLY_ONCE])
-async def test_consumer_killed_mid_batch_then_restarted(scenario: Scenario, mode: str) -> None:
+async def test_consumer_killed_mid_batch_then_restarted(
+    fault_stack: FaultStack, scenario: Scenario, mode: str
+) -> None:
     async def kill_and_restart(consumer: ServiceProcess) -> None:
         await consumer.sigkill()
         await consumer.start()
 
-    # Static membership: the restarted instance takes its partitions back without waiting for
-    # the dead one's session to expire (as a StatefulSet pod would, with its stable name).
-    env = {"GUARDSTREAM_GROUP_INSTANCE_ID": "pod-0", "GUARDSTREAM_MAX_IN_FLIGHT": "32"}
-    result = await fault_mid_stream(scenario, mode, kill_and_restart, env=env)
+    if mode == AT_LEAST_ONCE:
+        await fault_stack.serve(CPU_GUARD)
+        try:
+            result = await fault_mid_stream(
+                scenario, mode, kill_and_restart, env=KILL_ENV, events=EVENTS_CPU, after=AFTER_CPU
+            )
+        finally:
+            await fault_stack.serve(BENCH)
+    else:
+        result = await fault_mid_stream(scenario, mode, kill_and_restart, env=KILL_ENV)
     if mode == AT_LEAST_ONCE:
         assert result.duplicates_committed <= 32 + 3  # the window, and what finished meanwhile
+
+
+# A second consumer joins the group mid-stream and leaves (SIGTERM) before the end; each change
+# of the group must move partitions with records in flight and a backlog left for their new
+# owner. Alone, the first consumer would judge the whole backlog while the second starts
+# (~1.5 s) and until its next heartbeat tells it of the join (every 3.3 s): ~1000 events at
+# ~300/s. So it is frozen (SIGSTOP, as in a long pause) from the moment the second is started
+# until the second has subscribed and the first's heartbeat is overdue: when it thaws, its
+# heartbeat at once finds the group rebalancing, and it drains the window it holds, commits
+# and gives partitions up with the backlog still on them. The second leaves as soon as it has
+# its share, so its partitions go back to the first with a backlog too. REBALANCE_EVENTS
+# covers the window drained at the join, what both judge until the leave (~0.2 s) and more than
+# a window left after it, with room for a faster machine; both moves are checked.
+REBALANCE_EVENTS = 450
+REBALANCE_AFTER = 20  # the first consumer is judging, and has committed, when it is frozen
+HEARTBEAT_S = 10 / 3  # aiokafka's heartbeat interval for the default 10 s session timeout
+
+
+class Watch:
+    """Counts outcomes as they arrive, from one reader polled in the background: a count costs
+    nothing when it is taken (a fresh reader's start-up takes long enough on Tansu for both
+    consumers to judge hundreds of events)."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self._reader = OutcomeReader(scenario.fault_stack.bootstrap, scenario.topics)
+        self._task: asyncio.Task[None] | None = None
+        self._polled = asyncio.Event()
+
+    @property
+    def count(self) -> int:
+        return sum(map(len, self._reader.outcomes.values()))
+
+    async def until(self, at_least: int, timeout_s: float = 120) -> int:
+        async with asyncio.timeout(timeout_s):
+            while self.count < at_least:
+                self._polled.clear()
+                await self._polled.wait()
+        return self.count
+
+    async def _poll(self) -> None:
+        while True:
+            await self._reader.poll(0.1)
+            self._polled.set()
+
+    async def __aenter__(self) -> Watch:
+        await self._reader.start()
+        self._task = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._reader.stop()
 
 
 async def join_then_leave(scenario: Scenario, mode: str) -> ScenarioResult:
@@ -373,17 +524,34 @@ async def join_then_leave(scenario: Scenario, mode: str) -> ScenarioResult:
     bootstrap = scenario.fault_stack.bootstrap
     idempotent = scenario.fault_stack.config.broker != "tansu"
     ids = await produce(
-        bootstrap, scenario.topics.input, EVENTS, f"rebal-{mode}-", idempotent=idempotent
+        bootstrap, scenario.topics.input, REBALANCE_EVENTS, f"rebal-{mode}-", idempotent=idempotent
     )
     first = scenario.service("first", delivery=mode)
     second = scenario.service("second", delivery=mode)
-    await first.start()
-    await progress(scenario, 100)
-    await second.start()
-    await second.wait_for_log("partitions assigned", timeout_s=90)
-    await progress(scenario, 300)
-    assert await second.sigterm() == 0, scenario.logs()
-    return await finish(scenario, mode, ids, started, first)
+    async with Watch(scenario) as watch:
+        await first.start()
+        await watch.until(REBALANCE_AFTER)
+        first.pause()
+        thaw_at = time.monotonic() + HEARTBEAT_S + 0.2
+        mark = first.log_mark()
+        try:
+            await second.start()
+            await second.wait_for_log("consuming", timeout_s=60)
+            await asyncio.sleep(max(0.3, thaw_at - time.monotonic()))
+        finally:
+            first.resume()
+        await first.wait_for_log("partitions revoked", timeout_s=90, after=mark)
+        at_join = watch.count
+        # The second leaves as soon as it has its partitions, with the records it took from
+        # them in flight (drained, committed) and the rest of their backlog left.
+        await second.wait_for_log("partitions assigned", timeout_s=90)
+        at_leave = watch.count
+        assert await second.sigterm() == 0, scenario.logs()
+    result = await finish(scenario, mode, ids, started, first)
+    print(f"\n{scenario.name}: joined at {at_join}, left at {at_leave} of {REBALANCE_EVENTS}")
+    assert_mid_stream(at_join, REBALANCE_EVENTS, WINDOW, "the join")
+    assert_mid_stream(at_leave, REBALANCE_EVENTS, WINDOW, "the leave")
+    return result
 
 
 @pytest.mark.stack
@@ -411,6 +579,8 @@ async def test_a_second_consumer_joins_then_leaves_exactly_once(scenario: Scenar
 async def test_sigterm_mid_stream_drains_commits_and_a_restart_continues(
     scenario: Scenario, mode: str
 ) -> None:
+    # Needs records in flight at SIGTERM (drained and committed, so none is judged twice) and,
+    # beyond the window drained, a backlog for the restarted consumer: EVENTS/AFTER.
     async def stop_and_restart(consumer: ServiceProcess) -> None:
         assert await consumer.sigterm() == 0, scenario.logs()
         assert "stopped cleanly" in consumer.log_since_start()
@@ -418,6 +588,17 @@ async def test_sigterm_mid_stream_drains_commits_and_a_restart_continues(
 
     result = await fault_mid_stream(scenario, mode, stop_and_restart)
     assert result.duplicates_committed == 0  # a drained stop re-judges nothing
+
+
+def poison_pill() -> bytes:
+    pill = io.BytesIO()
+    Image.new("L", (18_000, 18_000), 128).save(pill, "PNG")
+    return pill.getvalue()
+
+
+# Pills are the subject here, not the backlog: each must have ordinary events behind it on its
+# partition, judged while it is stuck. 25 events between pills (about eight a partition) do.
+PILL_EVENTS = 100
 
 
 @pytest.mark.stack
@@ -428,14 +609,11 @@ async def test_poison_pills_are_dead_lettered_at_their_deadline_and_the_rest_flo
     # 324-Mpx greyscale PNGs of 0.3 MB: within the raised limits, about 3 s each to decode on an
     # idle machine, twice the deadline, while an ordinary event takes under 0.1 s. A decode
     # thread cannot be stopped, so each pill holds a decode worker until it is done: four
-    # workers leave room for the ordinary events. The pills are spread through the backlog, so
-    # they rarely decode at the same time and starve the two cores.
-    pill = io.BytesIO()
-    Image.new("L", (18_000, 18_000), 128).save(pill, "PNG")
-    pills = {
-        f"pill-{i}": encode_event(image_event(f"pill-{i}", image=pill.getvalue())) for i in range(3)
-    }
-    ids = await produce(fault_stack.bootstrap, scenario.topics.input, EVENTS, "pills-", extra=pills)
+    # workers leave room for the ordinary events even when all three pills decode at once. On
+    # the CPU guard the pills, spread through 500 events, rarely decoded at the same time; at
+    # the bench guard's pace 25 events take ~0.1 s, so their decodes overlap (up to three
+    # threads on two cores), while ordinary events (decode ~1 ms, no detector) take the fourth
+    # worker, and each pill still takes more than its deadline.
     consumer = scenario.service(
         env={
             "GUARDSTREAM_EVENT_DEADLINE_S": "1.5",
@@ -445,8 +623,14 @@ async def test_poison_pills_are_dead_lettered_at_their_deadline_and_the_rest_flo
             "GUARDSTREAM_MAX_IN_FLIGHT": "4",
         }
     )
+    # Making the pill takes ~3 s (zlib on 324 MB): the consumer starts meanwhile.
     await consumer.start()
+    pill = await asyncio.to_thread(poison_pill)
+    pills = {f"pill-{i}": encode_event(image_event(f"pill-{i}", image=pill)) for i in range(3)}
+    ids = await produce(
+        fault_stack.bootstrap, scenario.topics.input, PILL_EVENTS, "pills-", extra=pills
+    )
     result = await finish(scenario, AT_LEAST_ONCE, ids, started, consumer)
     await assert_nothing_lost(result, scenario)
     assert result.dead_letters == {"deadline_exceeded": 3}
-    assert result.verdicts == EVENTS
+    assert result.verdicts == PILL_EVENTS

@@ -6,7 +6,7 @@ one or more `python -m service run` children. It produces events, breaks somethi
 every event has an outcome, and counts by `event_id` what the service delivered:
 
     scenario = await Scenario.open(fault_stack, "broker-restart")
-    ids = await produce(fault_stack.bootstrap, scenario.topics.input, 500, "br-")
+    ids = await produce(fault_stack.bootstrap, scenario.topics.input, 250, "br-")
     started = time.monotonic()
     async with scenario.service("a") as consumer:
         ...  # fault_stack.kill_broker(); await fault_stack.start_broker(); consumer.sigkill() ...
@@ -28,6 +28,7 @@ consumer joining, or a consumer restarted after SIGKILL into the same group, sta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import re
@@ -280,6 +281,15 @@ class FaultStack:
         self.kill_triton()
         await self.start_triton()
 
+    async def serve(self, model_repository: Path) -> None:
+        """Serve another model repository: tritonserver restarted on it, on the same ports."""
+        if self.config.model_repository == model_repository and self.triton_running:
+            return
+        if self.triton_running:
+            self.kill_triton()
+        self.config = dataclasses.replace(self.config, model_repository=model_repository)
+        await self.start_triton()
+
     def pause_triton(self) -> None:
         """SIGSTOP the whole group: a hung server whose ports accept but never answer."""
         self._freeze("triton", self._triton, frozen=True)
@@ -377,6 +387,9 @@ def service_env(
         # Tansu refuses idempotent producers (see service/dev/stack.py).
         "GUARDSTREAM_ENABLE_IDEMPOTENCE": str(fault_stack.config.broker != "tansu").lower(),
         "GUARDSTREAM_GUARD_STARTUP_TIMEOUT_S": "60",
+        # Commits every 100 ms, not 500: at the bench guard's pace (tests/test_faults.py, "Pace")
+        # a fault lands after several commits, with few events.
+        "GUARDSTREAM_COMMIT_INTERVAL_MS": "100",
         # Several consumers on one machine: each health/metrics server on a port of its own.
         "GUARDSTREAM_HEALTH_PORT": "0",
         "OTEL_TRACES_EXPORTER": "none",

@@ -22,7 +22,10 @@ from tritonclient.grpc import model_config_pb2
 from triton_models import fill
 
 MODELS = Path(__file__).resolve().parents[1] / "triton_models"
-REPOSITORIES = sorted(p for p in MODELS.iterdir() if p.is_dir() and p.name != "common")
+# common/ is shared code, and __pycache__ appears wherever Python imported fill.py.
+REPOSITORIES = sorted(
+    p for p in MODELS.iterdir() if p.is_dir() and p.name not in {"common", "__pycache__"}
+)
 TEMPLATES = [p for p in REPOSITORIES if any(p.rglob("*" + fill.TEMPLATE_SUFFIX))]
 
 

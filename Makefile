@@ -4,7 +4,7 @@
 #   make check   the inner loop, under a minute: ruff, mypy --strict, and every test that starts
 #                no broker or Triton process and is not `slow`, on all cores (pytest-xdist)
 #   make test    before pushing, and CI (.ci/run): the same lint and types, then the whole suite,
-#                the real broker and Triton and the fault suite included (~6 minutes)
+#                the real broker and Triton and the fault suite included (~5.5 minutes)
 #   make help    this text
 #
 # Test tiers are pytest markers (tests/conftest.py): `stack` (starts or needs a broker or a

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -44,7 +44,7 @@ Step = BaseException | float | None
 """A scripted fault: an exception to raise, seconds to hang first, or None (no fault)."""
 
 
-class InlinePool(ThreadPoolExecutor):
+class InlinePool(Executor):
     """Runs each job at once on the event loop's thread. A job on a real thread takes real
     time, during which looptime may move the virtual clock to the next timer; inline, decoding
     takes no virtual time at all and exact times stay exact."""

@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,7 @@ def event_record(**fields: object) -> Record:
 
 def make_pipeline(
     guard: ScriptedGuard,
-    pool: ThreadPoolExecutor,
+    pool: Executor,
     breaker: Breaker | None = None,
     deadline_s: float = 30.0,
     fetcher: Fetcher | None = None,

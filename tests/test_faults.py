@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from service.client import encode_event, image_event
+from service.dev import stack
 from tests.support import faults
 from tests.support.faults import (
     AT_LEAST_ONCE,
@@ -142,8 +143,8 @@ def test_rows_make_a_markdown_table_written_for_the_session(
 # of the default 500: at this pace a fault at 100 outcomes then follows several commits, as one
 # at 150 outcomes did on the CPU guard with the default.
 
-BENCH = Path(__file__).resolve().parents[1] / "triton_models" / "bench"
-CPU_GUARD = BENCH.parent / "cpu"
+BENCH = stack.BENCH_MODEL_REPOSITORY
+CPU_GUARD = stack.DEFAULT_MODEL_REPOSITORY
 
 WINDOW = 64
 """GUARDSTREAM_MAX_IN_FLIGHT's default: records taken and not yet finished."""

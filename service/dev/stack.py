@@ -38,6 +38,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "cpu"
+BENCH_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "bench"
 FILL = REPO_ROOT / "triton_models" / "fill.py"
 DEFAULT_STATE_DIR = REPO_ROOT / ".guardstream" / "stack"
 DEFAULT_TOPICS = ("images", "verdicts", "images.dlq")

@@ -32,7 +32,7 @@ from aiokafka.structs import RecordMetadata
 
 from service.dev import stack
 
-BENCH_MODELS = stack.REPO_ROOT / "triton_models" / "bench"
+BENCH_MODELS = stack.BENCH_MODEL_REPOSITORY
 BENCH_DIR = stack.REPO_ROOT / ".guardstream" / "bench"
 SERVICE_COMMAND = (sys.executable, "-m", "service", "run")
 MiB = 1024 * 1024

@@ -17,6 +17,9 @@ from service.core.errors import DEAD_LETTER_CODES
 
 SCHEMA_VERSION: Literal[1] = 1
 
+Action = Literal["allow", "review", "block"]
+"""What the upload service should do with the image (see `service.core.decisions`)."""
+
 
 class _Out(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -64,8 +67,28 @@ class Verdict(_Out):
         description="Probability the model gave the token that decided the rating (LlavaGuard: "
         "the rating's first token; ICM-Assistant: Yes/No); null when the model does not say.",
     )
+    action: Action | None = Field(
+        None,
+        description="What to do with the image under the policy's decision rules: allow, "
+        "review (also published to the review topic) or block. Always allow when the policy "
+        "observes only (see would_action). Null only from services older than decisions.",
+    )
+    would_action: Action | None = Field(
+        None,
+        description="The action the rules chose before observe-only mode turned it into allow; "
+        "equal to action when the policy enforces.",
+    )
+    reasons: list[str] = Field(
+        default_factory=list,
+        description='Which rules decided, in order, e.g. ["category:O4", "confidence_below:0.7"]'
+        "; see the README's decision section.",
+    )
+    tenant: str | None = Field(None, description="The tenant the event was judged for, if any.")
     policy_id: str
-    policy_version: str
+    policy_version: str = Field(
+        description='The policy\'s version and a hash of its prompt and decision rules, e.g. '
+        '"1.2.0+3f2a9c1d0b7e": two policies that ask or decide differently never share one.'
+    )
     model: ModelInfo
     image_sha256: str
     frames_judged: int = Field(

@@ -261,7 +261,7 @@ def test_packaged_policy_reads_yes_as_unsafe_with_the_icm_rules_as_categories() 
 
     assert (POLICY.id, POLICY.version, POLICY.answer_format) == (
         "icm-assistant",
-        "1.0.0",
+        "1.0.1",
         "icm-yes-no",
     )
     assert [c.code for c in POLICY.categories] == ["R00", *rules, "NA"]
@@ -570,7 +570,7 @@ async def test_an_icm_answer_becomes_a_verdict_with_the_rule_and_the_yes_token_c
     )
     assert outcome.rationale == BITE
     assert outcome.confidence == pytest.approx(0.93)
-    assert (outcome.policy_id, outcome.policy_version) == ("icm-assistant", "1.0.0")
+    assert (outcome.policy_id, outcome.policy_version) == ("icm-assistant", POLICY.full_version)
 
 
 async def test_a_no_answer_becomes_a_safe_verdict_with_the_normal_category() -> None:

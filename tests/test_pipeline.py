@@ -43,7 +43,7 @@ async def test_a_parsed_answer_becomes_a_verdict_with_full_provenance() -> None:
         "NA",
     )
     assert outcome.rationale == "a cat"
-    assert (outcome.policy_id, outcome.policy_version) == ("llavaguard-v1.2", "1.2.0")
+    assert (outcome.policy_id, outcome.policy_version) == ("llavaguard-v1.2", "1.2.1+281cc87e3207")
     assert outcome.model.model_dump() == {
         "name": "guard",
         "version": "7",

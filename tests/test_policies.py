@@ -25,9 +25,12 @@ from service.core.policies import (
     parse_answer,
 )
 
-# sha256 of shared/policies/llavaguard-v1.2.txt, the v1.2 model card's prompt. Hard-coded because
-# CI checks out this repository alone; any edit to the packaged prompt must be deliberate.
-LLAVAGUARD_V12_PROMPT_SHA256 = "10159d525104e5c750f7426e705a8e7adb3e15779486f252a3a23ddde3e98f02"
+# sha256 of shared/policies/llavaguard-v1.2.txt, the v1.2 model card's prompt (its lines, no blank
+# ones, a final line break). Hard-coded because CI checks out this repository alone.
+MODEL_CARD_PROMPT_SHA256 = "10159d525104e5c750f7426e705a8e7adb3e15779486f252a3a23ddde3e98f02"
+# sha256 of the prompt LlavaGuard's training code assembles for v1.2 with no exceptions
+# (tests/test_policy_exceptions.py has the others and says how they were computed).
+TRAINED_PROMPT_SHA256 = "16c712fecb9c1ae99aa4fdd9dc4ae323be0091192756670b181a3bbcae10900d"
 
 POLICY = PolicyRegistry.load().get("llavaguard-v1.2")
 
@@ -66,10 +69,20 @@ def _write(directory: Path, name: str, text: str) -> Path:
 # --- The packaged policy -------------------------------------------------------------------------
 
 
-def test_packaged_prompt_is_the_llavaguard_v12_text_byte_for_byte() -> None:
+def test_packaged_prompt_is_the_one_llavaguard_v12_was_trained_on_byte_for_byte() -> None:
     digest = hashlib.sha256(POLICY.prompt.encode("utf-8")).hexdigest()
 
-    assert digest == LLAVAGUARD_V12_PROMPT_SHA256
+    assert digest == TRAINED_PROMPT_SHA256
+
+
+def test_packaged_prompt_has_the_model_cards_lines_with_blank_lines_between_categories() -> None:
+    lines = POLICY.prompt.split("\n")
+    card = "".join(f"{line}\n" for line in lines if line)
+
+    assert hashlib.sha256(card.encode("utf-8")).hexdigest() == MODEL_CARD_PROMPT_SHA256
+    after_blank = [lines[i + 1] for i, line in enumerate(lines) if not line]
+    headers = [f"{c.label}: " for c in POLICY.categories[1:] if c != POLICY.safe_category]
+    assert after_blank == [*headers, "Assessment Steps:"]
 
 
 def test_render_prompt_sends_the_prompt_as_stored() -> None:
@@ -77,7 +90,7 @@ def test_render_prompt_sends_the_prompt_as_stored() -> None:
 
 
 def test_packaged_policy_has_the_llavaguard_codes_and_safe_category() -> None:
-    assert (POLICY.id, POLICY.version) == ("llavaguard-v1.2", "1.2.0")
+    assert (POLICY.id, POLICY.version) == ("llavaguard-v1.2", "1.2.1")
     assert POLICY.safe_category == Category("NA", "NA: None applying")
     assert [c.code for c in POLICY.categories] == [*(f"O{n}" for n in range(1, 10)), "NA"]
     assert (POLICY.answer_format, POLICY.yes_no) == ("llavaguard-json", None)

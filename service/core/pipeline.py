@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind, Tracer
 
 from service.core.backoff import exponential, full_jitter
 from service.core.breaker import Breaker
+from service.core.decisions import decide
 from service.core.errors import DeadlineExceeded, GuardstreamError, UrlNotSupported
 from service.core.events import (
     EventLimits,
@@ -325,15 +326,27 @@ def _verdict(
     timings: Timings,
 ) -> Verdict:
     name, version = _model_identity(reply, assessment)
+    confidence = None if reply.rating_log_prob is None else math.exp(reply.rating_log_prob)
+    decision = decide(
+        policy.decision,
+        rating=assessment.rating,
+        category_code=assessment.category.code,
+        confidence=confidence,
+        event_id=event.event_id,
+    )
     return Verdict(
         event_id=event.event_id,
         rating=assessment.rating,
         category=assessment.category.label,
         category_code=assessment.category.code,
         rationale=assessment.rationale,
-        confidence=None if reply.rating_log_prob is None else math.exp(reply.rating_log_prob),
+        confidence=confidence,
+        action=decision.action,
+        would_action=decision.would_action,
+        review=decision.review,
+        reasons=list(decision.reasons),
         policy_id=policy.id,
-        policy_version=policy.version,
+        policy_version=policy.full_version,
         model=ModelInfo(
             name=name,
             version=version,

@@ -13,12 +13,11 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 from pydantic_core import to_json
 
+from service.core.decisions import Action
 from service.core.errors import DEAD_LETTER_CODES
 
 SCHEMA_VERSION: Literal[1] = 1
 
-Action = Literal["allow", "review", "block"]
-"""What the upload service should do with the image (see `service.core.decisions`)."""
 
 
 class _Out(BaseModel):
@@ -78,6 +77,11 @@ class Verdict(_Out):
         description="The action the rules chose before observe-only mode turned it into allow; "
         "equal to action when the policy enforces.",
     )
+    review: bool = Field(
+        False,
+        description="Whether this verdict was also published to the review topic: its action is "
+        "review, or quality sampling picked it (reasons then hold sampled:<fraction>).",
+    )
     reasons: list[str] = Field(
         default_factory=list,
         description='Which rules decided, in order, e.g. ["category:O4", "confidence_below:0.7"]'
@@ -86,7 +90,7 @@ class Verdict(_Out):
     tenant: str | None = Field(None, description="The tenant the event was judged for, if any.")
     policy_id: str
     policy_version: str = Field(
-        description='The policy\'s version and a hash of its prompt and decision rules, e.g. '
+        description="The policy's version and a hash of its prompt and decision rules, e.g. "
         '"1.2.0+3f2a9c1d0b7e": two policies that ask or decide differently never share one.'
     )
     model: ModelInfo

@@ -1,33 +1,23 @@
-"""Policy files and the registry: reading and checking ``*.toml`` files into `Policy` objects.
+"""Policies and the registry: what a policy asks the guard, and how its answers are named.
 
-The file format is described in the package docstring (`service.core.policies`). Every check
-happens here, at start-up: a bad file raises ValueError naming the file and the problem, so the
-answer readers can rely on a policy being consistent.
+Reading and checking the ``*.toml`` files is `service.core.policies.files`; the file format is
+described in the package docstring (`service.core.policies`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib.resources import files
-from importlib.resources.abc import Traversable
-from pathlib import Path
-from typing import Any
 
-from service.core.errors import UnknownPolicy
+from service.core.decisions import DecisionRules
+from service.core.policies.prompt import PromptParts
 
 ANSWER_FORMATS = ("llavaguard-json", "icm-yes-no")
 """Answer formats `parse_answer` can read; a policy file must name one of them."""
 
-_YES_NO_KEYS = frozenset({"unsafe_answer", "default_unsafe_category"})
-_POLICY_KEYS = (
-    frozenset({"id", "version", "answer_format", "safe_category", "prompt", "categories"})
-    | _YES_NO_KEYS
-)
-_CATEGORY_KEYS = frozenset({"code", "label"})
-_POLICY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SAFE_ALIASES = ("n/a",)
 _YES_NO = ("Yes", "No")
 
@@ -92,10 +82,13 @@ class YesNoAnswers:
 
 @dataclass(frozen=True)
 class Policy:
-    """A moderation policy: the prompt to send and the categories an answer may name.
+    """A moderation policy: the prompt to send, the categories an answer may name, and the
+    rules that turn an answer into an action.
 
     `answer_format` says how `parse_answer` reads an answer; "icm-yes-no" policies carry the
-    mapping of their answers in `yes_no` (and only they do).
+    mapping of their answers in `yes_no` (and only they do). `prompt` is the text sent, already
+    assembled from `parts` with `exceptions` declared non-violating where the policy has parts.
+    `extends` names the policy this one was derived from.
     """
 
     id: str
@@ -105,16 +98,47 @@ class Policy:
     safe_category: Category
     answer_format: str = "llavaguard-json"
     yes_no: YesNoAnswers | None = None
+    parts: PromptParts | None = None
+    exceptions: frozenset[str] = frozenset()
+    decision: DecisionRules = field(default_factory=DecisionRules)
+    extends: str | None = None
+    fingerprint: str = field(init=False, compare=False)
+    """12 hex digits of SHA-256 over everything that changes what a verdict says."""
 
     def __post_init__(self) -> None:
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format {self.answer_format!r} is not one of {ANSWER_FORMATS}")
         if (self.answer_format == "icm-yes-no") != (self.yes_no is not None):
             raise ValueError("yes_no is required with answer_format 'icm-yes-no', and only there")
+        identity = {
+            "prompt": self.prompt,
+            "answer_format": self.answer_format,
+            "categories": [[c.code, c.label] for c in self.categories],
+            "safe_category": self.safe_category.code,
+            "unsafe_answer": self.yes_no.unsafe_answer if self.yes_no else None,
+            "default_unsafe_category": self.yes_no.default_category.code if self.yes_no else None,
+            "decision": self.decision.canonical(),
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8"))
+        object.__setattr__(self, "fingerprint", digest.hexdigest()[:12])
+
+    @property
+    def full_version(self) -> str:
+        """What verdicts carry as `policy_version`: "1.2.1+3f2a9c1d0b7e".
+
+        The file's version for people, the fingerprint for certainty: two policies that ask the
+        model differently, read its answer differently or decide differently never share one.
+        """
+        return f"{self.version}+{self.fingerprint}"
 
     def render_prompt(self) -> str:
-        """The text sent to the model as `text_input`: the prompt exactly as stored."""
+        """The text sent to the model as `text_input`."""
         return self.prompt
+
+    @property
+    def unsafe_codes(self) -> tuple[str, ...]:
+        """The codes of every category but the safe one, in prompt order."""
+        return tuple(c.code for c in self.categories if c != self.safe_category)
 
     def category(self, name: str) -> Category | None:
         """The category `name` refers to, or None.
@@ -129,130 +153,9 @@ class Policy:
         return None
 
 
-class PolicyRegistry:
-    """Policies by id, loaded once at start-up."""
-
-    def __init__(self, policies: Mapping[str, Policy]) -> None:
-        self._policies = dict(policies)
-
-    @classmethod
-    def load(cls, extra_dir: Path | None = None) -> PolicyRegistry:
-        """The packaged policies, plus the ``*.toml`` files in `extra_dir`.
-
-        A policy in `extra_dir` replaces a packaged one with the same id. Raises ValueError,
-        naming the file and the problem, for any file that is not a valid policy.
-        """
-        policies = _load_dir(files("service") / "policies")
-        if extra_dir is not None:
-            if not extra_dir.is_dir():
-                raise ValueError(f"policy directory {extra_dir} does not exist")
-            policies |= _load_dir(extra_dir)
-        return cls(policies)
-
-    def get(self, policy_id: str) -> Policy:
-        """The policy with id `policy_id`; UnknownPolicy if there is none."""
-        try:
-            return self._policies[policy_id]
-        except KeyError:
-            known = ", ".join(self.ids()) or "none"
-            raise UnknownPolicy(f"unknown policy {policy_id!r}; known policies: {known}") from None
-
-    def ids(self) -> tuple[str, ...]:
-        """Every policy id, sorted."""
-        return tuple(sorted(self._policies))
-
-
-# --- Loading -------------------------------------------------------------------------------------
-
-
-def _load_dir(directory: Traversable) -> dict[str, Policy]:
-    policies: dict[str, Policy] = {}
-    sources: dict[str, str] = {}
-    toml_files = (f for f in directory.iterdir() if f.name.endswith(".toml") and f.is_file())
-    for file in sorted(toml_files, key=lambda f: f.name):
-        source = str(file)
-        policy = _read_policy(file.read_bytes(), source)
-        if policy.id in policies:
-            # Two files in one place claiming one id: which one wins would depend on file names.
-            raise ValueError(
-                f"{source}: policy id {policy.id!r} is also defined in {sources[policy.id]}"
-            )
-        policies[policy.id] = policy
-        sources[policy.id] = source
-    return policies
-
-
-def _read_policy(raw: bytes, source: str) -> Policy:
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-        return _policy_from_data(data)
-    except ValueError as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors too
-        raise ValueError(f"{source}: {exc}") from exc
-
-
-def _policy_from_data(data: dict[str, Any]) -> Policy:
-    _check_keys(data, _POLICY_KEYS, "policy")
-    policy_id = _text(data, "id")
-    if not _POLICY_ID.fullmatch(policy_id):
-        raise ValueError(f"id {policy_id!r} may hold only letters, digits, '.', '_' and '-'")
-    answer_format = _text(data, "answer_format")
-    if answer_format not in ANSWER_FORMATS:
-        raise ValueError(f"answer_format {answer_format!r} is not one of {ANSWER_FORMATS}")
-    misplaced = sorted(_YES_NO_KEYS & set(data)) if answer_format != "icm-yes-no" else []
-    if misplaced:
-        raise ValueError(f"{', '.join(misplaced)}: only for answer_format 'icm-yes-no'")
-    categories = _categories(data.get("categories"))
-    safe = _category_named_by(data, "safe_category", categories)
-    _check_names_unique(categories, safe)
-    return Policy(
-        id=policy_id,
-        version=_text(data, "version"),
-        prompt=_text(data, "prompt"),
-        categories=categories,
-        safe_category=safe,
-        answer_format=answer_format,
-        yes_no=_yes_no_answers(data, categories, safe) if answer_format == "icm-yes-no" else None,
-    )
-
-
-def _yes_no_answers(
-    data: dict[str, Any], categories: tuple[Category, ...], safe: Category
-) -> YesNoAnswers:
-    default = _category_named_by(data, "default_unsafe_category", categories)
-    if default == safe:
-        raise ValueError(f"default_unsafe_category {default.code!r} is the safe category")
-    return YesNoAnswers(  # which checks unsafe_answer
-        unsafe_answer=_text(data, "unsafe_answer"),
-        default_category=default,
-        rules=tuple(c for c in categories if c not in (safe, default)),
-    )
-
-
-def _categories(value: object) -> tuple[Category, ...]:
-    if not isinstance(value, list) or not value:
-        raise ValueError("categories must be a non-empty array of tables ([[categories]])")
-    categories = []
-    for entry in value:
-        if not isinstance(entry, dict):
-            raise ValueError("each entry of categories must be a table with code and label")
-        _check_keys(entry, _CATEGORY_KEYS, "category")
-        categories.append(Category(code=_text(entry, "code"), label=_text(entry, "label")))
-    return tuple(categories)
-
-
-def _category_named_by(
-    table: dict[str, Any], key: str, categories: tuple[Category, ...]
-) -> Category:
-    """The category whose code `table[key]` holds."""
-    code = _text(table, key)
-    category = next((c for c in categories if c.code == code), None)
-    if category is None:
-        raise ValueError(f"{key} {code!r} is not the code of any category")
-    return category
-
-
-def _check_names_unique(categories: Iterable[Category], safe: Category) -> None:
-    # Answers are matched leniently, so each name must lead to one category only.
+def check_names_unique(categories: Iterable[Category], safe: Category) -> None:
+    """Raises ValueError when two categories share a name: answers are matched leniently, so
+    each name must lead to one category only."""
     owners: dict[str, str] = {}
     for category in categories:
         for name in _names(category, safe=category == safe):
@@ -260,19 +163,6 @@ def _check_names_unique(categories: Iterable[Category], safe: Category) -> None:
                 raise ValueError(
                     f"category name {name!r} would match both {owners[name]} and {category.code}"
                 )
-
-
-def _check_keys(table: dict[str, Any], allowed: frozenset[str], what: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ValueError(f"unknown {what} key(s): {', '.join(unknown)}")
-
-
-def _text(table: dict[str, Any], key: str) -> str:
-    value = table.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{key} must be a non-empty string")
-    return value
 
 
 def _names(category: Category, *, safe: bool) -> frozenset[str]:

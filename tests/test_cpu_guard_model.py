@@ -28,6 +28,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from tritonclient.grpc import model_config_pb2
 
+from service.core.policies import PolicyRegistry
+from service.core.policies.prompt import assemble
 from triton_models import fill
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "triton_models" / "cpu" / "guard"
@@ -378,6 +380,34 @@ def test_best_scoring_firing_rule_names_the_category(nr: ModuleType) -> None:
         "This detector assesses only exposed nudity (O3, O4) and did not assess "
         "O1\u2013O2 and O5\u2013O9."
     )
+
+
+def test_a_category_the_prompt_declares_non_violating_makes_no_image_unsafe(
+    nr: ModuleType,
+) -> None:
+    rules = {
+        "BUTTOCKS_EXPOSED": {"category": "O4", "min_score": 0.5},
+        "FEMALE_BREAST_EXPOSED": {"category": "O3", "min_score": 0.5},
+    }
+    categories = {"O3": "O3: Sexual Content", "O4": "O4: Nudity Content"}
+    policy = nr.parse_settings(parameters(rules=rules, categories=categories)).policy
+    buttocks = nr.Detection("BUTTOCKS_EXPOSED", 0.6, (0, 0, 1, 1))
+    breast = nr.Detection("FEMALE_BREAST_EXPOSED", 0.8, (0, 0, 1, 1))
+    registry = PolicyRegistry.load()
+    base = registry.get("llavaguard-v1.2")
+    assert base.parts is not None
+    unsafe = [(c.code, c.label) for c in base.categories if c != base.safe_category]
+    exempt = nr.exempt_categories(assemble(base.parts, unsafe, {"O4", "O9"}))
+
+    only_exempt = nr.judge([buttocks], policy, exempt)
+    both = nr.judge([breast, buttocks], policy, exempt)
+
+    assert exempt == {"O4", "O9"}
+    assert nr.exempt_categories(base.prompt) == frozenset()
+    assert (only_exempt.rating, only_exempt.category) == ("Safe", "O4: Nudity Content")
+    assert "The policy declares O4: Nudity Content non-violating" in only_exempt.rationale
+    assert (both.rating, both.category) == ("Unsafe", "O3: Sexual Content")
+    assert nr.judge([buttocks], policy).rating == "Unsafe"
 
 
 def test_answer_is_llavaguard_json_naming_this_model(nr: ModuleType, policy: Any) -> None:

@@ -14,8 +14,17 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from guard_request import IMAGE_INPUT, InvalidRequestError, image_from_tensor
 from model_parameters import string_values
-from nudenet_rules import Detector, RGBImage, answer_json, judge, model_version, parse_settings
+from nudenet_rules import (
+    Detector,
+    RGBImage,
+    answer_json,
+    exempt_categories,
+    judge,
+    model_version,
+    parse_settings,
+)
 
+TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"
 
 
@@ -32,15 +41,17 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
         images: list[RGBImage] = []
+        exempt: list[frozenset[str]] = []
         judged: list[int] = []
         for index, request in enumerate(requests):
             try:
                 images.append(self._image(request))
+                exempt.append(_exempt(request))
                 judged.append(index)
             except InvalidRequestError as exc:
                 # INVALID_ARG, not the default INTERNAL: the client must not retry this one.
                 responses[index] = _error_response(str(exc), pb_utils.TritonError.INVALID_ARG)
-        for index, response in zip(judged, self._judge(images), strict=True):
+        for index, response in zip(judged, self._judge(images, exempt), strict=True):
             responses[index] = response
         return responses
 
@@ -54,7 +65,7 @@ class TritonPythonModel:
             raise InvalidRequestError(f"{IMAGE_INPUT} is missing")
         return image_from_tensor(tensor.as_numpy(), self._max_image_side)
 
-    def _judge(self, images: list[RGBImage]) -> list[Any]:
+    def _judge(self, images: list[RGBImage], exempt: list[frozenset[str]]) -> list[Any]:
         """One response per image, from one detector run over all of them."""
         try:
             detections = self._detector.detect(images)
@@ -67,9 +78,19 @@ class TritonPythonModel:
                 for _ in images
             ]
         return [
-            _text_response(answer_json(judge(found, self._policy), self._version))
-            for found in detections
+            _text_response(answer_json(judge(found, self._policy, codes), self._version))
+            for found, codes in zip(detections, exempt, strict=True)
         ]
+
+
+def _exempt(request: Any) -> frozenset[str]:
+    """The categories the request's policy prompt declares non-violating."""
+    tensor = pb_utils.get_input_tensor_by_name(request, TEXT_INPUT)
+    if tensor is None:
+        raise InvalidRequestError(f"{TEXT_INPUT} is missing")
+    prompt = tensor.as_numpy().reshape(-1)[0]
+    text = prompt.decode("utf-8", "replace") if isinstance(prompt, bytes) else str(prompt)
+    return exempt_categories(text)
 
 
 def _text_response(text: str) -> Any:

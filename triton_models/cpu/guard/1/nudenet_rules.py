@@ -7,6 +7,7 @@ it without a server. One step per function, in the order the data flows:
     letterbox           RGB image -> the network's input planes, exactly as NudeNet builds them
     Detector.detect     several images -> ONE onnxruntime run -> detections per image
     decode_detections   one image's raw output -> detections, exactly as NudeNet post-processes
+    exempt_categories   the policy prompt -> the categories it declares non-violating
     judge               detections + Policy -> Answer (rating, category, rationale)
     answer_json         Answer -> the LlavaGuard JSON text, with the model's own identity
 
@@ -25,6 +26,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -266,21 +268,41 @@ class Detector:
         ]
 
 
-def judge(detections: Sequence[Detection], policy: Policy) -> Answer:
-    """Unsafe in the category of the best-scoring detection that meets its rule; else Safe."""
+_EXEMPT = re.compile(r"^Category (\S+) is declared as non-violating\.", re.MULTILINE)
+
+
+def exempt_categories(prompt: str) -> frozenset[str]:
+    """The codes a LlavaGuard prompt declares non-violating ("Category O4 is declared as
+    non-violating. ..."), the sentence LlavaGuard's policy exceptions were trained on."""
+    return frozenset(_EXEMPT.findall(prompt))
+
+
+def judge(
+    detections: Sequence[Detection], policy: Policy, exempt: frozenset[str] = frozenset()
+) -> Answer:
+    """Unsafe in the category of the best-scoring detection that meets its rule; else Safe.
+
+    A category the prompt declares non-violating (`exempt`) makes no image Unsafe: an image that
+    only fires its rules is Safe in that category, as LlavaGuard answers such an image.
+    """
     ranked = sorted(detections, key=lambda detection: detection.score, reverse=True)
     fired = [d for d in ranked if d.label in policy.rules and _meets_rule(d, policy.rules)]
+    violating = [d for d in fired if policy.rules[d.label].category not in exempt]
     reported = [d for d in ranked if d.score >= policy.report_min_score]
-    rationale = " ".join(
-        [
-            _describe_detections(reported, policy.report_min_score),
-            _describe_rules(fired, reported, policy),
-            _describe_scope(policy),
-        ]
+    parts = [
+        _describe_detections(reported, policy.report_min_score),
+        _describe_rules(fired, reported, policy),
+        _describe_scope(policy),
+    ]
+    if fired and not violating:
+        label = policy.categories[policy.rules[fired[0].label].category]
+        parts.insert(2, f"The policy declares {label} non-violating, so the image complies.")
+        return Answer(SAFE, label, " ".join(parts))
+    if not violating:
+        return Answer(SAFE, SAFE_CATEGORY, " ".join(parts))
+    return Answer(
+        UNSAFE, policy.categories[policy.rules[violating[0].label].category], " ".join(parts)
     )
-    if not fired:
-        return Answer(SAFE, SAFE_CATEGORY, rationale)
-    return Answer(UNSAFE, policy.categories[policy.rules[fired[0].label].category], rationale)
 
 
 def _meets_rule(detection: Detection, rules: Mapping[str, Rule]) -> bool:

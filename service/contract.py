@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from service.core.events import ImageEvent
 from service.core.policies import Policy, PolicyRegistry
+from service.core.reviews import ReviewDecision
 from service.core.verdicts import DeadLetter, Verdict
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
@@ -26,6 +27,7 @@ SCHEMAS: dict[str, tuple[type[BaseModel], Literal["validation", "serialization"]
     "image-event.v1.json": (ImageEvent, "validation"),
     "verdict.v1.json": (Verdict, "serialization"),
     "dead-letter.v1.json": (DeadLetter, "serialization"),
+    "decisions.v1.json": (ReviewDecision, "validation"),
 }
 
 

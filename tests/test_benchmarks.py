@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from skimage import data as photos
 
 from service.core.events import EventLimits, parse_event
-from tests.benchmarks import throughput
+from tests.benchmarks import decide, throughput
 from tests.benchmarks.report import (
     ceiling,
     latencies_ms,
@@ -160,3 +160,10 @@ def test_the_benchmark_runs_on_a_few_hundred_events(tmp_path: Path) -> None:
         assert run["cpu_s_per_1000"] > 0
         assert run["latency"]["missing"] == 0
         assert run["latency"]["p99_ms"] >= 0
+
+
+def test_the_decide_benchmark_runs_and_reports_every_figure() -> None:
+    figures = decide.main(["--events", "20"])
+
+    assert len(figures) == len(decide.RULE_SETS) + 1
+    assert all(us > 0 for us in figures.values())

@@ -172,3 +172,11 @@ def test_a_bad_policy_file_is_refused_naming_file_and_key(
 
     with pytest.raises(ValueError, match=problem):
         PolicyRegistry.load(tmp_path)
+
+
+def test_a_tool_handed_one_policy_file_gets_it_resolved_against_its_parent(tmp_path: Path) -> None:
+    path = _write(tmp_path, "art.toml", _derived(extra='exceptions = ["O4"]\n'))
+
+    policy = PolicyRegistry.policy_in(path)
+
+    assert (policy.id, _sha256(policy.prompt)) == ("art", TRAINED_PROMPTS_SHA256[("O4",)])

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,8 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from transformers import AutoProcessor
 
+    from service.core.policies import PolicyRegistry
+
     processor = AutoProcessor.from_pretrained(str(args.hf_dir))
-    prompt = tomllib.loads(args.policy.read_text())["prompt"]
+    prompt = PolicyRegistry.policy_in(args.policy).render_prompt()
     limits = compute(
         processor,
         prompt,

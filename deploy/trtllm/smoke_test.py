@@ -24,7 +24,6 @@ import math
 import struct
 import sys
 import time
-import tomllib
 import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,8 @@ from numpy.typing import NDArray
 
 CONTRACT_INPUTS = {"text_input", "image_bytes_input", "max_tokens"}
 RATING_LOG_PROB = "rating_log_prob"
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         )
     outputs = ["text_output"] + ([RATING_LOG_PROB] if RATING_LOG_PROB in declared_outputs else [])
     parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    prompt = tomllib.loads(args.policy.read_text())["prompt"]
+    sys.path.insert(0, str(REPO))  # the consumer's policies, assembled as it sends them
+    from service.core.policies import PolicyRegistry
+
+    prompt = PolicyRegistry.policy_in(args.policy).render_prompt()
     schema = json.loads(args.schema.read_text()) if args.schema else None
     image = load_image(args.image, args.max_side)
     sampling = {"max_tokens": args.max_tokens, "temperature": 0.2, "top_p": 0.95, "top_k": 50}

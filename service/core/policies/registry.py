@@ -67,6 +67,13 @@ class PolicyRegistry:
             _resolve(policy_id, sources, resolved, ())
         return cls(resolved)
 
+    @classmethod
+    def policy_in(cls, path: Path) -> Policy:
+        """The policy the file at `path` defines, resolved with its siblings and the packaged
+        policies (a derived policy needs its parent): for tools handed one policy file."""
+        policy_id = _text(tomllib.loads(path.read_text(encoding="utf-8")), "id")
+        return cls.load(path.parent).get(policy_id)
+
     def get(self, policy_id: str) -> Policy:
         """The policy with id `policy_id`; UnknownPolicy if there is none."""
         try:

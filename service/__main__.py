@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     produce.add_argument("files", nargs="+", type=Path, help="image files to publish")
     produce.add_argument("--policy-id", default=None, help="policy to judge against")
+    produce.add_argument("--tenant", default=None, help="tenant the uploads belong to")
     return parser
 
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(stack_config(args), keep_stack=args.keep_stack)
     if args.command == "schemas":
         return schemas_command(check=args.check)
-    return produce_command(settings, args.files, args.policy_id)
+    return produce_command(settings, args.files, args.policy_id, args.tenant)
 
 
 def run(settings: Settings) -> int:
@@ -233,7 +234,9 @@ def schemas_command(*, check: bool) -> int:
     return 0
 
 
-def produce_command(settings: Settings, files: list[Path], policy_id: str | None) -> int:
+def produce_command(
+    settings: Settings, files: list[Path], policy_id: str | None, tenant: str | None = None
+) -> int:
     from service.client import ImageEventProducer, image_event
 
     async def publish() -> None:
@@ -242,7 +245,9 @@ def produce_command(settings: Settings, files: list[Path], policy_id: str | None
         async with ImageEventProducer(bootstrap, settings.input_topic, **connection) as out:
             for path in files:
                 event_id = f"{path.stem}-{uuid.uuid4().hex[:12]}"
-                event = image_event(event_id, image=path.read_bytes(), policy_id=policy_id)
+                event = image_event(
+                    event_id, image=path.read_bytes(), policy_id=policy_id, tenant=tenant
+                )
                 sent = await out.send(event)
                 print(f"{path}: event {event_id} at {sent.topic}[{sent.partition}]@{sent.offset}")
 

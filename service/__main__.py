@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from service import contract
 from service.adapters.kafka.delivery import PublishFailed
+from service.adapters.rules_source import InvalidRules
 from service.config import ENV_PREFIX, Settings
 from service.core.errors import GuardstreamError
 from service.dev import stack
@@ -194,6 +195,9 @@ def run(settings: Settings) -> int:
         asyncio.run(serve_until_signalled())
     except (GuardstreamError, PublishFailed) as exc:
         log.error("stopped: %s", exc)
+        return 1
+    except InvalidRules as exc:
+        log.error("refusing to start: %s", exc)
         return 1
     finally:
         provider.shutdown()

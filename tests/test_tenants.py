@@ -4,14 +4,28 @@ event's tenant and policy id resolve to the policy it is judged by."""
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from service.core.errors import PolicyNotAllowed, UnknownPolicy, UnknownTenant
+from service.core.pipeline import Outcome, Record
 from service.core.policies import PolicyRegistry
 from service.core.rules import Rules
 from service.core.tenants import Tenant, Tenants, UnknownTenantRule
+from service.core.verdicts import Verdict
+from service.ops.metrics import Metrics
+from tests.support.pipeline import (
+    SAFE,
+    ScriptedGuard,
+    dead,
+    event_record,
+    jpeg,
+    make_pipeline,
+    policy_text,
+    record,
+)
 
 POLICY_IDS = ("art-platform", "icm-assistant", "llavaguard-v1.2")
 DEFAULT = "llavaguard-v1.2"
@@ -227,3 +241,130 @@ def test_rules_with_a_tenant_file_name_only_known_tenants_in_verdicts() -> None:
 def test_rules_need_their_default_policy() -> None:
     with pytest.raises(ValueError, match="the default policy 'gone' is not among the policies"):
         Rules(PolicyRegistry.load(), "gone")
+
+
+# --- In the pipeline ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tenant_settings(tmp_path: Path) -> dict[str, object]:
+    """A policy directory with art-platform, and the example tenant file naming it."""
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "art.toml").write_text(policy_text("art-platform"))
+    (tmp_path / "tenants.toml").write_bytes(EXAMPLE)
+    return {"policy_dir": tmp_path / "policies", "tenant_file": tmp_path / "tenants.toml"}
+
+
+async def judged(
+    rec: Record, metrics: Metrics | None = None, **settings: object
+) -> tuple[Outcome, ScriptedGuard]:
+    guard = ScriptedGuard(SAFE)
+    with ThreadPoolExecutor(1) as pool:
+        outcome = await make_pipeline(guard, pool, metrics=metrics, **settings).judge(rec)
+    return outcome, guard
+
+
+def counted(metrics: Metrics, tenant: str, outcome: str) -> float | None:
+    return metrics.registry.get_sample_value(
+        "guardstream_tenant_outcomes_total", {"tenant": tenant, "outcome": outcome}
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "policy", "tenant", "label"),
+    [
+        ({"tenant": "acme-art"}, "art-platform", "acme-art", "acme-art"),
+        ({"tenant": "acme-art", "policy_id": DEFAULT}, DEFAULT, "acme-art", "acme-art"),
+        ({"tenant": "plain"}, DEFAULT, "plain", "plain"),
+        ({"tenant": "stranger"}, DEFAULT, None, "unknown"),
+        ({"tenant": "stranger", "policy_id": "art-platform"}, "art-platform", None, "unknown"),
+        ({}, DEFAULT, None, "none"),
+        ({"policy_id": "art-platform"}, "art-platform", None, "none"),
+    ],
+)
+async def test_an_event_is_judged_by_its_tenants_policy_and_the_verdict_names_known_tenants(
+    tenant_settings: dict[str, object],
+    fields: dict[str, str],
+    policy: str,
+    tenant: str | None,
+    label: str,
+) -> None:
+    metrics = Metrics()
+    outcome, _ = await judged(event_record(**fields), metrics, **tenant_settings)
+
+    assert isinstance(outcome, Verdict), outcome
+    assert (outcome.policy_id, outcome.tenant) == (policy, tenant)
+    assert counted(metrics, label, "Safe") == 1
+
+
+async def test_a_policy_the_tenant_may_not_use_is_dead_lettered_before_the_guard_is_asked(
+    tenant_settings: dict[str, object],
+) -> None:
+    metrics = Metrics()
+    rec = event_record(tenant="newsroom", policy_id=DEFAULT)
+    outcome, guard = await judged(rec, metrics, **tenant_settings)
+
+    letter = dead(outcome)
+    assert letter.error.code == "policy_not_allowed"
+    assert letter.error.message.startswith("tenant 'newsroom' may not use policy")
+    assert guard.calls == []
+    assert counted(metrics, "newsroom", "policy_not_allowed") == 1
+
+
+async def test_an_unknown_tenant_is_dead_lettered_when_set_to(
+    tenant_settings: dict[str, object],
+) -> None:
+    metrics = Metrics()
+    rec = event_record(tenant="stranger")
+    outcome, guard = await judged(rec, metrics, unknown_tenant="dead-letter", **tenant_settings)
+
+    assert dead(outcome).error.code == "unknown_tenant"
+    assert guard.calls == []
+    assert counted(metrics, "unknown", "unknown_tenant") == 1
+
+
+async def test_a_raw_record_names_its_tenant_in_a_header(
+    tenant_settings: dict[str, object],
+) -> None:
+    headers = (("content-type", b"image/jpeg"), ("event-id", b"raw-1"), ("tenant", b"acme-art"))
+    outcome, _ = await judged(record(jpeg(), headers), **tenant_settings)
+
+    assert isinstance(outcome, Verdict), outcome
+    assert (outcome.tenant, outcome.policy_id) == ("acme-art", "art-platform")
+
+
+async def test_without_a_tenant_file_the_tenant_is_only_echoed() -> None:
+    metrics = Metrics()
+    outcome, _ = await judged(event_record(tenant="anyone", policy_id="icm-assistant"), metrics)
+
+    # As before tenants: the event's own policy (whose yes/no reader cannot read this answer).
+    assert dead(outcome).error.code == "unparseable_model_output"
+    outcome, _ = await judged(event_record(tenant="anyone"), metrics)
+    assert isinstance(outcome, Verdict), outcome
+    assert (outcome.tenant, outcome.policy_id) == ("anyone", DEFAULT)
+    assert counted(metrics, "unknown", "Safe") == 1  # the label is never the event's string
+
+
+async def test_a_dead_letter_of_a_known_tenant_is_counted_under_it(
+    tenant_settings: dict[str, object],
+) -> None:
+    metrics = Metrics()
+    rec = event_record(tenant="acme-art", image=b"not an image")
+    outcome, _ = await judged(rec, metrics, **tenant_settings)
+
+    assert dead(outcome).error.code == "image_decode_failed"
+    assert counted(metrics, "acme-art", "image_decode_failed") == 1
+
+
+async def test_an_event_past_its_deadline_is_still_counted_under_its_tenant(
+    tenant_settings: dict[str, object],
+) -> None:
+    metrics = Metrics()
+    with ThreadPoolExecutor(1) as pool:
+        pipeline = make_pipeline(
+            ScriptedGuard(5.0), pool, deadline_s=0.1, metrics=metrics, **tenant_settings
+        )
+        outcome = await pipeline.judge(event_record(tenant="acme-art"))
+
+    assert dead(outcome).error.code == "deadline_exceeded"
+    assert counted(metrics, "acme-art", "deadline_exceeded") == 1

@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,3 +121,11 @@ async def judge(guard: ScriptedGuard, rec: Record) -> Outcome:
 def dead(outcome: Outcome) -> DeadLetter:
     assert isinstance(outcome, DeadLetter), outcome
     return outcome
+
+
+def policy_text(policy_id: str, version: str = "1.2.0") -> str:
+    """A policy file: the packaged LlavaGuard policy under another id (and version)."""
+    packaged = (Path(__file__).parents[2] / "service/policies/llavaguard-v1.2.toml").read_text()
+    return packaged.replace('id = "llavaguard-v1.2"', f'id = "{policy_id}"', 1).replace(
+        'version = "1.2.0"', f'version = "{version}"', 1
+    )

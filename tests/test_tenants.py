@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -247,7 +248,7 @@ def test_rules_need_their_default_policy() -> None:
 
 
 @pytest.fixture
-def tenant_settings(tmp_path: Path) -> dict[str, object]:
+def tenant_settings(tmp_path: Path) -> dict[str, Any]:
     """A policy directory with art-platform, and the example tenant file naming it."""
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "art.toml").write_text(policy_text("art-platform"))
@@ -256,7 +257,7 @@ def tenant_settings(tmp_path: Path) -> dict[str, object]:
 
 
 async def judged(
-    rec: Record, metrics: Metrics | None = None, **settings: object
+    rec: Record, metrics: Metrics | None = None, **settings: Any
 ) -> tuple[Outcome, ScriptedGuard]:
     guard = ScriptedGuard(SAFE)
     with ThreadPoolExecutor(1) as pool:
@@ -283,7 +284,7 @@ def counted(metrics: Metrics, tenant: str, outcome: str) -> float | None:
     ],
 )
 async def test_an_event_is_judged_by_its_tenants_policy_and_the_verdict_names_known_tenants(
-    tenant_settings: dict[str, object],
+    tenant_settings: dict[str, Any],
     fields: dict[str, str],
     policy: str,
     tenant: str | None,
@@ -298,7 +299,7 @@ async def test_an_event_is_judged_by_its_tenants_policy_and_the_verdict_names_kn
 
 
 async def test_a_policy_the_tenant_may_not_use_is_dead_lettered_before_the_guard_is_asked(
-    tenant_settings: dict[str, object],
+    tenant_settings: dict[str, Any],
 ) -> None:
     metrics = Metrics()
     rec = event_record(tenant="newsroom", policy_id=DEFAULT)
@@ -312,7 +313,7 @@ async def test_a_policy_the_tenant_may_not_use_is_dead_lettered_before_the_guard
 
 
 async def test_an_unknown_tenant_is_dead_lettered_when_set_to(
-    tenant_settings: dict[str, object],
+    tenant_settings: dict[str, Any],
 ) -> None:
     metrics = Metrics()
     rec = event_record(tenant="stranger")
@@ -324,7 +325,7 @@ async def test_an_unknown_tenant_is_dead_lettered_when_set_to(
 
 
 async def test_a_raw_record_names_its_tenant_in_a_header(
-    tenant_settings: dict[str, object],
+    tenant_settings: dict[str, Any],
 ) -> None:
     headers = (("content-type", b"image/jpeg"), ("event-id", b"raw-1"), ("tenant", b"acme-art"))
     outcome, _ = await judged(record(jpeg(), headers), **tenant_settings)
@@ -346,7 +347,7 @@ async def test_without_a_tenant_file_the_tenant_is_only_echoed() -> None:
 
 
 async def test_a_dead_letter_of_a_known_tenant_is_counted_under_it(
-    tenant_settings: dict[str, object],
+    tenant_settings: dict[str, Any],
 ) -> None:
     metrics = Metrics()
     rec = event_record(tenant="acme-art", image=b"not an image")
@@ -357,7 +358,7 @@ async def test_a_dead_letter_of_a_known_tenant_is_counted_under_it(
 
 
 async def test_an_event_past_its_deadline_is_still_counted_under_its_tenant(
-    tenant_settings: dict[str, object],
+    tenant_settings: dict[str, Any],
 ) -> None:
     metrics = Metrics()
     with ThreadPoolExecutor(1) as pool:

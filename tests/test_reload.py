@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,6 +202,18 @@ async def test_a_reload_that_would_drop_a_policy_in_use_is_refused(files: RulesF
     assert not await rules.reload()
     assert rules.current().policy_for("acme", None).id == "art-v1"
     assert sample(metrics, "guardstream_rules_reload_failures_total") == 1
+
+
+async def test_a_policy_directory_that_disappears_keeps_the_rules_in_force(
+    files: RulesFiles,
+) -> None:
+    assert files.policy_dir is not None
+    rules, metrics = source(files)
+    shutil.rmtree(files.policy_dir)
+
+    assert not await rules.reload()
+    assert rules.current().policy_for("acme", None).id == "art-v1"
+    assert sample(metrics, "guardstream_rules_reload_ok") == 0
 
 
 async def test_a_reload_that_would_drop_the_default_policy_is_refused(tmp_path: Path) -> None:

@@ -61,13 +61,14 @@ class RulesFiles:
     def digest(self) -> str:
         """A hash of the names and bytes of every file the rules are read from."""
         content = hashlib.sha256()
-        for path in self._paths():
-            try:
+        path = self.policy_dir
+        try:
+            for path in self._paths():
                 raw = path.read_bytes()
-            except OSError as exc:
-                raise InvalidRules(f"{path}: cannot read: {exc.strerror}") from exc
-            content.update(f"{path}\0{len(raw)}\0".encode())
-            content.update(raw)
+                content.update(f"{path}\0{len(raw)}\0".encode())
+                content.update(raw)
+        except OSError as exc:
+            raise InvalidRules(f"{path}: cannot read: {exc.strerror}") from exc
         return content.hexdigest()
 
     def load(self) -> Rules:
@@ -88,6 +89,8 @@ class RulesFiles:
             return Rules(policies, self.default_policy, tenants, time.time(), digest)
         except ValueError as exc:
             raise InvalidRules(str(exc)) from exc
+        except OSError as exc:  # a file gone between listing and reading it
+            raise InvalidRules(f"{exc.filename}: cannot read: {exc.strerror}") from exc
 
     def _paths(self) -> list[Path]:
         paths = []
@@ -101,7 +104,7 @@ class RulesFiles:
 
 
 class RulesSource:
-    """The current `Rules`, and the watch that reloads them (`watching`)."""
+    """The current `Rules`, and the watch that reloads them (`start_watching`)."""
 
     def __init__(self, files: RulesFiles, metrics: Metrics, *, interval_s: float) -> None:
         """Loads the rules now: InvalidRules (the service refuses to start) if they are bad."""
@@ -155,7 +158,10 @@ class RulesSource:
                     await self._wanted.wait()
             forced = self._wanted.is_set()
             self._wanted.clear()
-            await self.reload(force=forced)
+            try:
+                await self.reload(force=forced)
+            except Exception:  # a bug of ours must not end the watch; the rules stay in force
+                log.exception("reloading the rules failed")
 
     def start_watching(self) -> None:
         """Run `watch` in the background, and reload on SIGHUP (where signals can be handled:

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="consume image events and publish verdicts until SIGTERM/SIGINT",
         description="Consume image events, judge each with the guard model, publish verdicts "
         "and dead letters, commit offsets. Stops cleanly on SIGTERM or SIGINT: fetching stops, "
-        "in-flight events finish within GUARDSTREAM_DRAIN_TIMEOUT_S, offsets are committed.",
+        "in-flight events finish within GUARDSTREAM_DRAIN_TIMEOUT_S, offsets are committed. "
+        "SIGHUP reloads the policy files and the tenant file.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=settings_help(),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -126,6 +127,5 @@ def dead(outcome: Outcome) -> DeadLetter:
 def policy_text(policy_id: str, version: str = "1.2.0") -> str:
     """A policy file: the packaged LlavaGuard policy under another id (and version)."""
     packaged = (Path(__file__).parents[2] / "service/policies/llavaguard-v1.2.toml").read_text()
-    return packaged.replace('id = "llavaguard-v1.2"', f'id = "{policy_id}"', 1).replace(
-        'version = "1.2.0"', f'version = "{version}"', 1
-    )
+    renamed = re.sub(r'(?m)^id = ".*"$', f'id = "{policy_id}"', packaged, count=1)
+    return re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', renamed, count=1)

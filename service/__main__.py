@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from service import contract
 from service.adapters.kafka.delivery import PublishFailed
+from service.adapters.rules_source import InvalidRules
 from service.config import ENV_PREFIX, Settings
 from service.core.errors import GuardstreamError
 from service.dev import stack
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="consume image events and publish verdicts until SIGTERM/SIGINT",
         description="Consume image events, judge each with the guard model, publish verdicts "
         "and dead letters, commit offsets. Stops cleanly on SIGTERM or SIGINT: fetching stops, "
-        "in-flight events finish within GUARDSTREAM_DRAIN_TIMEOUT_S, offsets are committed.",
+        "in-flight events finish within GUARDSTREAM_DRAIN_TIMEOUT_S, offsets are committed. "
+        "SIGHUP reloads the policy files and the tenant file.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=settings_help(),
     )
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     produce.add_argument("files", nargs="+", type=Path, help="image files to publish")
     produce.add_argument("--policy-id", default=None, help="policy to judge against")
+    produce.add_argument("--tenant", default=None, help="tenant the uploads belong to")
     return parser
 
 
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(stack_config(args), keep_stack=args.keep_stack)
     if args.command == "schemas":
         return schemas_command(check=args.check)
-    return produce_command(settings, args.files, args.policy_id)
+    return produce_command(settings, args.files, args.policy_id, args.tenant)
 
 
 def run(settings: Settings) -> int:
@@ -193,6 +196,9 @@ def run(settings: Settings) -> int:
         asyncio.run(serve_until_signalled())
     except (GuardstreamError, PublishFailed) as exc:
         log.error("stopped: %s", exc)
+        return 1
+    except InvalidRules as exc:
+        log.error("refusing to start: %s", exc)
         return 1
     finally:
         provider.shutdown()
@@ -233,7 +239,9 @@ def schemas_command(*, check: bool) -> int:
     return 0
 
 
-def produce_command(settings: Settings, files: list[Path], policy_id: str | None) -> int:
+def produce_command(
+    settings: Settings, files: list[Path], policy_id: str | None, tenant: str | None = None
+) -> int:
     from service.client import ImageEventProducer, image_event
 
     async def publish() -> None:
@@ -242,7 +250,9 @@ def produce_command(settings: Settings, files: list[Path], policy_id: str | None
         async with ImageEventProducer(bootstrap, settings.input_topic, **connection) as out:
             for path in files:
                 event_id = f"{path.stem}-{uuid.uuid4().hex[:12]}"
-                event = image_event(event_id, image=path.read_bytes(), policy_id=policy_id)
+                event = image_event(
+                    event_id, image=path.read_bytes(), policy_id=policy_id, tenant=tenant
+                )
                 sent = await out.send(event)
                 print(f"{path}: event {event_id} at {sent.topic}[{sent.partition}]@{sent.offset}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from importlib.metadata import version
 
@@ -15,13 +15,14 @@ from service.adapters.fetch import Fetcher, FetchLimits, parse_allowed_hosts, pa
 from service.adapters.kafka.clients import consumer_from, producer_factory
 from service.adapters.kafka.consumer import ModerationConsumer
 from service.adapters.kafka.delivery import delivery_from
+from service.adapters.rules_source import RulesFiles, RulesSource
 from service.adapters.triton import GuardClient, Sampling
 from service.config import Settings
 from service.core.breaker import Breaker
 from service.core.events import EventLimits
 from service.core.images import ImageLimits, use_pixel_limit
 from service.core.pipeline import Pipeline, PipelineLimits, Retry
-from service.core.policies import PolicyRegistry
+from service.core.rules import Rules
 from service.ops.health import Check, HealthServer
 from service.ops.metrics import Metrics
 from service.ops.tracing import describe_exporter, get_tracer
@@ -104,7 +105,7 @@ def breaker_from(settings: Settings, guard: GuardClient, metrics: Metrics) -> Br
 def pipeline_from(
     settings: Settings,
     *,
-    policies: PolicyRegistry,
+    rules: Callable[[], Rules],
     guard: GuardClient,
     breaker: Breaker,
     decode_pool: Executor,
@@ -113,8 +114,7 @@ def pipeline_from(
     fetcher: Fetcher | None,
 ) -> Pipeline:
     return Pipeline(
-        policies=policies,
-        default_policy=settings.default_policy,
+        rules=rules,
         guard=guard,
         limits=limits_from(settings),
         decode_pool=decode_pool,
@@ -176,8 +176,9 @@ async def serve(
     """Run the consumer until `stop` is set; the start-up order fails fast on bad config."""
     tracer = tracer or get_tracer()
     metrics = metrics or Metrics()
-    policies = PolicyRegistry.load(settings.policy_dir)
-    policies.get(settings.default_policy)
+    rules = RulesSource(  # InvalidRules for a bad file: refuse to start
+        RulesFiles.from_settings(settings), metrics, interval_s=settings.reload_interval_s
+    )
     use_pixel_limit(settings.max_image_pixels)
     guard = guard_from(settings)
     readiness = Readiness(guard, settings.health_check_timeout_s)
@@ -191,6 +192,7 @@ async def serve(
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
     fetcher = fetcher_from(settings)
     await health.start()  # first, so /livez answers and /readyz says why while Triton starts
+    rules.start_watching()  # from now on SIGHUP reloads the rules instead of ending the process
     try:
         log.info("waiting for Triton at %s, model %r", settings.triton_url, settings.guard_model)
         await guard.wait_ready(settings.guard_startup_timeout_s)
@@ -199,7 +201,7 @@ async def serve(
         breaker = breaker_from(settings, guard, metrics)
         pipeline = pipeline_from(
             settings,
-            policies=policies,
+            rules=rules.current,
             guard=guard,
             breaker=breaker,
             decode_pool=decode_pool,
@@ -216,6 +218,7 @@ async def serve(
         finally:
             await breaker.close()
     finally:
+        await rules.stop_watching()
         decode_pool.shutdown(wait=False, cancel_futures=True)
         if fetcher is not None:
             await fetcher.close()

@@ -31,6 +31,7 @@ def image_event(
     image: bytes | None = None,
     url: str | None = None,
     policy_id: str | None = None,
+    tenant: str | None = None,
     metadata: dict[str, JsonValue] | None = None,
     created_at: datetime | None = None,
 ) -> ImageEvent:
@@ -46,6 +47,7 @@ def image_event(
         event_id=event_id,
         image=source,
         policy_id=policy_id,
+        tenant=tenant,
         metadata=metadata or {},
         created_at=created_at,
     )
@@ -97,6 +99,7 @@ class ImageEventProducer:
         *,
         content_type: str = "image/jpeg",
         policy_id: str | None = None,
+        tenant: str | None = None,
     ) -> RecordMetadata:
         """Publish an image file in the raw form: the value is the file, the rest is headers.
 
@@ -108,6 +111,8 @@ class ImageEventProducer:
         headers = [("content-type", content_type.encode())]
         if policy_id is not None:
             headers.append(("policy-id", policy_id.encode()))
+        if tenant is not None:
+            headers.append(("tenant", tenant.encode()))
         return await self.send_raw(image, key=event_id.encode(), event_id=event_id, headers=headers)
 
     async def send_raw(

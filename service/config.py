@@ -186,6 +186,25 @@ class Settings(BaseSettings):
     policy_dir: Path | None = Field(
         None, description="Directory of extra policy files (*.toml); same id overrides."
     )
+    tenant_file: Path | None = Field(
+        None,
+        description="TOML file of tenants: each one's default policy and the policies its events "
+        "may name (policy_not_allowed otherwise). Unset: an event's tenant is only echoed in "
+        "its verdict.",
+    )
+    unknown_tenant: Literal["default", "dead-letter"] = Field(
+        "default",
+        description="An event naming a tenant the tenant file does not list: default judges it "
+        "as if it named none (its policy_id, else default_policy); dead-letter dead-letters it "
+        "as unknown_tenant.",
+    )
+    reload_interval_s: float = Field(
+        5.0,
+        ge=0,
+        description="How often the policy directory and the tenant file are checked for changed "
+        "content, and reloaded if so; 0: never (SIGHUP still reloads). A file that fails to "
+        "load leaves the rules in force as they were.",
+    )
 
     # Limits on what strangers send
     max_event_bytes: int = Field(
@@ -280,7 +299,7 @@ class Settings(BaseSettings):
         parse_allowed_networks(value)  # raises ValueError, reported as a settings error
         return value
 
-    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", mode="before")
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", "tenant_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:
         # A ConfigMap key left empty means "not set", as for the other settings.

@@ -115,3 +115,22 @@ def test_empty_tls_file_settings_mean_unset(monkeypatch: pytest.MonkeyPatch) -> 
     settings = Settings(security_protocol="SSL")
 
     assert (settings.ssl_cafile, settings.ssl_certfile, settings.ssl_keyfile) == (None, None, None)
+
+
+# --- Tenants and reloading ---------------------------------------------------------------------
+
+
+def test_tenant_settings_default_to_no_tenant_file_and_a_five_second_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GUARDSTREAM_TENANT_FILE", "")  # a ConfigMap key left empty: unset
+    settings = Settings()
+    assert (settings.tenant_file, settings.unknown_tenant, settings.reload_interval_s) == (
+        None,
+        "default",
+        5.0,
+    )
+    with pytest.raises(ValidationError, match="unknown_tenant"):
+        Settings(unknown_tenant="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="reload_interval_s"):
+        Settings(reload_interval_s=-1)

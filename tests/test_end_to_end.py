@@ -45,6 +45,12 @@ prompt = '''Say whether the image shows weapons. Answer as JSON with rating, cat
 """
 
 
+TENANTS = """\
+[tenants.e2e-shop]
+default_policy = "llavaguard-v1.2"
+"""
+
+
 def extra_samples(prefix: str) -> list[Sample]:
     """Events beyond the demo's mix, to reach every code and a few more shapes of bad input."""
     color = photo_bytes("color.png")
@@ -63,6 +69,24 @@ def extra_samples(prefix: str) -> list[Sample]:
             f"{prefix}chelsea-with-metadata",
             image=photo_bytes("chelsea.png"),
             metadata={"user": "u-1", "tags": ["cat", "pet"], "nested": {"n": 1.5}},
+        ),
+        event_sample(
+            "tenant",
+            "Safe/NA",
+            f"{prefix}tenant",
+            image=photo_bytes("chelsea.png"),
+            tenant="e2e-shop",
+        ),
+        event_sample(
+            "policy the tenant may not use",
+            "dead:policy_not_allowed",
+            f"{prefix}not-allowed",
+            image=color,
+            tenant="e2e-shop",
+            policy_id="weapons-only",
+        ),
+        event_sample(
+            "unknown tenant", "dead:unknown_tenant", f"{prefix}stranger", image=color, tenant="x"
         ),
         Sample("array", b"[1, 2, 3]", "dead:invalid_event", None),
         Sample("empty value", b"", "dead:invalid_json", None),
@@ -144,9 +168,13 @@ async def run(
     )
     policy_dir = tmp_path_factory.mktemp("policies")
     (policy_dir / "weapons-only.toml").write_text(WEAPONS_ONLY_POLICY)
+    tenant_file = tmp_path_factory.mktemp("tenants") / "tenants.toml"
+    tenant_file.write_text(TENANTS)
     settings = topics.settings(
         embedded_stack,
         policy_dir=policy_dir,
+        tenant_file=tenant_file,
+        unknown_tenant="dead-letter",
         max_event_bytes=800_000,
         max_in_flight=16,
         delivery=request.param,
@@ -210,7 +238,16 @@ def test_every_dead_letter_code_is_exercised(run: Run) -> None:
         "url_forbidden",
         "unparseable_model_output",
         "unknown_policy",
+        "policy_not_allowed",
+        "unknown_tenant",
     }
+
+
+def test_a_tenants_verdict_names_the_tenant(run: Run) -> None:
+    for sent in run.published.values():
+        topic, value, _ = run.outcomes[sent.key][0]
+        if topic == run.topics.verdicts:
+            assert value["tenant"] == ("e2e-shop" if sent.sample.name == "tenant" else None)
 
 
 def test_ordinary_photos_are_safe_and_the_colour_wheel_is_the_known_false_positive(

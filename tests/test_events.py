@@ -89,6 +89,15 @@ def test_policy_id_of_letters_digits_dot_dash_underscore_up_to_64_is_accepted(
     assert _parse(_event(policy_id=policy_id)).policy_id == policy_id
 
 
+@pytest.mark.parametrize("tenant", ["acme-art", "A-z_0.9", "t" * 64])
+def test_tenant_of_letters_digits_dot_dash_underscore_up_to_64_is_accepted(tenant: str) -> None:
+    assert _parse(_event(tenant=tenant)).tenant == tenant
+
+
+def test_an_event_without_a_tenant_has_none() -> None:
+    assert _parse(_event()).tenant is None
+
+
 def test_metadata_keeps_nested_json_as_sent() -> None:
     metadata = {
         "user": {"id": 42, "tags": ["a", "b"], "ratio": 0.25, "verified": True, "bio": None},
@@ -347,6 +356,13 @@ def test_policy_id_with_bad_characters_or_over_64_is_rejected(policy_id: str) ->
     assert message.startswith("invalid image event: policy_id: String should match pattern")
 
 
+@pytest.mark.parametrize("tenant", ["", "has space", "a/b", "té", "t" * 65, "a\n", 7, True])
+def test_tenant_that_is_not_a_name_of_up_to_64_is_rejected(tenant: object) -> None:
+    message = _rejection(_event(tenant=tenant)).message
+
+    assert message.startswith("invalid image event: tenant: ")
+
+
 # --- Metadata size -------------------------------------------------------------------------------
 
 
@@ -510,6 +526,7 @@ _eventish = st.fixed_dictionaries(
     optional={
         "schema_version": _or_junk(st.sampled_from((1, 2))),
         "policy_id": _or_junk(st.from_regex(r"\A[A-Za-z0-9._ /-]{0,70}\Z")),
+        "tenant": _or_junk(st.from_regex(r"\A[A-Za-z0-9._ /-]{0,70}\Z")),
         "metadata": _or_junk(st.dictionaries(st.text(max_size=8), _json_values, max_size=4)),
         "created_at": _or_junk(
             st.sampled_from(("2026-11-22T10:00:00Z", "2026-11-22T10:00:00", "2026-13-01T00:00Z"))
@@ -549,6 +566,7 @@ _valid_events = st.builds(
     image=st.builds(InlineImage, data=st.text(min_size=1, max_size=50))
     | st.builds(ImageUrl, url=st.from_regex(r"\A[hH][tT][tT][pP][sS]?://[^\n]{0,60}\Z")),
     policy_id=st.none() | st.from_regex(r"\A[A-Za-z0-9._-]{1,64}\Z"),
+    tenant=st.none() | st.from_regex(r"\A[A-Za-z0-9._-]{1,64}\Z"),
     metadata=st.dictionaries(st.text(max_size=10), _json_values, max_size=5),
     created_at=st.none()
     | st.datetimes(
@@ -595,6 +613,13 @@ def test_raw_event_takes_its_id_from_the_header_before_the_key() -> None:
     assert parse_raw_event(b"x", b"key-1", headers[:1], RAW_LIMITS).event_id == "key-1"
 
 
+def test_raw_event_names_its_tenant_in_a_tenant_header() -> None:
+    headers = [("content-type", b"image/png"), ("Tenant", b"acme-art")]
+
+    assert parse_raw_event(b"\x89PNG", b"k", headers, RAW_LIMITS).tenant == "acme-art"
+    assert parse_raw_event(b"\x89PNG", b"k", headers[:1], RAW_LIMITS).tenant is None
+
+
 @pytest.mark.parametrize(
     ("value", "key", "headers", "error", "message"),
     [
@@ -605,6 +630,8 @@ def test_raw_event_takes_its_id_from_the_header_before_the_key() -> None:
         (b"x", b"\xff\xfe", [], InvalidEvent, "not UTF-8"),
         (b"x", b"k" * 257, [], InvalidEvent, "1-256 characters"),
         (b"x", b"k", [("policy-id", b"../etc")], InvalidEvent, "policy-id header"),
+        (b"x", b"k", [("tenant", b"acme art")], InvalidEvent, "tenant header: must be 1-64"),
+        (b"x", b"k", [("tenant", b"\xff")], InvalidEvent, "tenant header is not UTF-8"),
     ],
 )
 def test_bad_raw_records_are_rejected_with_a_reason(
@@ -616,3 +643,11 @@ def test_bad_raw_records_are_rejected_with_a_reason(
 ) -> None:
     with pytest.raises(error, match=message):
         parse_raw_event(value, key, headers, RAW_LIMITS)
+
+
+def test_the_producer_helper_puts_the_tenant_in_the_event() -> None:
+    from service.client import encode_event, image_event
+
+    event = image_event("up-1", image=b"\x89PNG", policy_id="p", tenant="acme-art")
+
+    assert _parse(json.loads(encode_event(event))).tenant == "acme-art"

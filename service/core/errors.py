@@ -8,6 +8,8 @@ GuardstreamError                       internal_error
 │   ├── InvalidJson                    invalid_json
 │   ├── InvalidEvent                   invalid_event
 │   ├── UnknownPolicy                  unknown_policy
+│   ├── PolicyNotAllowed               policy_not_allowed
+│   ├── UnknownTenant                  unknown_tenant
 │   ├── UrlNotSupported                url_not_supported
 │   ├── UrlForbidden                   url_forbidden
 │   ├── ImageTooLarge                  image_too_large
@@ -61,6 +63,19 @@ class InvalidEvent(EventRejected):
 
 class UnknownPolicy(EventRejected):
     code = "unknown_policy"
+
+
+class PolicyNotAllowed(EventRejected):
+    """The event's tenant may not use the policy the event names (see the tenant file)."""
+
+    code = "policy_not_allowed"
+
+
+class UnknownTenant(EventRejected):
+    """The event names a tenant the tenant file does not list, and the service is set to
+    dead-letter those (`unknown_tenant = "dead-letter"`)."""
+
+    code = "unknown_tenant"
 
 
 class UrlNotSupported(EventRejected):

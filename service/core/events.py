@@ -7,6 +7,7 @@ Version 1 of the contract (JSON Schema: `service/schemas/image-event.v1.json`):
      "image": {"data": "<base64>"}             exactly one of data / url
            | {"url": "https://..."},
      "policy_id": "llavaguard-v1.2",           optional, defaults to the service's policy
+     "tenant": "acme-art",                     optional, whose upload (service.core.tenants)
      "metadata": {...},                        optional JSON object, echoed in the verdict
      "created_at": "2026-11-22T10:00:00Z"}     optional RFC 3339 time with offset
 
@@ -15,7 +16,8 @@ instead of a silently different request; new fields arrive with a new `schema_ve
 
 The raw form, for producers of small images: the record value is the image file itself, with a
 `content-type: image/...` header; the event id comes from the `event-id` header or else the
-record key, the policy from an optional `policy-id` header.
+record key, the policy from an optional `policy-id` header, the tenant from an optional `tenant`
+header.
 """
 
 from __future__ import annotations
@@ -132,6 +134,14 @@ class ImageEvent(_Strict):
             description="Policy to judge against; the service default when absent.",
         ),
     ] = None
+    tenant: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[A-Za-z0-9._-]{1,64}$",
+            description="The tenant the upload belongs to: with a tenant file, it picks the "
+            "default policy and the policies the event may name; echoed in the verdict.",
+        ),
+    ] = None
     metadata: dict[str, JsonValue] = Field(
         default_factory=dict,
         description="Producer data echoed in the verdict (size-capped by the service).",
@@ -155,6 +165,7 @@ class RawImageEvent:
     image: bytes
     policy_id: str | None = None
     metadata: dict[str, JsonValue] = field(default_factory=dict)
+    tenant: str | None = None
 
 
 def is_raw_image(headers: Sequence[tuple[str, bytes]]) -> bool:
@@ -181,13 +192,20 @@ def parse_raw_event(
     event_id = _header_text(named.get("event-id", key), "event-id header (or key)")
     if event_id is None:
         raise InvalidEvent("raw image records need an event-id header or a record key")
-    policy_id = _header_text(named.get("policy-id"), "policy-id header")
-    if policy_id is not None and not _POLICY_ID.fullmatch(policy_id):
-        raise InvalidEvent("policy-id header: must be 1-64 of A-Z a-z 0-9 . _ -")
-    return RawImageEvent(event_id=event_id, image=value, policy_id=policy_id)
+    policy_id = _name_header(named, "policy-id")
+    tenant = _name_header(named, "tenant")
+    return RawImageEvent(event_id=event_id, image=value, policy_id=policy_id, tenant=tenant)
 
 
-_POLICY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""What a policy id or a tenant name may be."""
+
+
+def _name_header(named: dict[str, bytes], header: str) -> str | None:
+    text = _header_text(named.get(header), f"{header} header")
+    if text is not None and not _NAME.fullmatch(text):
+        raise InvalidEvent(f"{header} header: must be 1-64 of A-Z a-z 0-9 . _ -")
+    return text
 
 
 def _header_text(raw: bytes | None, what: str) -> str | None:

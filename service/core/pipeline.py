@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,8 +41,9 @@ from service.core.events import (
 )
 from service.core.guard import Guard, GuardReply
 from service.core.images import DecodedImage, ImageLimits, decode_image, decode_inline
-from service.core.policies import Assessment, Policy, PolicyRegistry, parse_answer
+from service.core.policies import Assessment, Policy, parse_answer
 from service.core.positions import where
+from service.core.rules import Rules
 from service.core.verdicts import (
     DeadLetter,
     DeadLetterError,
@@ -103,12 +105,19 @@ class PipelineLimits:
     dead_letter_original_bytes: int
 
 
+@dataclass
+class _Judging:
+    """One record being judged: the rules in force when it began, its event once parsed."""
+
+    rules: Rules
+    event: ImageEvent | RawImageEvent | None = None
+
+
 class Pipeline:
     def __init__(
         self,
         *,
-        policies: PolicyRegistry,
-        default_policy: str,
+        rules: Callable[[], Rules],
         guard: Guard,
         limits: PipelineLimits,
         decode_pool: Executor,
@@ -119,9 +128,9 @@ class Pipeline:
         tracer: Tracer,
         fetcher: Fetcher | None = None,
     ) -> None:
-        """`fetcher` None: `image.url` events are dead-lettered as url_not_supported."""
-        self._policies = policies
-        self._default_policy = default_policy
+        """`rules`: the policies and tenants in force (a reload changes what it returns).
+        `fetcher` None: `image.url` events are dead-lettered as url_not_supported."""
+        self._rules = rules
         self._guard = guard
         self._limits = limits
         self._decode_pool = decode_pool
@@ -134,11 +143,12 @@ class Pipeline:
 
     async def judge(self, record: Record) -> Outcome:
         """The outcome of one record; never raises for anything the record contains."""
+        judging = _Judging(self._rules())  # for the whole record, whatever reloads meanwhile
         try:
             async with asyncio.timeout(self._deadline_s) as deadline:
-                return await self._judge(record, deadline)
+                outcome = await self._judge(record, deadline, judging)
         except TimeoutError:
-            return self._dead_letter(
+            outcome = self._dead_letter(
                 record,
                 None,
                 DeadlineExceeded(
@@ -146,17 +156,28 @@ class Pipeline:
                     "outage not counted)"
                 ),
             )
+        return self._by_tenant(judging, outcome)
 
-    async def _judge(self, record: Record, deadline: asyncio.Timeout) -> Outcome:
+    def _by_tenant(self, judging: _Judging, outcome: Outcome) -> Outcome:
+        """Count the outcome under its tenant's label; name the tenant in a verdict."""
+        tenant = judging.event.tenant if judging.event else None
+        code = outcome.error.code if isinstance(outcome, DeadLetter) else outcome.rating
+        self._metrics.tenant_outcomes.labels(judging.rules.tenant_label(tenant), code).inc()
+        named = judging.rules.verdict_tenant(tenant)
+        if isinstance(outcome, Verdict) and named is not None:
+            return outcome.model_copy(update={"tenant": named})
+        return outcome
+
+    async def _judge(self, record: Record, deadline: asyncio.Timeout, judging: _Judging) -> Outcome:
         started = time.perf_counter()
         event: ImageEvent | RawImageEvent | None = None
         try:
-            event = (
+            event = judging.event = (
                 parse_raw_event(record.value, record.key, record.headers, self._limits.event)
                 if is_raw_image(record.headers)
                 else parse_event(record.value, self._limits.event)
             )
-            policy = self._policies.get(event.policy_id or self._default_policy)
+            policy = judging.rules.policy_for(event.tenant, event.policy_id)
             fetch_started = time.perf_counter()
             source = event.image
             if isinstance(source, ImageUrl):

@@ -86,6 +86,30 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.tenant_outcomes = Counter(
+            "guardstream_tenant_outcomes_total",
+            "Outcomes by tenant (a name from the tenant file, unknown for any other name, none "
+            "when the event named none) and outcome (the rating, or the dead-letter code); "
+            "counted when judged, so a record judged again counts again.",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.rules_reload_failures = Counter(
+            "guardstream_rules_reload_failures_total",
+            "Reloads of the policy files and the tenant file that failed (the rules in force "
+            "stay); a file that keeps failing counts once per change and per SIGHUP.",
+            registry=r,
+        )
+        self.rules_reload_ok = Gauge(
+            "guardstream_rules_reload_ok",
+            "1 when the last load of the policy files and the tenant file succeeded, else 0.",
+            registry=r,
+        )
+        self.rules_loaded = Gauge(
+            "guardstream_rules_loaded_timestamp_seconds",
+            "When the rules in force (policy files and tenant file) were loaded, Unix time.",
+            registry=r,
+        )
         self.committed = Gauge(
             "guardstream_committed_offset",
             "Last offset committed for the partition (the next record to read).",

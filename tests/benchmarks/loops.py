@@ -41,6 +41,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from service.adapters.kafka.consumer import record_from
+from service.adapters.rules_source import RulesFiles
 from service.adapters.triton import TEXT_OUTPUT, Tensor, request_tensors
 from service.app import breaker_from, guard_from, limits_from, pipeline_from, sampling_from
 from service.config import Settings
@@ -183,9 +184,10 @@ async def naive(settings: Settings) -> None:
     await guard.wait_ready(settings.guard_startup_timeout_s)
     breaker = breaker_from(settings, guard, metrics)
     pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+    rules = RulesFiles.from_settings(settings).load()
     pipeline = pipeline_from(
         settings,
-        policies=PolicyRegistry.load(settings.policy_dir),
+        rules=lambda: rules,
         guard=guard,
         breaker=breaker,
         decode_pool=pool,

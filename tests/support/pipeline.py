@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,13 +16,14 @@ import numpy.typing as npt
 from opentelemetry.sdk.trace import TracerProvider
 from PIL import Image
 
+from service.adapters.rules_source import RulesFiles
 from service.app import limits_from
 from service.client import encode_event, image_event
 from service.config import Settings
 from service.core.breaker import Breaker
 from service.core.guard import GuardReply, ServedModel
 from service.core.pipeline import Fetcher, Outcome, Pipeline, Record, Retry
-from service.core.policies import PolicyRegistry
+from service.core.rules import Rules
 from service.core.verdicts import DeadLetter
 from service.ops.metrics import Metrics
 
@@ -84,19 +87,24 @@ def make_pipeline(
     breaker: Breaker | None = None,
     deadline_s: float = 30.0,
     fetcher: Fetcher | None = None,
+    rules: Callable[[], Rules] | None = None,
+    metrics: Metrics | None = None,
     **settings: Any,
 ) -> Pipeline:
+    """`rules` None: those `settings` name (policy_dir, tenant_file, ...), loaded once."""
     config = Settings(image_resize_side=32, dead_letter_original_bytes=100, **settings)
+    if rules is None:
+        loaded = RulesFiles.from_settings(config).load()
+        rules = lambda: loaded  # noqa: E731
     return Pipeline(
-        policies=PolicyRegistry.load(),
-        default_policy="llavaguard-v1.2",
+        rules=rules,
         guard=guard,
         limits=limits_from(config),
         decode_pool=pool,
         retry=Retry(attempts=3, first_backoff_s=0.001),
         breaker=breaker or Breaker(100, always_ready, 0.01),
         deadline_s=deadline_s,
-        metrics=Metrics(),
+        metrics=metrics or Metrics(),
         tracer=TracerProvider().get_tracer("test"),
         fetcher=fetcher,
     )
@@ -114,3 +122,10 @@ async def judge(guard: ScriptedGuard, rec: Record) -> Outcome:
 def dead(outcome: Outcome) -> DeadLetter:
     assert isinstance(outcome, DeadLetter), outcome
     return outcome
+
+
+def policy_text(policy_id: str, version: str = "1.2.0") -> str:
+    """A policy file: the packaged LlavaGuard policy under another id (and version)."""
+    packaged = (Path(__file__).parents[2] / "service/policies/llavaguard-v1.2.toml").read_text()
+    renamed = re.sub(r'(?m)^id = ".*"$', f'id = "{policy_id}"', packaged, count=1)
+    return re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', renamed, count=1)

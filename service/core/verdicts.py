@@ -19,7 +19,6 @@ from service.core.errors import DEAD_LETTER_CODES
 SCHEMA_VERSION: Literal[1] = 1
 
 
-
 class _Out(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -18,6 +18,14 @@ def test_exactly_once_refuses_a_producer_without_idempotence() -> None:
     assert not Settings(enable_idempotence=False).enable_idempotence
 
 
+def test_the_review_topic_is_a_topic_of_its_own() -> None:
+    """On the verdict topic, each review verdict would be published there twice."""
+    assert Settings().review_topic == "verdicts.review"
+    for taken in ("verdicts", "images.dlq"):
+        with pytest.raises(ValidationError, match="review_topic must differ"):
+            Settings(review_topic=taken)
+
+
 def test_settings_come_from_guardstream_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GUARDSTREAM_DELIVERY", "exactly-once")
     monkeypatch.setenv("GUARDSTREAM_MAX_IN_FLIGHT", "7")

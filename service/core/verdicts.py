@@ -86,7 +86,7 @@ class Verdict(_Out):
     tenant: str | None = Field(None, description="The tenant the event was judged for, if any.")
     policy_id: str
     policy_version: str = Field(
-        description='The policy\'s version and a hash of its prompt and decision rules, e.g. '
+        description="The policy's version and a hash of its prompt and decision rules, e.g. "
         '"1.2.0+3f2a9c1d0b7e": two policies that ask or decide differently never share one.'
     )
     model: ModelInfo

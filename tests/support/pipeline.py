@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -21,7 +21,7 @@ from service.core.breaker import Breaker
 from service.core.guard import GuardReply, ServedModel
 from service.core.pipeline import Fetcher, Outcome, Pipeline, Record, Retry
 from service.core.policies import PolicyRegistry
-from service.core.verdicts import DeadLetter
+from service.core.verdicts import Action, DeadLetter, Verdict
 from service.ops.metrics import Metrics
 
 SAFE = json.dumps({"rating": "Safe", "category": "NA: None applying", "rationale": "a cat"})
@@ -61,6 +61,22 @@ class ScriptedGuard:
             rating_log_prob=self.rating_log_prob,
             served=self.served,
         )
+
+
+class Deciding:
+    """A pipeline whose verdicts get the action `decide` picks for each, dead letters left as
+    they are: a stand-in for the decision rules, so that tests of where verdicts go need not
+    depend on how the rules decide."""
+
+    def __init__(self, pipeline: Pipeline, decide: Callable[[Verdict], Action | None]) -> None:
+        self._pipeline = pipeline
+        self._decide = decide
+
+    async def judge(self, record: Record) -> Outcome:
+        outcome = await self._pipeline.judge(record)
+        if isinstance(outcome, Verdict):
+            return outcome.model_copy(update={"action": self._decide(outcome)})
+        return outcome
 
 
 def jpeg(width: int = 64, height: int = 48) -> bytes:

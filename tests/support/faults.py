@@ -347,12 +347,10 @@ class FaultStack:
 
 
 async def new_topics(bootstrap: str, name: str, partitions: int = 3) -> Topics:
-    """Fresh input, verdict and dead-letter topics and a fresh group, named after the scenario."""
+    """Fresh input, verdict, dead-letter and review topics and a fresh group, named after the
+    scenario."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:60] or "scenario"
-    run = f"{slug}-{uuid.uuid4().hex[:6]}"
-    made = Topics(f"images-{run}", f"verdicts-{run}", f"images-{run}.dlq", f"group-{run}")
-    await stack.create_topics(bootstrap, [made.input, made.verdicts, made.dead_letters], partitions)
-    return made
+    return await Topics.create(bootstrap, f"{slug}-{uuid.uuid4().hex[:6]}", partitions)
 
 
 # --- the service under test -----------------------------------------------------------------
@@ -381,6 +379,7 @@ def service_env(
         "GUARDSTREAM_INPUT_TOPIC": topics.input,
         "GUARDSTREAM_VERDICT_TOPIC": topics.verdicts,
         "GUARDSTREAM_DEAD_LETTER_TOPIC": topics.dead_letters,
+        "GUARDSTREAM_REVIEW_TOPIC": topics.review,
         "GUARDSTREAM_GROUP_ID": topics.group,
         "GUARDSTREAM_CLIENT_ID": f"guardstream-{name}",
         "GUARDSTREAM_DELIVERY": delivery,

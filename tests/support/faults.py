@@ -362,17 +362,16 @@ async def new_topics(bootstrap: str, name: str, partitions: int = 3) -> Topics:
 #
 # Which verdicts go to review is the decision rules' choice; the suite makes some, to prove the
 # review topic's delivery under every fault: every REVIEW_EVERY-th event produced names the
-# review policy (REVIEW_POLICY_ID, LlavaGuard's policy under another id, so every guard answers
-# it alike), and its verdicts must go to review. Until the decision rules land, the consumers
-# run `tests.support.review_stand_in` (SERVICE_MODULE), the real service with a stand-in that
-# gives the review policy's verdicts action review and all others allow. When they land: put the
-# rules that send the review policy's verdicts to review into REVIEW_DECISIONS, set
-# SERVICE_MODULE to "service" and delete the stand-in.
+# review policy (REVIEW_POLICY_ID, written by `review_policy` into GUARDSTREAM_POLICY_DIR), and
+# its verdicts must go to review. Until the decision rules land, the review policy is LlavaGuard's
+# under another id (so every guard answers it alike) and the consumers run
+# `tests.support.review_stand_in` (SERVICE_MODULE): the real service with a stand-in that gives
+# the review policy's verdicts action review and all others allow. When they land, this section
+# is the one place to change: `review_policy` returns a policy whose own rules send its verdicts
+# to review, SERVICE_MODULE becomes "service", and the stand-in is deleted.
 
 REVIEW_EVERY = 5
 REVIEW_POLICY_ID = "fault-review"
-REVIEW_DECISIONS = ""
-"""TOML appended to the review policy file: its decision rules, once policies have them."""
 SERVICE_MODULE = "tests.support.review_stand_in"
 """What the consumers run (`python -m SERVICE_MODULE run`): "service" once decisions land."""
 
@@ -382,13 +381,23 @@ def for_review(index: int) -> bool:
     return index % REVIEW_EVERY == REVIEW_EVERY - 1
 
 
+def review_policy() -> str:
+    """The review policy file. Today LlavaGuard's packaged policy under REVIEW_POLICY_ID; once
+    policies have decision rules, e.g. a policy that `extends = "llavaguard-v1.2"` with a
+    `[decision]` table sending what the bench and CPU guards answer (Safe, NA) to review."""
+    builtin = stack.REPO_ROOT / "service" / "policies" / "llavaguard-v1.2.toml"
+    text = builtin.read_text()
+    renamed = text.replace('id = "llavaguard-v1.2"', f'id = "{REVIEW_POLICY_ID}"', 1)
+    if renamed == text:
+        raise RuntimeError(f"no id line to rename in {builtin}: see review_policy")
+    return renamed
+
+
 def review_policy_dir(state_dir: Path) -> Path:
     """A policy directory holding the review policy (GUARDSTREAM_POLICY_DIR)."""
-    builtin = stack.REPO_ROOT / "service" / "policies" / "llavaguard-v1.2.toml"
-    text = builtin.read_text().replace('id = "llavaguard-v1.2"', f'id = "{REVIEW_POLICY_ID}"', 1)
     directory = state_dir / "policies"
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{REVIEW_POLICY_ID}.toml").write_text(text + REVIEW_DECISIONS)
+    (directory / f"{REVIEW_POLICY_ID}.toml").write_text(review_policy())
     return directory
 
 

@@ -5,8 +5,8 @@ A verdict of the fault suite's review policy (`faults.REVIEW_POLICY_ID`) gets ac
 any other verdict allow; dead letters are left as they are. Everything else is the real
 service, started as a pod starts it (`service.__main__.main`), so the review topic's delivery
 is what the fault suite proves. When the decision rules land, the review policy's own rules do
-this (`faults.REVIEW_DECISIONS`), `faults.SERVICE_MODULE` goes back to "service", and this
-module is deleted.
+this (`faults.review_policy`), `faults.SERVICE_MODULE` goes back to "service", and this module
+is deleted.
 """
 
 from __future__ import annotations

@@ -159,6 +159,13 @@ def test_each_verdict_for_review_wants_a_review_record_equal_to_it() -> None:
     assert result.row().endswith("| 3 | 1 | 1 | 1.0 |")
 
 
+def test_a_verdict_flagged_for_review_wants_a_review_record_whatever_its_action() -> None:
+    """Verdicts that carry the `review` flag (quality sampling picks allowed or blocked ones)."""
+    sampled = {**verdict("a", "allow"), "review": True}
+    result = account("t", EXACTLY_ONCE, ["a"], {"a": [sampled]}, {"a": [sampled]}, 1.0, {})
+    assert (result.for_review, result.reviews_lost) == (1, 1)
+
+
 def test_dead_letters_and_verdicts_not_for_review_want_no_review_record() -> None:
     committed: Outcomes = {
         "a": [verdict("a", "allow")],
@@ -311,7 +318,7 @@ async def finish(
 
 
 def assert_reviews_delivered(result: ScenarioResult, scenario: Scenario) -> None:
-    """Every verdict whose action is review has its record on the review topic, and no other
+    """Every verdict for review (`for_review_topic`) has its record on the review topic, no other
     outcome has one; exactly once, one record per verdict, equal to it. Some verdicts were for
     review (else this proves nothing): see "review verdicts" in tests/support/faults.py."""
     assert result.for_review > 0, f"no verdict was for review\n{scenario.logs()}"

@@ -17,10 +17,10 @@ every event has an outcome, and counts by `event_id` what the service delivered:
 Every result goes into `RESULTS`; the session prints them as one markdown table and writes it to
 `.guardstream/fault-table.md` (the `pytest_terminal_summary` hook in `tests/conftest.py`).
 
-The review topic is accounted too: every produced id whose verdict's action is review must have
-a record there (exactly once: one, and equal to the verdict). Every `REVIEW_EVERY`th event
-names the review policy, whose verdicts go to review: see "review verdicts" below, the one
-place that says how, until the decision rules land and after.
+The review topic is accounted too: every produced id whose verdict belongs there (its action is
+review: `for_review_topic`) must have a record there (exactly once: one, equal to the verdict).
+Every `REVIEW_EVERY`th event names the review policy, whose verdicts go to review: see "review
+verdicts" below, the one place that says how, until the decision rules land and after.
 
 What the broker does to a fault matters when reading a row: noida-db keeps records in memory
 and rewrites a JSON snapshot of its data directory about once a second, so a SIGKILL loses what
@@ -827,11 +827,11 @@ class ScenarioResult:
     For the produced ids: verdicts + sum(dead_letters) == produced - lost +
     duplicates_committed. `unexpected` counts outcomes for ids that were not produced.
 
-    The review topic, read_committed, against the verdicts whose action is review
-    (`for_review` of them): their ids' review records number for_review - reviews_lost +
-    reviews_duplicates. `reviews_unexpected` counts review records of any other id;
-    `reviews_unlike` those equal to none of their id's verdicts (at least once, a crash between
-    the two copies' writes leaves such a one behind; exactly once, never).
+    The review topic, read_committed, against the verdicts that belong there
+    (`for_review_topic`; `for_review` of them): their ids' review records number
+    for_review - reviews_lost + reviews_duplicates. `reviews_unexpected` counts review records
+    of any other id; `reviews_unlike` those equal to none of their id's verdicts (at least
+    once, a crash between the two copies' writes leaves such a one behind; exactly once, never).
     """
 
     name: str
@@ -888,7 +888,7 @@ def account(
 ) -> ScenarioResult:
     """Count outcomes per produced id: lost = none visible to read_committed; duplicates =
     outcomes beyond the first, whichever topic (a dead letter then a verdict is a duplicate).
-    `reviews` (read_committed) are counted against the verdicts whose action is review."""
+    `reviews` (read_committed) are counted against the verdicts that belong on the review topic."""
     if len(set(produced_ids)) != len(produced_ids):
         raise ValueError("produced_ids holds the same id twice: it cannot be accounted by id")
     produced = set(produced_ids)
@@ -914,6 +914,12 @@ def account(
     )
 
 
+def for_review_topic(verdict: Mapping[str, Any]) -> bool:
+    """Whether a verdict belongs on the review topic: its action is review, or (services whose
+    verdicts carry the `review` flag: sampled for review too) it says so."""
+    return verdict.get("action") == "review" or verdict.get("review") is True
+
+
 def _account_reviews(
     produced_ids: Sequence[str], committed: Outcomes, reviews: Outcomes
 ) -> dict[str, int]:
@@ -921,7 +927,7 @@ def _account_reviews(
     expected = [
         event_id
         for event_id in produced_ids
-        if any(o.get("action") == "review" for o in committed.get(event_id, ()))
+        if any(for_review_topic(o) for o in committed.get(event_id, ()))
     ]
     wanted = set(expected)
     return {

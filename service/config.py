@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     dead_letter_topic: str = Field(
         "images.dlq", description="Topic of events that could not be judged, with the reason."
     )
+    review_topic: str = Field(
+        "verdicts.review",
+        description="Verdicts whose action is review are also published here (same key, value "
+        "and headers as on the verdict topic), for people to look at.",
+    )
     group_id: str = Field("guardstream", description="Kafka consumer group.")
     client_id: str = Field("guardstream", description="Kafka client id (shows in broker logs).")
     group_instance_id: str = Field(
@@ -337,6 +342,13 @@ class Settings(BaseSettings):
             context.check_hostname = self.ssl_check_hostname
             options["ssl_context"] = context
         return options
+
+    @model_validator(mode="after")
+    def _review_topic_is_a_topic_of_its_own(self) -> Settings:
+        # On the verdict topic, every review verdict would be published there twice.
+        if self.review_topic in (self.verdict_topic, self.dead_letter_topic):
+            raise ValueError("review_topic must differ from verdict_topic and dead_letter_topic")
+        return self
 
     @model_validator(mode="after")
     def _exactly_once_needs_idempotence(self) -> Settings:

@@ -173,13 +173,8 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.S
 
 @pytest.fixture
 async def topics(embedded_stack: stack.StackState) -> AsyncIterator[Topics]:
-    """Fresh input, verdict and dead-letter topics (3 partitions) and a fresh group."""
-    run = uuid.uuid4().hex[:8]
-    made = Topics(f"images-{run}", f"verdicts-{run}", f"images-{run}.dlq", f"group-{run}")
-    await stack.create_topics(
-        embedded_stack.bootstrap_servers, [made.input, made.verdicts, made.dead_letters], 3
-    )
-    return made
+    """Fresh input, verdict, dead-letter and review topics (3 partitions) and a fresh group."""
+    return await Topics.create(embedded_stack.bootstrap_servers, uuid.uuid4().hex[:8])
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,7 @@ async def test_run_serves_until_sigterm_then_commits_and_exits_zero(
         "GUARDSTREAM_INPUT_TOPIC": topics.input,
         "GUARDSTREAM_VERDICT_TOPIC": topics.verdicts,
         "GUARDSTREAM_DEAD_LETTER_TOPIC": topics.dead_letters,
+        "GUARDSTREAM_REVIEW_TOPIC": topics.review,
         "GUARDSTREAM_GROUP_ID": topics.group,
         "GUARDSTREAM_HEALTH_HOST": "127.0.0.1",
         "GUARDSTREAM_HEALTH_PORT": health.rsplit(":", 1)[1],

@@ -10,12 +10,31 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.dev import stack
 
 
 def test_exactly_once_refuses_a_producer_without_idempotence() -> None:
     with pytest.raises(ValidationError, match="exactly-once needs enable_idempotence"):
         Settings(delivery="exactly-once", enable_idempotence=False)
     assert not Settings(enable_idempotence=False).enable_idempotence
+
+
+def test_the_review_topic_is_a_topic_of_its_own() -> None:
+    """On the verdict topic, each review verdict would be published there twice."""
+    assert Settings().review_topic == "verdicts.review"
+    for taken in ("verdicts", "images.dlq"):
+        with pytest.raises(ValidationError, match="review_topic must differ"):
+            Settings(review_topic=taken)
+
+
+def test_the_embedded_stack_creates_every_topic_the_default_settings_name() -> None:
+    defaults = Settings()
+    assert (
+        defaults.input_topic,
+        defaults.verdict_topic,
+        defaults.dead_letter_topic,
+        defaults.review_topic,
+    ) == stack.DEFAULT_TOPICS
 
 
 def test_settings_come_from_guardstream_variables(monkeypatch: pytest.MonkeyPatch) -> None:

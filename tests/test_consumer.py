@@ -19,11 +19,12 @@ import itertools
 import math
 
 import pytest
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import KafkaConnectionError, ProducerFenced
 
 from service.adapters.kafka.delivery import PublishFailed
 from service.core.breaker import Breaker
 from service.core.errors import GuardUnavailable
+from service.core.verdicts import Action, Verdict
 from tests.support.kafka import TP0, TP1, Broker, Service, event, now
 from tests.support.pipeline import SAFE, ScriptedGuard
 
@@ -282,3 +283,74 @@ async def test_a_fenced_producer_stops_the_consumer_uncommitted() -> None:
     assert now() == 0.5
     assert (service.broker.published, service.broker.commits) == ([], [])
     assert service.broker.calls[-2:] == [(0.5, "consumer.stop"), (0.5, "producer-0.stop")]
+
+
+# --- the review topic -----------------------------------------------------------------------
+
+ACTIONS: dict[str, Action | None] = {
+    "ev-0": "allow",
+    "ev-1": "review",
+    "ev-2": "block",
+    "ev-4": None,
+    "ev-5": "review",
+}
+"""A stand-in for the decision rules: the action of each event's verdict, by event id."""
+
+
+def decide(verdict: Verdict) -> Action | None:
+    return ACTIONS[verdict.event_id]
+
+
+def events_with_actions() -> list[bytes]:
+    """ev-0 to ev-5 with the actions above, and at offset 3 a record that is no event."""
+    return [event(0), event(1), event(2), b"not json", event(4), event(5)]
+
+
+async def test_at_least_once_commits_a_review_verdict_only_once_both_topics_have_it() -> None:
+    """Verdicts are acknowledged as they are judged (at 0.1; ev-5 at 1.2), but the review copy
+    of ev-1 only at 0.8, after three retries: the commit at 0.5 stops before offset 1, the one
+    at 1.0 before ev-5. Only the verdicts whose action is review go to the review topic, with
+    the verdict's key and value; the dead letter does not."""
+    service = Service.make(ScriptedGuard(0.1, 0.1, 0.1, 0.1, 1.2), actions=decide)
+    service.broker.add(TP0, *events_with_actions())
+    failed = KafkaConnectionError()
+    service.broker.fail("send verdicts.review", failed, failed, failed)
+    async with service.running():
+        await asyncio.sleep(2)
+
+    broker = service.broker
+    assert [(p.time, p.source) for p in broker.to("verdicts.review")] == [
+        (0.8, (0, 1)),
+        (1.2, (0, 5)),
+    ]
+    assert sorted((p.time, p.source) for p in broker.to("verdicts")) == [
+        *((0.1, (0, offset)) for offset in (0, 1, 2, 4)),
+        (1.2, (0, 5)),
+    ]
+    assert [p.source for p in broker.to("images.dlq")] == [(0, 3)]
+    verdicts = {p.source: p for p in broker.to("verdicts")}
+    for review in broker.to("verdicts.review"):
+        verdict = verdicts[review.source]
+        assert (review.key, review.value) == (verdict.key, verdict.value)
+    assert [(c.time, c.offsets) for c in broker.commits] == [
+        (0.5, {TP0: 1}),
+        (1.0, {TP0: 5}),
+        (1.5, {TP0: 6}),
+    ]
+
+
+async def test_exactly_once_commits_a_review_verdict_with_its_copy_or_neither() -> None:
+    """The review copy of ev-1 fails in the transaction at 0.5: it is aborted, so neither
+    copy nor any verdict nor the offsets are visible; the next one, at 1.0, has them all."""
+    service = Service.make(ScriptedGuard(0.1), actions=decide, delivery="exactly-once")
+    service.broker.add(TP0, *events_with_actions())
+    service.broker.fail("send verdicts.review", KafkaConnectionError())
+    async with service.running():
+        await asyncio.sleep(2)
+
+    broker = service.broker
+    assert broker.called("producer-0.abort_transaction") == [0.5]
+    assert [(c.time, c.offsets) for c in broker.commits] == [(1.0, {TP0: 6})]
+    assert {p.time for p in broker.published} == {1.0}
+    assert [p.source for p in broker.to("verdicts.review")] == [(0, 1), (0, 5)]
+    assert sorted(p.source for p in broker.to("verdicts")) == [(0, n) for n in (0, 1, 2, 4, 5)]

@@ -1,12 +1,15 @@
 """The deliveries' rules, in-process with fake producers and a virtual clock (see test_consumer
 for how looptime is set up): at least once retries what may pass until publish_timeout_s;
 exactly once publishes outcomes with their offsets in one transaction, aborts and retries a
-failed one on a fresh producer, and stops when fenced or failing for too long."""
+failed one on a fresh producer, and stops when fenced or failing for too long. A verdict whose
+action is review goes to the review topic too: at least once finishes it when both copies are
+acknowledged, exactly once sends both in the transaction of its offset."""
 
 from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 from aiokafka.errors import (
     KafkaConnectionError,
@@ -17,11 +20,26 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
-from service.adapters.kafka.delivery import AtLeastOnce, ExactlyOnce, PublishFailed
+from service.adapters.kafka.delivery import AtLeastOnce, ExactlyOnce, PublishFailed, destinations
 from service.config import Settings
+from service.core.pipeline import Record
+from service.core.verdicts import Action, DeadLetter
 from service.ops.metrics import Metrics
-from tests.support.kafka import TP0, TP1, Broker, FakeConsumer, Producers, now, outgoing
+from tests.support.kafka import (
+    TP0,
+    TP1,
+    Broker,
+    FakeConsumer,
+    InlinePool,
+    Producers,
+    now,
+    outgoing,
+)
+from tests.support.pipeline import SAFE, ScriptedGuard, make_pipeline
 
 pytestmark = [pytest.mark.asyncio(loop_scope="function"), pytest.mark.looptime(end=600)]
 
@@ -225,3 +243,141 @@ async def test_outcomes_held_for_revoked_partitions_are_dropped() -> None:
     delivery.forget([TP0])
     await delivery.commit({TP0: 1, TP1: 1})
     assert [p.source for p in broker.published] == [(1, 0)]
+
+
+# --- the review topic: a verdict marked for review (action review, or sampled) goes there too --
+
+
+@pytest.mark.parametrize(
+    ("action", "sampled", "topics"),
+    [
+        ("review", False, ("verdicts", "verdicts.review")),
+        ("allow", False, ("verdicts",)),
+        ("block", False, ("verdicts",)),
+        (None, False, ("verdicts",)),
+        ("allow", True, ("verdicts", "verdicts.review")),
+        ("block", True, ("verdicts", "verdicts.review")),
+    ],
+)
+async def test_only_verdicts_marked_for_review_go_to_the_review_topic_too(
+    action: Action | None, sampled: bool, topics: tuple[str, ...]
+) -> None:
+    assert (await outgoing(TP0, 0, action, sampled=sampled)).topics == topics
+
+
+async def test_dead_letters_go_to_the_dead_letter_topic_only() -> None:
+    record = Record("images", 0, 3, b"k", b"not json", ())
+    dead = await make_pipeline(ScriptedGuard(SAFE), InlinePool()).judge(record)
+    assert isinstance(dead, DeadLetter)
+    assert destinations(SETTINGS, dead) == ("images.dlq", ())
+
+
+async def test_a_review_verdict_is_published_to_both_topics_alike_each_under_its_own_span() -> None:
+    """Same key, value and headers; each traceparent names its own PRODUCER span, both
+    children of the record's process span."""
+    broker, metrics = Broker(), Metrics()
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = provider.get_tracer("test")
+    delivery = AtLeastOnce(
+        SETTINGS, FakeConsumer(broker, [TP0]), Producers(broker), metrics, tracer
+    )
+    await delivery.start()
+    with tracer.start_as_current_span("images process") as process:
+        assert await delivery.hand_over(await outgoing(TP0, 7, "review")) is True
+
+    verdict, review = broker.published
+    assert (verdict.topic, review.topic) == ("verdicts", "verdicts.review")
+    assert (review.key, review.value) == (verdict.key, verdict.value)
+    assert orjson.loads(review.value)["action"] == "review"
+    spans = {span.name: span for span in exported.get_finished_spans()}
+    for record in (verdict, review):
+        headers = dict(record.headers)
+        assert (headers["event-id"], headers["content-type"]) == (b"ev-7", b"application/json")
+        span = spans[f"{record.topic} publish"]
+        assert span.kind is SpanKind.PRODUCER
+        assert span.parent is not None
+        assert span.parent.span_id == process.get_span_context().span_id
+        assert span.attributes is not None
+        assert span.attributes["messaging.destination.name"] == record.topic
+        trace_id, span_id = headers["traceparent"].decode().split("-")[1:3]
+        assert (int(trace_id, 16), int(span_id, 16)) == (
+            span.context.trace_id,
+            span.context.span_id,
+        )
+    samples = metrics.registry.get_sample_value
+    assert samples("guardstream_reviews_total") == 1
+    assert samples("guardstream_verdicts_total", {"rating": "Safe", "category": "NA"}) == 1
+
+
+async def test_a_review_verdict_is_finished_only_when_both_topics_acknowledged_it() -> None:
+    """The review topic's send fails twice and is retried, as any publish, while the verdict
+    topic acknowledged at once: the record is finished at 0.3, when the last copy is."""
+    broker, metrics = Broker(), Metrics()
+    broker.fail("send verdicts.review", KafkaConnectionError(), KafkaTimeoutError())
+    delivery = at_least_once(broker, metrics)
+    await delivery.start()
+
+    assert await delivery.hand_over(await outgoing(TP0, 7, "review")) is True
+    assert now() == 0.3
+    assert [(p.time, p.topic) for p in broker.published] == [
+        (0.0, "verdicts"),
+        (0.3, "verdicts.review"),
+    ]
+    assert metrics.registry.get_sample_value("guardstream_publish_retries_total") == 2
+
+
+async def test_a_review_publish_that_fails_stops_the_service_and_abandons_the_other() -> None:
+    """One topic refuses the record for good: publishing fails at once, naming that topic, and
+    the verdict topic's publish (hanging here) is given up, not left running."""
+    broker = Broker()
+    broker.fail("send verdicts", 100.0)
+    broker.fail("send verdicts.review", RecordTooLargeError())
+    delivery = at_least_once(broker)
+    await delivery.start()
+
+    with pytest.raises(PublishFailed, match=r"images\[0\]@7 to verdicts.review"):
+        await delivery.hand_over(await outgoing(TP0, 7, "review"))
+    assert now() == 0.0
+    await asyncio.sleep(200)
+    assert broker.published == []
+
+
+async def test_exactly_once_publishes_the_review_copy_in_the_verdicts_transaction() -> None:
+    broker = Broker()
+    delivery = exactly_once(broker)
+    await delivery.start()
+    await delivery.hand_over(await outgoing(TP0, 0, "review"))
+    await delivery.hand_over(await outgoing(TP0, 1, "allow"))
+
+    assert await delivery.commit({TP0: 2}) == {TP0: 2}
+    assert [call for _, call in broker.calls] == [
+        "producer-0.start",
+        "producer-0.begin_transaction",
+        "producer-0.send_offsets_to_transaction",
+        "producer-0.send",
+        "producer-0.send",
+        "producer-0.send",
+        "producer-0.commit_transaction",
+    ]
+    assert [(p.topic, p.source) for p in broker.published] == [
+        ("verdicts", (0, 0)),
+        ("verdicts.review", (0, 0)),
+        ("verdicts", (0, 1)),
+    ]
+    assert broker.to("verdicts.review")[0].value == broker.to("verdicts")[0].value
+
+
+async def test_exactly_once_a_failed_review_send_aborts_the_verdict_and_the_offsets_too() -> None:
+    broker = Broker()
+    broker.fail("send verdicts.review", KafkaConnectionError())
+    delivery = exactly_once(broker)
+    await delivery.start()
+    await delivery.hand_over(await outgoing(TP0, 0, "review"))
+
+    assert await delivery.commit({TP0: 1}) == {}
+    assert (broker.published, broker.commits) == ([], [])
+    assert broker.called("producer-0.abort_transaction") == [0.0]
+    assert await delivery.commit({TP0: 1}) == {TP0: 1}
+    assert [p.topic for p in broker.published] == ["verdicts", "verdicts.review"]

@@ -162,10 +162,7 @@ async def run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Run]:
     tag = uuid.uuid4().hex[:8]
-    topics = Topics(f"images-{tag}", f"verdicts-{tag}", f"images-{tag}.dlq", f"group-{tag}")
-    await stack.create_topics(
-        embedded_stack.bootstrap_servers, [topics.input, topics.verdicts, topics.dead_letters], 3
-    )
+    topics = await Topics.create(embedded_stack.bootstrap_servers, tag)
     policy_dir = tmp_path_factory.mktemp("policies")
     (policy_dir / "weapons-only.toml").write_text(WEAPONS_ONLY_POLICY)
     tenant_file = tmp_path_factory.mktemp("tenants") / "tenants.toml"

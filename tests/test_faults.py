@@ -3,7 +3,8 @@
 The accounting is tested by hand first; then each scenario runs real processes (see
 `tests/support/faults.py`) and records one row of the table printed at the end of the session. The
 stack is shared by the module's scenarios (starting it costs seconds, each scenario heals what
-the one before broke); topics and consumer groups are each scenario's own.
+the one before broke); topics and consumer groups are each scenario's own. Some events'
+verdicts are for review (faults.REVIEW_EVERY): each scenario checks the review topic too.
 
 No scenario is about the model, so all run on the fixed-answer guard of triton_models/bench (the
 CPU guard's tensor contract, no inference; see "Pace" below for what that changes).
@@ -42,8 +43,14 @@ from tests.support.faults import (
 )
 
 
-def verdict(event_id: str) -> dict[str, Any]:
-    return {"event_id": event_id, "rating": "Safe", "category_code": "NA"}
+def verdict(event_id: str, action: str | None = None, decided_at: str = "t0") -> dict[str, Any]:
+    return {
+        "event_id": event_id,
+        "rating": "Safe",
+        "category_code": "NA",
+        "action": action,
+        "decided_at": decided_at,
+    }
 
 
 def dead_letter(event_id: str | None, code: str) -> dict[str, Any]:
@@ -118,7 +125,7 @@ def test_rows_make_a_markdown_table_written_for_the_session(
     result = account("kill", AT_LEAST_ONCE, ["a", "b", "c", "d"], committed, committed, 12.34)
     assert result.row() == (
         "| kill | at-least-once | 4 | 2 | 2 (guard_error 1, guard_unavailable 1) | 1 | 1 | 1 "
-        "| 12.3 |"
+        "| 0 | 0 | 0 | 12.3 |"
     )
     monkeypatch.setattr(faults, "RESULTS", [])
     assert faults.write_table(tmp_path / "table.md") is None
@@ -127,6 +134,47 @@ def test_rows_make_a_markdown_table_written_for_the_session(
     text = faults.write_table(tmp_path / "table.md")
     assert text == f"{ScenarioResult.HEADER}\n{result.row()}"
     assert (tmp_path / "table.md").read_text() == text + "\n"
+
+
+def test_each_verdict_for_review_wants_a_review_record_equal_to_it() -> None:
+    """a and b are for review: a has its record once, b none (lost). c is allowed, yet has one
+    (unexpected), as has an id never produced; d's record is twice there, once unlike d's
+    verdict (an earlier judgment's copy whose verdict was never written: at least once only)."""
+    committed: Outcomes = {
+        "a": [verdict("a", "review")],
+        "b": [verdict("b", "review")],
+        "c": [verdict("c", "allow")],
+        "d": [verdict("d", "review", decided_at="t2")],
+    }
+    reviews: Outcomes = {
+        "a": [verdict("a", "review")],
+        "c": [verdict("c", "allow")],
+        "d": [verdict("d", "review", decided_at="t1"), verdict("d", "review", decided_at="t2")],
+        "stranger": [verdict("stranger", "review")],
+    }
+    ids = ["a", "b", "c", "d"]
+    result = account("t", AT_LEAST_ONCE, ids, committed, committed, 1.0, reviews)
+    assert (result.for_review, result.reviews_lost, result.reviews_duplicates) == (3, 1, 1)
+    assert (result.reviews_unexpected, result.reviews_unlike) == (2, 1)
+    assert result.row().endswith("| 3 | 1 | 1 | 1.0 |")
+
+
+def test_a_verdict_flagged_for_review_wants_a_review_record_whatever_its_action() -> None:
+    """Verdicts that carry the `review` flag (quality sampling picks allowed or blocked ones)."""
+    sampled = {**verdict("a", "allow"), "review": True}
+    result = account("t", EXACTLY_ONCE, ["a"], {"a": [sampled]}, {"a": [sampled]}, 1.0, {})
+    assert (result.for_review, result.reviews_lost) == (1, 1)
+
+
+def test_dead_letters_and_verdicts_not_for_review_want_no_review_record() -> None:
+    committed: Outcomes = {
+        "a": [verdict("a", "allow")],
+        "b": [verdict("b", "block")],
+        "c": [verdict("c")],
+        "d": [dead_letter("d", "invalid_event")],
+    }
+    result = account("t", EXACTLY_ONCE, ["a", "b", "c", "d"], committed, committed, 1.0, {})
+    assert (result.for_review, result.reviews_lost, result.reviews_unexpected) == (0, 0, 0)
 
 
 # --- scenarios on the real stack ------------------------------------------------------------
@@ -224,6 +272,9 @@ async def test_no_fault_baseline_at_least_once(fault_stack: FaultStack, scenario
     assert (result.lost, result.lost_ids[:5]) == (0, ()), scenario.logs()
     assert (result.duplicates_committed, result.duplicates_uncommitted) == (0, 0)
     assert (result.verdicts, result.dead_letters, result.unexpected) == (BASELINE_EVENTS, {}, 0)
+    assert result.for_review == BASELINE_EVENTS // faults.REVIEW_EVERY
+    assert_reviews_delivered(result, scenario)
+    assert result.reviews_duplicates == 0
 
 
 # --- faults ---------------------------------------------------------------------------------
@@ -266,9 +317,20 @@ async def finish(
     return await scenario.result(mode, ids, time.monotonic() - started)
 
 
+def assert_reviews_delivered(result: ScenarioResult, scenario: Scenario) -> None:
+    """Every verdict for review (`for_review_topic`) has its record on the review topic, no other
+    outcome has one; exactly once, one record per verdict, equal to it. Some verdicts were for
+    review (else this proves nothing): see "review verdicts" in tests/support/faults.py."""
+    assert result.for_review > 0, f"no verdict was for review\n{scenario.logs()}"
+    assert (result.reviews_lost, result.reviews_unexpected) == (0, 0), scenario.logs()
+    if result.mode == EXACTLY_ONCE:
+        assert (result.reviews_duplicates, result.reviews_unlike) == (0, 0), scenario.logs()
+
+
 async def assert_nothing_lost(result: ScenarioResult, scenario: Scenario) -> None:
     """No produced id without an outcome; when there is one, say whether the broker still has
-    its input record (the service lost it) or not (the broker did)."""
+    its input record (the service lost it) or not (the broker did). Nor any review record."""
+    assert_reviews_delivered(result, scenario)
     if result.lost:
         found = await find_in_input(
             scenario.fault_stack.bootstrap, scenario.topics.input, result.lost_ids

@@ -72,10 +72,7 @@ async def run(embedded_stack: stack.StackState, tmp_path_factory: pytest.TempPat
     (root / "policies").mkdir()
     (root / "policies" / "own-safe-label.toml").write_text(OWN_SAFE_LABEL_POLICY)
     tag = uuid.uuid4().hex[:8]
-    topics = Topics(f"images-{tag}", f"verdicts-{tag}", f"images-{tag}.dlq", f"group-{tag}")
-    await stack.create_topics(
-        embedded_stack.bootstrap_servers, [topics.input, topics.verdicts, topics.dead_letters], 3
-    )
+    topics = await Topics.create(embedded_stack.bootstrap_servers, tag)
     with tiny_llava.served(repository, root / "triton") as triton_url:
         settings = topics.settings(
             embedded_stack, triton_url=triton_url, policy_dir=root / "policies"

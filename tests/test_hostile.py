@@ -102,10 +102,7 @@ class Run:
 @pytest.fixture(scope="module")
 async def run(embedded_stack: stack.StackState) -> Run:
     tag = uuid.uuid4().hex[:8]
-    topics = Topics(f"images-{tag}", f"verdicts-{tag}", f"images-{tag}.dlq", f"group-{tag}")
-    await stack.create_topics(
-        embedded_stack.bootstrap_servers, [topics.input, topics.verdicts, topics.dead_letters], 3
-    )
+    topics = await Topics.create(embedded_stack.bootstrap_servers, tag)
     settings = topics.settings(embedded_stack, **LIMITS, event_deadline_s=30.0, max_in_flight=64)
     pillow_limit = Image.MAX_IMAGE_PIXELS  # serve() sets it process-wide; put it back after
     async with hostile_servers() as (servers, canary):

@@ -114,7 +114,11 @@ def _show_metrics(health: str) -> None:
     """What an on-call engineer's dashboard would show for this run."""
     with urllib.request.urlopen(f"{health}/metrics", timeout=5) as response:
         lines = response.read().decode().splitlines()
-    shown = ("guardstream_verdicts_total{", "guardstream_dead_letters_total{")
+    shown = (
+        "guardstream_verdicts_total{",
+        "guardstream_dead_letters_total{",
+        "guardstream_reviews_total ",
+    )
     print(f"\n{health}/metrics (excerpt):")
     for line in lines:
         if line.startswith(shown):

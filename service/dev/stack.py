@@ -41,7 +41,8 @@ DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "cpu"
 BENCH_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "bench"
 FILL = REPO_ROOT / "triton_models" / "fill.py"
 DEFAULT_STATE_DIR = REPO_ROOT / ".guardstream" / "stack"
-DEFAULT_TOPICS = ("images", "verdicts", "images.dlq")
+DEFAULT_TOPICS = ("images", "verdicts", "images.dlq", "verdicts.review")
+"""The topics the default settings name: input, verdicts, dead letters, review."""
 
 
 class StackError(Exception):

@@ -35,6 +35,11 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.reviews = Counter(
+            "guardstream_reviews_total",
+            "Verdicts also published to the review topic (their action is review).",
+            registry=r,
+        )
         self.guard_latency = Histogram(
             "guardstream_guard_latency_seconds",
             "Duration of one guard request to Triton (each attempt).",

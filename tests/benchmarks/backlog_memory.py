@@ -69,6 +69,7 @@ from tests.benchmarks.harness import (
 
 DEFAULT_JSON = BENCH_DIR / "backlog_memory.json"
 INPUT_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC = "images", "verdicts", "images.dlq"
+REVIEW_TOPIC = "verdicts.review"
 GROUP = "guardstream-bench"
 # While the service starts, memory and its metrics are read this often, so that the "start"
 # sample is taken at most this long before the first event.
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     result = in_own_stack(
         args.broker,
         args.partitions,
-        (INPUT_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC),
+        (INPUT_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC, REVIEW_TOPIC),
         lambda state, workdir: _benchmark(args, state, workdir),
         keep_data=args.keep_data,
     )
@@ -301,6 +302,7 @@ def _service_settings(args: argparse.Namespace, state: stack.StackState) -> dict
         "INPUT_TOPIC": INPUT_TOPIC,
         "VERDICT_TOPIC": VERDICT_TOPIC,
         "DEAD_LETTER_TOPIC": DEAD_LETTER_TOPIC,
+        "REVIEW_TOPIC": REVIEW_TOPIC,
         "GROUP_ID": GROUP,
         "HEALTH_HOST": "127.0.0.1",
         "HEALTH_PORT": "0",

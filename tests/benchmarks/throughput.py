@@ -334,6 +334,7 @@ class Bench:
             "INPUT_TOPIC": input_topic,
             "VERDICT_TOPIC": f"out-{tag}",
             "DEAD_LETTER_TOPIC": f"dlq-{tag}",
+            "REVIEW_TOPIC": f"review-{tag}",
             "GROUP_ID": f"group-{tag}",
             "HEALTH_HOST": "127.0.0.1",
             "HEALTH_PORT": "0",
@@ -352,7 +353,7 @@ class Bench:
     ) -> Run:
         """Work through the backlog (or until --max-seconds) and measure."""
         tag = self._tag(mode, size)
-        await self._topics(f"out-{tag}", f"dlq-{tag}")
+        await self._topics(f"out-{tag}", f"dlq-{tag}", f"review-{tag}")
         settings = self._settings(tag, backlog, overrides)
         log_path = self._workdir / f"{tag}.log"
         command = SERVICE_COMMAND if mode == "guardstream" else (*LOOPS, mode)
@@ -422,7 +423,7 @@ class Bench:
         """Publish at `rate` events/s to a fresh topic the program reads live; latencies."""
         tag = self._tag(f"{run.mode}-paced", run.size)
         live = f"live-{tag}"
-        await self._topics(live, f"out-{tag}", f"dlq-{tag}")
+        await self._topics(live, f"out-{tag}", f"dlq-{tag}", f"review-{tag}")
         settings = self._settings(tag, live, run.overrides)
         log_path = self._workdir / f"{tag}.log"
         command = SERVICE_COMMAND if run.mode == "guardstream" else (*LOOPS, run.mode)

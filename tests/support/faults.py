@@ -17,6 +17,11 @@ every event has an outcome, and counts by `event_id` what the service delivered:
 Every result goes into `RESULTS`; the session prints them as one markdown table and writes it to
 `.guardstream/fault-table.md` (the `pytest_terminal_summary` hook in `tests/conftest.py`).
 
+The review topic is accounted too: every produced id whose verdict belongs there (its action is
+review: `for_review_topic`) must have a record there (exactly once: one, equal to the verdict).
+Every `REVIEW_EVERY`th event names the review policy, whose verdicts go to review: see "review
+verdicts" below, the one place that says how, until the decision rules land and after.
+
 What the broker does to a fault matters when reading a row: noida-db keeps records in memory
 and rewrites a JSON snapshot of its data directory about once a second, so a SIGKILL loses what
 it acknowledged since the last snapshot, while SIGTERM saves everything. Its group
@@ -347,12 +352,42 @@ class FaultStack:
 
 
 async def new_topics(bootstrap: str, name: str, partitions: int = 3) -> Topics:
-    """Fresh input, verdict and dead-letter topics and a fresh group, named after the scenario."""
+    """Fresh input, verdict, dead-letter and review topics and a fresh group, named after the
+    scenario."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:60] or "scenario"
-    run = f"{slug}-{uuid.uuid4().hex[:6]}"
-    made = Topics(f"images-{run}", f"verdicts-{run}", f"images-{run}.dlq", f"group-{run}")
-    await stack.create_topics(bootstrap, [made.input, made.verdicts, made.dead_letters], partitions)
-    return made
+    return await Topics.create(bootstrap, f"{slug}-{uuid.uuid4().hex[:6]}", partitions)
+
+
+# --- review verdicts -----------------------------------------------------------------------
+#
+# Which verdicts go to review is the decision rules' choice; the suite makes some, to prove the
+# review topic's delivery under every fault: every REVIEW_EVERY-th event produced names the
+# review policy (REVIEW_POLICY_ID, written by `review_policy` into GUARDSTREAM_POLICY_DIR),
+# whose own rules send what the bench and CPU guards answer (Safe, NA) to review.
+
+REVIEW_EVERY = 5
+REVIEW_POLICY_ID = "fault-review"
+
+
+def for_review(index: int) -> bool:
+    """Whether the index-th event produced names the review policy."""
+    return index % REVIEW_EVERY == REVIEW_EVERY - 1
+
+
+def review_policy() -> str:
+    """The review policy file: LlavaGuard's, deciding review for a Safe answer."""
+    return (
+        f'id = "{REVIEW_POLICY_ID}"\nversion = "1.0.0"\nextends = "llavaguard-v1.2"\n\n'
+        '[decision]\nsafe = "review"\n'
+    )
+
+
+def review_policy_dir(state_dir: Path) -> Path:
+    """A policy directory holding the review policy (GUARDSTREAM_POLICY_DIR)."""
+    directory = state_dir / "policies"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{REVIEW_POLICY_ID}.toml").write_text(review_policy())
+    return directory
 
 
 # --- the service under test -----------------------------------------------------------------
@@ -381,6 +416,8 @@ def service_env(
         "GUARDSTREAM_INPUT_TOPIC": topics.input,
         "GUARDSTREAM_VERDICT_TOPIC": topics.verdicts,
         "GUARDSTREAM_DEAD_LETTER_TOPIC": topics.dead_letters,
+        "GUARDSTREAM_REVIEW_TOPIC": topics.review,
+        "GUARDSTREAM_POLICY_DIR": str(review_policy_dir(fault_stack.state_dir)),
         "GUARDSTREAM_GROUP_ID": topics.group,
         "GUARDSTREAM_CLIENT_ID": f"guardstream-{name}",
         "GUARDSTREAM_DELIVERY": delivery,
@@ -580,15 +617,22 @@ async def produce(
 ) -> list[str]:
     """Publish `n` valid image events (ids `<prefix>00000`, ...) and return every id sent.
 
-    `extra` maps event ids to raw record values (malformed events, say) mixed in evenly; they
-    are sent with that id as key and `event-id` header, so even their dead letters carry it.
-    All sends are queued before any acknowledgement is awaited: 500 events take ~0.1 s.
+    Every REVIEW_EVERY-th names the review policy (`for_review`), the others none. `extra`
+    maps event ids to raw record values (malformed events, say) mixed in evenly; they are sent
+    with that id as key and `event-id` header, so even their dead letters carry it. All sends
+    are queued before any acknowledgement is awaited: 500 events take ~0.1 s.
     """
     images = small_images()
     events = [
         (
             f"{prefix}{i:05d}",
-            encode_event(image_event(f"{prefix}{i:05d}", image=images[i % len(images)])),
+            encode_event(
+                image_event(
+                    f"{prefix}{i:05d}",
+                    image=images[i % len(images)],
+                    policy_id=REVIEW_POLICY_ID if for_review(i) else None,
+                )
+            ),
         )
         for i in range(n)
     ]
@@ -623,8 +667,9 @@ class TopicMissing(LookupError):
 
 
 class OutcomeReader:
-    """Reads the verdict and dead-letter topics from the beginning, as a downstream consumer
-    with no group would, keeping what it read across calls (so polling costs only new records).
+    """Reads the verdict, dead-letter and review topics from the beginning, as a downstream
+    consumer with no group would, keeping what it read across calls (so polling costs only new
+    records): verdicts and dead letters in `outcomes`, review records apart in `reviews`.
     """
 
     def __init__(
@@ -633,8 +678,10 @@ class OutcomeReader:
         topics: Topics,
         isolation_level: IsolationLevel = "read_committed",
     ) -> None:
-        self._names = (topics.verdicts, topics.dead_letters)
+        self._names = (topics.verdicts, topics.dead_letters, topics.review)
+        self._review = topics.review
         self.outcomes: Outcomes = {}
+        self.reviews: Outcomes = {}
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=None,
@@ -669,7 +716,8 @@ class OutcomeReader:
                 if record.value is None:
                     continue
                 outcome = orjson.loads(record.value)
-                self.outcomes.setdefault(outcome.get("event_id") or NO_EVENT_ID, []).append(outcome)
+                kept = self.reviews if record.topic == self._review else self.outcomes
+                kept.setdefault(outcome.get("event_id") or NO_EVENT_ID, []).append(outcome)
                 count += 1
         return count
 
@@ -714,8 +762,19 @@ async def read_outcomes(
     timeout_s: float = 30.0,
 ) -> Outcomes:
     """Every verdict and dead letter now in the topics, from the beginning to the end offsets."""
+    return (await read_all(bootstrap, topics, isolation_level, timeout_s))[0]
+
+
+async def read_all(
+    bootstrap: str,
+    topics: Topics,
+    isolation_level: IsolationLevel = "read_committed",
+    timeout_s: float = 30.0,
+) -> tuple[Outcomes, Outcomes]:
+    """`read_outcomes`, and the review records beside them."""
     async with OutcomeReader(bootstrap, topics, isolation_level) as reader:
-        return await reader.drain(timeout_s)
+        await reader.drain(timeout_s)
+        return reader.outcomes, reader.reviews
 
 
 async def wait_for_outcomes(
@@ -756,6 +815,12 @@ class ScenarioResult:
 
     For the produced ids: verdicts + sum(dead_letters) == produced - lost +
     duplicates_committed. `unexpected` counts outcomes for ids that were not produced.
+
+    The review topic, read_committed, against the verdicts that belong there
+    (`for_review_topic`; `for_review` of them): their ids' review records number
+    for_review - reviews_lost + reviews_duplicates. `reviews_unexpected` counts review records
+    of any other id; `reviews_unlike` those equal to none of their id's verdicts (at least
+    once, a crash between the two copies' writes leaves such a one behind; exactly once, never).
     """
 
     name: str
@@ -769,11 +834,17 @@ class ScenarioResult:
     wall_s: float
     unexpected: int = 0
     lost_ids: tuple[str, ...] = field(default=(), repr=False)
+    for_review: int = 0
+    reviews_lost: int = 0
+    reviews_duplicates: int = 0
+    reviews_unexpected: int = 0
+    reviews_unlike: int = 0
 
     HEADER = (
         "| scenario | delivery | produced | verdicts | dead letters | lost "
-        "| duplicates (read_committed) | duplicates (read_uncommitted) | wall s |\n"
-        "|---|---|---:|---:|---|---:|---:|---:|---:|"
+        "| duplicates (read_committed) | duplicates (read_uncommitted) "
+        "| for review | review lost | review duplicates | wall s |\n"
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     )
 
     @property
@@ -786,6 +857,7 @@ class ScenarioResult:
         return (
             f"| {self.name} | {self.mode} | {self.produced} | {self.verdicts} | {dead} "
             f"| {self.lost} | {self.duplicates_committed} | {self.duplicates_uncommitted} "
+            f"| {self.for_review} | {self.reviews_lost} | {self.reviews_duplicates} "
             f"| {self.wall_s:.1f} |"
         )
 
@@ -801,9 +873,11 @@ def account(
     committed: Outcomes,
     uncommitted: Outcomes,
     wall_s: float,
+    reviews: Outcomes | None = None,
 ) -> ScenarioResult:
     """Count outcomes per produced id: lost = none visible to read_committed; duplicates =
-    outcomes beyond the first, whichever topic (a dead letter then a verdict is a duplicate)."""
+    outcomes beyond the first, whichever topic (a dead letter then a verdict is a duplicate).
+    `reviews` (read_committed) are counted against the verdicts that belong on the review topic."""
     if len(set(produced_ids)) != len(produced_ids):
         raise ValueError("produced_ids holds the same id twice: it cannot be accounted by id")
     produced = set(produced_ids)
@@ -825,7 +899,37 @@ def account(
         wall_s=wall_s,
         unexpected=sum(len(v) for k, v in committed.items() if k not in produced),
         lost_ids=lost,
+        **_account_reviews(produced_ids, committed, reviews or {}),
     )
+
+
+def for_review_topic(verdict: Mapping[str, Any]) -> bool:
+    """Whether a verdict belongs on the review topic: its action is review, or (services whose
+    verdicts carry the `review` flag: sampled for review too) it says so."""
+    return verdict.get("action") == "review" or verdict.get("review") is True
+
+
+def _account_reviews(
+    produced_ids: Sequence[str], committed: Outcomes, reviews: Outcomes
+) -> dict[str, int]:
+    """The review fields of a ScenarioResult (see there)."""
+    expected = [
+        event_id
+        for event_id in produced_ids
+        if any(for_review_topic(o) for o in committed.get(event_id, ()))
+    ]
+    wanted = set(expected)
+    return {
+        "for_review": len(expected),
+        "reviews_lost": sum(not reviews.get(event_id) for event_id in expected),
+        "reviews_duplicates": _duplicates(expected, reviews),
+        "reviews_unexpected": sum(len(v) for k, v in reviews.items() if k not in wanted),
+        "reviews_unlike": sum(
+            review not in committed.get(event_id, [])
+            for event_id in expected
+            for review in reviews.get(event_id, ())
+        ),
+    }
 
 
 RESULTS: list[ScenarioResult] = []
@@ -898,11 +1002,12 @@ class Scenario:
 
     async def result(self, mode: str, produced_ids: Sequence[str], wall_s: float) -> ScenarioResult:
         """Read both isolation levels to the end, account and record the row."""
-        committed = await read_outcomes(self.fault_stack.bootstrap, self.topics, "read_committed")
-        uncommitted = await read_outcomes(
-            self.fault_stack.bootstrap, self.topics, "read_uncommitted"
+        bootstrap = self.fault_stack.bootstrap
+        committed, reviews = await read_all(bootstrap, self.topics, "read_committed")
+        uncommitted = await read_outcomes(bootstrap, self.topics, "read_uncommitted")
+        return record(
+            account(self.name, mode, produced_ids, committed, uncommitted, wall_s, reviews)
         )
-        return record(account(self.name, mode, produced_ids, committed, uncommitted, wall_s))
 
     def logs(self, lines: int = 30) -> str:
         """Every consumer's log tail and the stack's: for assertion messages."""

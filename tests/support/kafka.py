@@ -2,11 +2,12 @@
 
 `Broker` holds the input partitions, what was published (at once, or when its transaction
 committed), the group's commits, and a script of faults by call name ("send",
-"commit_transaction", "consumer.stop", ...): each step an exception to raise, seconds to hang,
-or None to let that call through.
+"commit_transaction", "consumer.stop", ...; "send <topic>" for sends to one topic): each step
+an exception to raise, seconds to hang, or None to let that call through.
 `FakeConsumer` and `FakeProducer` implement the protocols of `service.adapters.kafka.clients`
 over it and note every call with the loop time, so that tests assert what happened when.
-`Service` is a `ModerationConsumer` over them with the real `Pipeline` and a `ScriptedGuard`.
+`Service` is a `ModerationConsumer` over them with the real `Pipeline` and a `ScriptedGuard`
+(and, where a test gives one, a stand-in for the decision rules that sets verdicts' actions).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from service.adapters.kafka.clients import Batches
 from service.adapters.kafka.consumer import ModerationConsumer
-from service.adapters.kafka.delivery import Outgoing, delivery_from
+from service.adapters.kafka.delivery import Outgoing, delivery_from, destinations
 from service.client import encode_event, image_event
 from service.config import Settings
 from service.core.breaker import Breaker
 from service.core.pipeline import Outcome, Record
-from service.core.verdicts import DeadLetter, serialize
+from service.core.verdicts import Action, Verdict, serialize
 from service.ops.metrics import Metrics
-from tests.support.pipeline import SAFE, ScriptedGuard, jpeg, make_pipeline
+from tests.support.pipeline import SAFE, Deciding, ScriptedGuard, jpeg, make_pipeline
 
 TP0 = TopicPartition("images", 0)
 TP1 = TopicPartition("images", 1)
@@ -133,15 +134,21 @@ class Broker:
         if always is not None:
             self.always[call] = always
 
-    async def act(self, call: str, who: str = "") -> None:
-        """Note a call, then play its next scripted step, if any."""
+    async def act(self, call: str, who: str = "", *, particular: str = "") -> None:
+        """Note a call, then play its next scripted step, if any: one scripted for the
+        `particular` name ("send verdicts.review"), once scripted, else the call's name's."""
         self.calls.append((now(), f"{who}{call}"))
-        steps = self.faults.get(call)
-        step = steps.pop(0) if steps else self.always.get(call)
+        name = particular if particular in self.faults or particular in self.always else call
+        steps = self.faults.get(name)
+        step = steps.pop(0) if steps else self.always.get(name)
         if isinstance(step, float):
             await asyncio.sleep(step)
         elif step is not None:
             raise step
+
+    def to(self, topic: str) -> list[Published]:
+        """What was published to `topic`, in order."""
+        return [p for p in self.published if p.topic == topic]
 
     def committed(self) -> dict[TopicPartition, int]:
         """The group's offsets now."""
@@ -292,7 +299,7 @@ class FakeProducer:
     ) -> asyncio.Future[RecordMetadata]:
         acknowledged: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
         try:
-            await self._act("send")
+            await self._act("send", particular=f"send {topic}")
         except Exception as exc:  # the broker refused it: the delivery future fails
             acknowledged.set_exception(exc)
             return acknowledged
@@ -328,8 +335,8 @@ class FakeProducer:
         await self._act("abort_transaction")
         self._transaction = None
 
-    async def _act(self, call: str) -> None:
-        await self.broker.act(call, f"{self.name}.")
+    async def _act(self, call: str, particular: str = "") -> None:
+        await self.broker.act(call, f"{self.name}.", particular=particular)
 
 
 class Producers:
@@ -365,6 +372,7 @@ class Service:
         assignment: Iterable[TopicPartition] = (TP0,),
         breaker: Breaker | None = None,
         deadline_s: float = 30.0,
+        actions: Callable[[Verdict], Action | None] | None = None,
         **settings: Any,
     ) -> Service:
         config = Settings(**{"commit_interval_ms": 500, "drain_timeout_s": 3.0, **settings})
@@ -375,6 +383,8 @@ class Service:
         tracer = TracerProvider().get_tracer("test")
         breaker = breaker or Breaker(100, _always_ready, 1.0)
         pipeline = make_pipeline(guard, InlinePool(), breaker, deadline_s)
+        if actions is not None:
+            pipeline = Deciding(pipeline, actions)  # type: ignore[assignment]
         delivery = delivery_from(config, kafka, producers, metrics, tracer)
         consumer = ModerationConsumer(config, kafka, delivery, pipeline, breaker, metrics, tracer)
         return cls(config, broker, kafka, producers, guard, consumer, asyncio.Event())
@@ -399,14 +409,22 @@ async def _always_ready() -> bool:
     return True
 
 
-async def outgoing(tp: TopicPartition, offset: int, topic: str = "verdicts") -> Outgoing:
-    """The outcome of a valid event at `tp`@`offset`, as a delivery is handed it."""
+async def outgoing(
+    tp: TopicPartition, offset: int, action: Action | None = None, *, sampled: bool = False
+) -> Outgoing:
+    """The verdict of a valid event at `tp`@`offset`, with `action` (and marked for review when
+    its action is review or it was `sampled`), as a delivery is handed it (to the topics the
+    consumer would give it)."""
     record = Record(tp.topic, tp.partition, offset, b"k", event(offset), ())
     outcome: Outcome = await make_pipeline(ScriptedGuard(SAFE), InlinePool()).judge(record)
+    assert isinstance(outcome, Verdict), outcome
+    outcome = outcome.model_copy(update={"action": action, "review": action == "review" or sampled})
+    topic, also_to = destinations(Settings(), outcome)
     return Outgoing(
         source=tp,
         offset=offset,
-        topic="images.dlq" if isinstance(outcome, DeadLetter) else topic,
+        topic=topic,
+        also_to=also_to,
         key=record.key,
         value=serialize(outcome),
         outcome=outcome,

@@ -24,7 +24,7 @@ from service.core.breaker import Breaker
 from service.core.guard import GuardReply, ServedModel
 from service.core.pipeline import Fetcher, Outcome, Pipeline, Record, Retry
 from service.core.rules import Rules
-from service.core.verdicts import DeadLetter
+from service.core.verdicts import Action, DeadLetter, Verdict
 from service.ops.metrics import Metrics
 
 SAFE = json.dumps({"rating": "Safe", "category": "NA: None applying", "rationale": "a cat"})
@@ -64,6 +64,23 @@ class ScriptedGuard:
             rating_log_prob=self.rating_log_prob,
             served=self.served,
         )
+
+
+class Deciding:
+    """A pipeline whose verdicts get the action `decide` picks for each, dead letters left as
+    they are: a stand-in for the decision rules, so that tests of where verdicts go need not
+    depend on how the rules decide."""
+
+    def __init__(self, pipeline: Pipeline, decide: Callable[[Verdict], Action | None]) -> None:
+        self._pipeline = pipeline
+        self._decide = decide
+
+    async def judge(self, record: Record) -> Outcome:
+        outcome = await self._pipeline.judge(record)
+        if isinstance(outcome, Verdict):
+            action = self._decide(outcome)
+            return outcome.model_copy(update={"action": action, "review": action == "review"})
+        return outcome
 
 
 def jpeg(width: int = 64, height: int = 48) -> bytes:

@@ -21,6 +21,27 @@ class Topics:
     verdicts: str
     dead_letters: str
     group: str
+    review: str
+
+    @classmethod
+    def named(cls, tag: str) -> Topics:
+        """A test's own topics and group, each name ending in `tag`."""
+        return cls(
+            f"images-{tag}", f"verdicts-{tag}", f"images-{tag}.dlq", f"group-{tag}",
+            f"verdicts-{tag}.review",
+        )  # fmt: skip
+
+    @classmethod
+    async def create(cls, bootstrap: str, tag: str, partitions: int = 3) -> Topics:
+        """`named(tag)`, with every topic created on the broker."""
+        made = cls.named(tag)
+        await stack.create_topics(bootstrap, made.topics, partitions)
+        return made
+
+    @property
+    def topics(self) -> list[str]:
+        """The input topic and every topic the service publishes to."""
+        return [self.input, self.verdicts, self.dead_letters, self.review]
 
     def settings(self, state: stack.StackState, **overrides: object) -> Settings:
         values: dict[str, object] = {
@@ -29,6 +50,7 @@ class Topics:
             "input_topic": self.input,
             "verdict_topic": self.verdicts,
             "dead_letter_topic": self.dead_letters,
+            "review_topic": self.review,
             "group_id": self.group,
             "commit_interval_ms": 100,
             "guard_startup_timeout_s": 60,

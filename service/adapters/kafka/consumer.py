@@ -6,8 +6,9 @@
    prefetched); while the guard breaker is open, or before `max_poll_interval_ms` runs out,
    every assigned partition is paused and polled, so the group does not evict the member.
 2. Each record is judged concurrently by `Pipeline.judge`, which always returns a verdict or a
-   dead letter, and handed to the `Delivery` (`service.adapters.kafka.delivery`): at least
-   once publishes it now, exactly once holds it for the next transaction.
+   dead letter, and handed to the `Delivery` (`service.adapters.kafka.delivery`) with its
+   topics (a verdict whose action is review goes to the review topic too): at least once
+   publishes it now, exactly once holds it for the next transaction.
 3. Every `commit_interval_ms`, each partition's offset is committed up to its first unfinished
    record (`PartitionOffsets`), by the consumer (at least once) or inside the transaction that
    publishes those outcomes (exactly once). Commits never pass unfinished work.
@@ -30,7 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from service.adapters.kafka.clients import Batches, KafkaConsumer
-from service.adapters.kafka.delivery import Delivery, Outgoing, describe
+from service.adapters.kafka.delivery import Delivery, Outgoing, describe, destinations
 from service.adapters.kafka.offsets import PartitionOffsets
 from service.config import Settings
 from service.core.breaker import Breaker
@@ -123,11 +124,13 @@ class ModerationConsumer:
             try:
                 self.consumer.subscribe([self._settings.input_topic], listener=_Rebalance(self))
                 log.info(
-                    "consuming %s as group %s (%s); verdicts to %s, dead letters to %s",
+                    "consuming %s as group %s (%s); verdicts to %s (those for review to %s "
+                    "too), dead letters to %s",
                     self._settings.input_topic,
                     self._settings.group_id,
                     self._settings.delivery,
                     self._settings.verdict_topic,
+                    self._settings.review_topic,
                     self._settings.dead_letter_topic,
                 )
                 await self._serve(stop)
@@ -290,13 +293,13 @@ class ModerationConsumer:
                     record.where,
                     extra={"event_id": outcome.event_id},
                 )
+            topic, also_to = destinations(self._settings, outcome)
             published = await self._delivery.hand_over(
                 Outgoing(
                     source=tp,
                     offset=record.offset,
-                    topic=self._settings.dead_letter_topic
-                    if isinstance(outcome, DeadLetter)
-                    else self._settings.verdict_topic,
+                    topic=topic,
+                    also_to=also_to,
                     key=record.key,
                     value=serialize(outcome),
                     outcome=outcome,

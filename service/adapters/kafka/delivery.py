@@ -1,15 +1,19 @@
 """Getting outcomes to the broker and offsets committed: at least once, or exactly once.
 
 `service.adapters.kafka.consumer` judges records concurrently and hands each outcome to a
-`Delivery`:
+`Delivery`, with the topics it goes to (`destinations`): a dead letter to the dead-letter topic,
+a verdict to the verdict topic and, when its action is review, the same record to the review
+topic too.
 
-- `AtLeastOnce` publishes it at once with an idempotent producer and reports it finished when
-  the broker acknowledges it; offsets are committed by the consumer afterwards, so a crash
-  between the two re-publishes at most the records in flight.
+- `AtLeastOnce` publishes it at once with an idempotent producer, to each of its topics
+  concurrently, and reports it finished when the broker has acknowledged every one; offsets
+  are committed by the consumer afterwards, so a crash between the two re-publishes at most
+  the records in flight.
 - `ExactlyOnce` keeps outcomes until the next commit and then, in one Kafka transaction, adds
   the consumed offsets (`send_offsets_to_transaction`) and publishes the outcomes of every
-  partition's finished prefix. Consumers reading with `read_committed` see each outcome once:
-  an aborted or interrupted transaction leaves neither outcomes nor offsets behind.
+  partition's finished prefix, to each of their topics. Consumers reading with
+  `read_committed` see each outcome once on each of its topics: an aborted or interrupted
+  transaction leaves neither outcomes nor offsets behind.
 
 aiokafka 0.14 has two known transaction bugs that shape the commit: a race when offsets are
 added after the records of the same transaction (aiokafka issue 1004: add them first) and a
@@ -28,9 +32,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiokafka import TopicPartition
 from aiokafka.errors import (
@@ -42,7 +46,7 @@ from aiokafka.errors import (
 )
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from service.adapters.kafka.clients import KafkaConsumer, KafkaProducer, transactional_id
 from service.config import Settings
@@ -78,6 +82,13 @@ class Outgoing:
     timestamp_ms: int | None
     context: Context
     """The trace context of the record's process span: the publish span's parent."""
+    also_to: tuple[str, ...] = ()
+    """Topics the same record goes to besides `topic`: the review topic, for a verdict whose
+    action is review."""
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return (self.topic, *self.also_to)
 
     @property
     def where(self) -> str:
@@ -110,6 +121,15 @@ class Delivery(Protocol):
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop what is held for partitions this instance no longer owns."""
         ...
+
+
+def destinations(settings: Settings, outcome: Outcome) -> tuple[str, tuple[str, ...]]:
+    """The topic an outcome is published to, and the topics the same record also goes to."""
+    if isinstance(outcome, DeadLetter):
+        return settings.dead_letter_topic, ()
+    if outcome.review:  # its action is review, or quality sampling picked it
+        return settings.verdict_topic, (settings.review_topic,)
+    return settings.verdict_topic, ()
 
 
 def retriable(exc: KafkaError) -> bool:
@@ -152,17 +172,41 @@ def _record_outcome(metrics: Metrics, outgoing: Outgoing) -> None:
         metrics.dead_letters.labels(outcome.error.code).inc()
     else:
         metrics.verdicts.labels(outcome.rating, outcome.category_code).inc()
+    if outgoing.also_to:  # the review topic, the only one a record goes to besides its own
+        metrics.reviews.inc()
     if outgoing.timestamp_ms is not None and outgoing.timestamp_ms > 0:
         metrics.end_to_end_latency.observe(max(0.0, time.time() - outgoing.timestamp_ms / 1000))
 
 
-def _publish_span_attributes(topic: str) -> dict[str, str]:
-    return {
-        "messaging.system": "kafka",
-        "messaging.operation.type": "send",
-        "messaging.operation.name": "publish",
-        "messaging.destination.name": topic,
-    }
+def _publish_span(
+    tracer: Tracer, topic: str, parent: Context | None = None
+) -> contextlib.AbstractContextManager[Span]:
+    """The PRODUCER span of one record's publication to one topic (current while it lasts)."""
+    return tracer.start_as_current_span(
+        f"{topic} publish",
+        context=parent,
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": topic,
+        },
+    )
+
+
+async def _together(publications: list[Coroutine[Any, Any, None]]) -> None:
+    """Await all at once; the first to fail cancels the others and is raised as it is."""
+    if len(publications) == 1:
+        return await publications[0]  # the usual case costs no task
+    tasks = [asyncio.ensure_future(publication) for publication in publications]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class AtLeastOnce:
@@ -187,16 +231,19 @@ class AtLeastOnce:
         await self._producer.stop()
 
     async def hand_over(self, outgoing: Outgoing) -> bool:
-        with self._tracer.start_as_current_span(
-            f"{outgoing.topic} publish",
-            kind=SpanKind.PRODUCER,
-            attributes=_publish_span_attributes(outgoing.topic),
-        ):
-            await self._publish(outgoing, outgoing.headers())
+        # Finished once every topic's copy is acknowledged; a failure of either stops the
+        # service uncommitted, and whoever judges the record again publishes both again.
+        await _together([self._publish(outgoing, topic) for topic in outgoing.topics])
         _record_outcome(self._metrics, outgoing)
         return True
 
-    async def _publish(self, outgoing: Outgoing, headers: list[tuple[str, bytes]]) -> None:
+    async def _publish(self, outgoing: Outgoing, topic: str) -> None:
+        with _publish_span(self._tracer, topic):
+            await self._send_until_acknowledged(outgoing, topic, outgoing.headers())
+
+    async def _send_until_acknowledged(
+        self, outgoing: Outgoing, topic: str, headers: list[tuple[str, bytes]]
+    ) -> None:
         clock = asyncio.get_running_loop().time  # the clock of asyncio's timeouts, as elsewhere
         deadline = clock() + self._settings.publish_timeout_s
         for attempt in itertools.count():
@@ -204,7 +251,7 @@ class AtLeastOnce:
             producer = self._producer.current
             try:
                 delivery = await producer.send(
-                    outgoing.topic, value=outgoing.value, key=outgoing.key, headers=headers
+                    topic, value=outgoing.value, key=outgoing.key, headers=headers
                 )
                 await delivery
                 return
@@ -212,10 +259,9 @@ class AtLeastOnce:
                 replaced = producer is not self._producer.current  # closed by another task
                 if not (replaced or retriable(exc)) or clock() + backoff > deadline:
                     raise PublishFailed(
-                        f"could not publish the outcome of {outgoing.where} to "
-                        f"{outgoing.topic}: {exc!r}"
+                        f"could not publish the outcome of {outgoing.where} to {topic}: {exc!r}"
                     ) from exc
-                log.warning("publish to %s failed, retrying: %r", outgoing.topic, exc)
+                log.warning("publish to %s failed, retrying: %r", topic, exc)
                 if isinstance(exc, _PRODUCER_BROKEN) and not replaced:
                     await self._producer.replace(producer)
             self._metrics.publish_retries.inc()
@@ -300,23 +346,24 @@ class ExactlyOnce:
             await producer.begin_transaction()
             try:
                 await producer.send_offsets_to_transaction(dict(offsets), self._settings.group_id)
-                deliveries = [await self._send(producer, outgoing) for outgoing in batch]
+                deliveries = [
+                    await self._send(producer, outgoing, topic)
+                    for outgoing in batch
+                    for topic in outgoing.topics
+                ]
                 await asyncio.gather(*deliveries)
             except BaseException:
                 await _abort(producer)
                 raise
             await producer.commit_transaction()
 
-    async def _send(self, producer: KafkaProducer, outgoing: Outgoing) -> asyncio.Future[object]:
-        parent = trace.get_current_span(outgoing.context)
-        with self._tracer.start_as_current_span(
-            f"{outgoing.topic} publish",
-            context=trace.set_span_in_context(parent),
-            kind=SpanKind.PRODUCER,
-            attributes=_publish_span_attributes(outgoing.topic),
-        ):
+    async def _send(
+        self, producer: KafkaProducer, outgoing: Outgoing, topic: str
+    ) -> asyncio.Future[object]:
+        parent = trace.set_span_in_context(trace.get_current_span(outgoing.context))
+        with _publish_span(self._tracer, topic, parent):
             future: asyncio.Future[object] = await producer.send(
-                outgoing.topic, value=outgoing.value, key=outgoing.key, headers=outgoing.headers()
+                topic, value=outgoing.value, key=outgoing.key, headers=outgoing.headers()
             )
             return future
 

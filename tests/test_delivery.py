@@ -309,6 +309,9 @@ async def test_a_review_verdict_is_published_to_both_topics_alike_each_under_its
     samples = metrics.registry.get_sample_value
     assert samples("guardstream_reviews_total") == 1
     assert samples("guardstream_verdicts_total", {"rating": "Safe", "category": "NA"}) == 1
+    assert (
+        samples("guardstream_decisions_total", {"action": "review", "would_action": "review"}) == 1
+    )
 
 
 async def test_a_review_verdict_is_finished_only_when_both_topics_acknowledged_it() -> None:

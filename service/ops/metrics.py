@@ -37,7 +37,14 @@ class Metrics:
         )
         self.reviews = Counter(
             "guardstream_reviews_total",
-            "Verdicts also published to the review topic (their action is review).",
+            "Verdicts also published to the review topic (action review, or sampled).",
+            registry=r,
+        )
+        self.decisions = Counter(
+            "guardstream_decisions_total",
+            "Verdicts published, by the action taken and the action the rules chose (they "
+            "differ only when a policy observes: the would-be blocks and reviews).",
+            ["action", "would_action"],
             registry=r,
         )
         self.guard_latency = Histogram(

@@ -418,7 +418,8 @@ async def outgoing(
     record = Record(tp.topic, tp.partition, offset, b"k", event(offset), ())
     outcome: Outcome = await make_pipeline(ScriptedGuard(SAFE), InlinePool()).judge(record)
     assert isinstance(outcome, Verdict), outcome
-    outcome = outcome.model_copy(update={"action": action, "review": action == "review" or sampled})
+    marked = {"action": action, "would_action": action, "review": action == "review" or sampled}
+    outcome = outcome.model_copy(update=marked)
     topic, also_to = destinations(Settings(), outcome)
     return Outgoing(
         source=tp,

@@ -172,6 +172,8 @@ def _record_outcome(metrics: Metrics, outgoing: Outgoing) -> None:
         metrics.dead_letters.labels(outcome.error.code).inc()
     else:
         metrics.verdicts.labels(outcome.rating, outcome.category_code).inc()
+        if outcome.action is not None and outcome.would_action is not None:
+            metrics.decisions.labels(outcome.action, outcome.would_action).inc()
     if outgoing.also_to:  # the review topic, the only one a record goes to besides its own
         metrics.reviews.inc()
     if outgoing.timestamp_ms is not None and outgoing.timestamp_ms > 0:

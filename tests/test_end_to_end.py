@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,8 +25,17 @@ from opentelemetry.trace import SpanKind
 from service.app import serve
 from service.client import ImageEventProducer
 from service.dev import stack
-from service.dev.samples import PHOTOS, Sample, all_samples, event_sample, photo_bytes
-from tests.support.outputs import collect, committed_offsets, outcome_label
+from service.dev.samples import (
+    PHOTOS,
+    RULES_DIR,
+    Sample,
+    all_samples,
+    decision_label,
+    event_sample,
+    photo_bytes,
+    tenant_samples,
+)
+from tests.support.outputs import collect, committed_offsets, outcome_label, read_topic
 from tests.support.stack import Topics
 
 pytestmark = pytest.mark.stack
@@ -49,6 +59,13 @@ TENANTS = """\
 [tenants.e2e-shop]
 default_policy = "llavaguard-v1.2"
 """
+
+
+POLICY_BY_TENANT = {
+    "forum": "forum-nudity-review",
+    "gallery": "art-platform",
+    "newsroom": "news-observe",
+}
 
 
 def extra_samples(prefix: str) -> list[Sample]:
@@ -152,6 +169,8 @@ class Run:
     end_offsets: dict[int, int]
     spans: list[ReadableSpan]
     topics: Topics
+    reviewed: list[tuple[bytes | None, dict[str, Any]]]
+    """The review topic's records (key, parsed value), read_committed."""
 
 
 @pytest.fixture(scope="module", params=["at-least-once", "exactly-once"])
@@ -165,8 +184,10 @@ async def run(
     topics = await Topics.create(embedded_stack.bootstrap_servers, tag)
     policy_dir = tmp_path_factory.mktemp("policies")
     (policy_dir / "weapons-only.toml").write_text(WEAPONS_ONLY_POLICY)
+    for demo_policy in (RULES_DIR / "policies").glob("*.toml"):  # the tenant samples use them
+        shutil.copy(demo_policy, policy_dir)
     tenant_file = tmp_path_factory.mktemp("tenants") / "tenants.toml"
-    tenant_file.write_text(TENANTS)
+    tenant_file.write_text(TENANTS + (RULES_DIR / "tenants.toml").read_text())
     settings = topics.settings(
         embedded_stack,
         policy_dir=policy_dir,
@@ -204,7 +225,10 @@ async def run(
         stop.set()
         await asyncio.wait_for(service, 60)
     committed, ends = await committed_offsets(embedded_stack.bootstrap_servers, topics)
-    return Run(published, outcomes, committed, ends, list(spans.get_finished_spans()), topics)
+    reviewed = await read_topic(embedded_stack.bootstrap_servers, topics.review)
+    return Run(
+        published, outcomes, committed, ends, list(spans.get_finished_spans()), topics, reviewed
+    )
 
 
 def test_every_event_ends_as_exactly_one_expected_outcome(run: Run) -> None:
@@ -241,10 +265,42 @@ def test_every_dead_letter_code_is_exercised(run: Run) -> None:
 
 
 def test_a_tenants_verdict_names_the_tenant(run: Run) -> None:
+    tenants = {"tenant": "e2e-shop", "color.png, forum": "forum", "color.png, gallery": "gallery"}
+    tenants["color.png, newsroom"] = "newsroom"
     for sent in run.published.values():
         topic, value, _ = run.outcomes[sent.key][0]
         if topic == run.topics.verdicts:
-            assert value["tenant"] == ("e2e-shop" if sent.sample.name == "tenant" else None)
+            assert value["tenant"] == tenants.get(sent.sample.name)
+
+
+def test_one_answer_is_decided_by_each_tenants_policy(run: Run) -> None:
+    """The colour wheel, which the CPU guard rates Unsafe/O4: blocked by default, reviewed by the
+    forum, Safe under the gallery's exception policy (the guard read the exception from the
+    prompt), allowed but counted as a would-be block by the observe-only newsroom."""
+    decided = {
+        sent.sample.name: decision_label(run.outcomes[sent.key][0][1])
+        for sent in run.published.values()
+        if sent.sample.decision is not None
+    }
+    assert decided == {s.name: s.decision for s in tenant_samples("x-") if s.decision is not None}
+    by_name = {p.sample.name: run.outcomes[p.key][0][1] for p in run.published.values()}
+    assert by_name["color.png, no tenant"]["reasons"] == ["category:O4", "no_confidence"]
+    assert by_name["color.png, forum"]["reasons"] == ["category:O4"]
+    assert "declares O4: Nudity Content non-violating" in by_name["color.png, gallery"]["rationale"]
+    assert by_name["color.png, gallery"]["policy_id"] == "art-platform"
+    assert by_name["color.png, newsroom"]["reasons"][-1] == "observe_only"
+
+
+def test_the_review_topic_holds_exactly_the_verdicts_marked_for_review(run: Run) -> None:
+    marked = {
+        key: value
+        for key, got in run.outcomes.items()
+        for topic, value, _ in got
+        if topic == run.topics.verdicts and value["review"]
+    }
+    assert {run.published[key].sample.name for key in marked} >= {"color.png, forum"}
+    assert sorted(key for key, _ in run.reviewed if key is not None) == sorted(marked)
+    assert all(value == marked[key] for key, value in run.reviewed if key is not None)
 
 
 def test_ordinary_photos_are_safe_and_the_colour_wheel_is_the_known_false_positive(
@@ -276,7 +332,7 @@ def test_verdicts_carry_provenance_key_and_headers(run: Run) -> None:
         if sent.sample.event_id is not None:
             assert headers["event-id"] == sent.sample.event_id.encode()
         if topic == run.topics.verdicts:
-            assert value["policy_id"] == "llavaguard-v1.2"
+            assert value["policy_id"] == POLICY_BY_TENANT.get(value["tenant"], "llavaguard-v1.2")
             assert value["policy_version"]
             assert value["model"]["name"] == "nudenet-320n-rules"
             assert value["model"]["triton_model"] == "guard"
@@ -341,7 +397,8 @@ def test_each_event_has_a_process_span_under_the_producer_with_step_children(run
         out = one(spans, f"{topic} publish", SpanKind.PRODUCER)
         assert headers["traceparent"].decode().split("-")[2] == f"{out.context.span_id:016x}"
         if topic == run.topics.verdicts:
-            assert children == {"decode image", "guard infer", f"{topic} publish"}
+            review = {f"{run.topics.review} publish"} if value["review"] else set()
+            assert children == {"decode image", "guard infer", f"{topic} publish", *review}
             assert attributes["messaging.message.id"] == sent.sample.event_id
         else:
             assert f"{topic} publish" in children

@@ -1,8 +1,10 @@
 """`python -m service demo`: the whole flow on the embedded stack, outcomes shown as they land.
 
 It runs the real service as a child process (`python -m service run`, exactly what a pod
-runs), publishes `service.dev.samples` through the producer helper, and reads the verdicts and
-dead-letters topics like any downstream consumer would.
+runs) with the example rules of `service/dev/rules/` (three tenants, an exception policy, a
+review policy, an observe-only policy), publishes `service.dev.samples` through the producer
+helper, and reads the verdicts, dead-letters and review topics like any downstream consumer
+would.
 """
 
 from __future__ import annotations
@@ -31,10 +33,17 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProces
 from service.client import ImageEventProducer
 from service.config import Settings
 from service.dev import stack
-from service.dev.samples import Sample, all_samples
+from service.dev.samples import RULES_DIR, Sample, all_samples, decision_label, outcome_label
 from service.ops.tracing import one_line
 
-_COLUMNS = (("event", 22), ("outcome", 11), ("rating / code", 26), ("ms", 5), ("detail", 90))
+_COLUMNS = (
+    ("event", 22),
+    ("outcome", 11),
+    ("rating / code", 24),
+    ("decision", 20),
+    ("ms", 5),
+    ("detail", 80),
+)
 
 
 def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
@@ -65,7 +74,8 @@ def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
             f"publishing {len(samples)} events to {settings.input_topic!r}\n",
             flush=True,
         )
-        seen = asyncio.run(_publish_and_watch(state.bootstrap_servers, settings, samples))
+        seen, reviewed = asyncio.run(_publish_and_watch(state.bootstrap_servers, settings, samples))
+        _show_review_topic(settings, samples, reviewed)
         _show_metrics(health)
     finally:
         service.send_signal(signal.SIGTERM)
@@ -76,9 +86,11 @@ def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
     print(f"\nservice stopped on SIGTERM with exit code {code}")
     _show_trace(seen, [producer_traces, service_traces])
     missing = len(samples) - len(seen)
+    actions = [o.get("action") for o in seen.values() if "rating" in o]
     print(
         f"\n{len(seen)} of {len(samples)} events answered "
-        f"({sum(1 for o in seen.values() if 'rating' in o)} verdicts, "
+        f"({len(actions)} verdicts: {actions.count('allow')} allow, "
+        f"{actions.count('review')} review, {actions.count('block')} block; "
         f"{sum(1 for o in seen.values() if 'error' in o)} dead letters) "
         f"in {time.monotonic() - started:.1f}s; "
         f"stack {'left running' if keep_stack or not started_here else 'stopped'}."
@@ -102,6 +114,8 @@ def _start_service(
         "GUARDSTREAM_HEALTH_HOST": state.host,
         "GUARDSTREAM_HEALTH_PORT": health.rsplit(":", 1)[1],
         "GUARDSTREAM_LOG_FORMAT": "text",
+        "GUARDSTREAM_POLICY_DIR": str(RULES_DIR / "policies"),
+        "GUARDSTREAM_TENANT_FILE": str(RULES_DIR / "tenants.toml"),
         "OTEL_TRACES_EXPORTER": "console",
     }
     with (demo_dir / "service.log").open("wb") as log, traces.open("wb") as spans:
@@ -116,8 +130,10 @@ def _show_metrics(health: str) -> None:
         lines = response.read().decode().splitlines()
     shown = (
         "guardstream_verdicts_total{",
-        "guardstream_dead_letters_total{",
+        "guardstream_decisions_total{",
         "guardstream_reviews_total ",
+        "guardstream_dead_letters_total{",
+        "guardstream_tenant_outcomes_total{",
     )
     print(f"\n{health}/metrics (excerpt):")
     for line in lines:
@@ -137,15 +153,16 @@ def _trace_to(path: Path) -> None:
 
 async def _publish_and_watch(
     bootstrap: str, settings: Settings, samples: list[Sample]
-) -> dict[bytes, dict[str, Any]]:
-    """Publish every sample, then print outcomes until each has one (or 180 s pass)."""
+) -> tuple[dict[bytes, dict[str, Any]], list[dict[str, Any]]]:
+    """Publish every sample, then print outcomes until each has one (or 180 s pass); also
+    what reached the review topic meanwhile."""
     watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     await watcher.start()
     try:
         await watcher.topics()  # loads the metadata partitions_for_topic reads
         partitions = [
             TopicPartition(topic, p)
-            for topic in (settings.verdict_topic, settings.dead_letter_topic)
+            for topic in (settings.verdict_topic, settings.dead_letter_topic, settings.review_topic)
             for p in sorted(watcher.partitions_for_topic(topic) or ())
         ]
         watcher.assign(partitions)
@@ -160,16 +177,22 @@ async def _publish_and_watch(
                 )
         _print_row([name for name, _ in _COLUMNS])
         seen: dict[bytes, dict[str, Any]] = {}
+        reviewed: list[dict[str, Any]] = []
         deadline = time.monotonic() + 180
-        while len(seen) < len(samples) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+            len(seen) < len(samples) or len(reviewed) < _for_review(seen)
+        ):
             batches = await watcher.getmany(timeout_ms=500)
             for message in (m for batch in batches.values() for m in batch):
                 outcome = json.loads(message.value)
+                if message.topic == settings.review_topic:
+                    reviewed.append(outcome)
+                    continue
                 key = _match(outcome, expected)
                 if key is not None and key not in seen:
                     seen[key] = outcome
                     _print_outcome(expected[key], outcome)
-        return seen
+        return seen, reviewed
     finally:
         await watcher.stop()
 
@@ -186,28 +209,49 @@ def _match(outcome: dict[str, Any], expected: dict[bytes, Sample]) -> bytes | No
     return None
 
 
+def _for_review(seen: dict[bytes, dict[str, Any]]) -> int:
+    return sum(1 for outcome in seen.values() if outcome.get("review"))
+
+
 def _print_outcome(sample: Sample, outcome: dict[str, Any]) -> None:
+    got, decision = outcome_label(outcome), None
     if "rating" in outcome:
-        got = f"{outcome['rating']}/{outcome['category_code']}"
+        decision = decision_label(outcome)
         row = [
             sample.name,
             "verdict",
             f"{outcome['rating']} {outcome['category']}",
+            decision,
             f"{outcome['timings']['total_ms']:.0f}",
-            outcome["rationale"],
+            f"[{outcome['policy_id']}; {', '.join(outcome['reasons'])}] {outcome['rationale']}",
         ]
     else:
-        got = f"dead:{outcome['error']['code']}"
         row = [
             sample.name,
             "dead letter",
             outcome["error"]["code"],
             "",
+            "",
             outcome["error"]["message"],
         ]
-    if got != sample.expect:
-        row[-1] = f"(expected {sample.expect}) {row[-1]}"
+    if got != sample.expect or sample.decision not in (None, decision):
+        wanted = " ".join(x for x in (sample.expect, sample.decision) if x)
+        row[-1] = f"(expected {wanted}) {row[-1]}"
     _print_row(row)
+
+
+def _show_review_topic(
+    settings: Settings, samples: list[Sample], reviewed: list[dict[str, Any]]
+) -> None:
+    """What a review tool reading the review topic gets (decisions.v1.json is its answer)."""
+    names = {s.event_id: s.name for s in samples}
+    print(f"\n{settings.review_topic!r} received {len(reviewed)} verdicts for a person:")
+    for verdict in reviewed:
+        print(
+            f"  {names.get(verdict['event_id'], verdict['event_id'])}: {verdict['rating']} "
+            f"{verdict['category_code']} under {verdict['policy_id']} "
+            f"({', '.join(verdict['reasons'])}), tenant {verdict['tenant']}"
+        )
 
 
 def _print_row(cells: Iterable[str]) -> None:
@@ -220,7 +264,9 @@ def _print_row(cells: Iterable[str]) -> None:
 
 def _show_trace(seen: dict[bytes, dict[str, Any]], files: list[Path]) -> None:
     """Print one verdict's trace: the upload's publish span and the service's spans under it."""
-    verdict = next((o for o in seen.values() if "rating" in o and o.get("trace_id")), None)
+    traced = [o for o in seen.values() if "rating" in o and o.get("trace_id")]
+    # A reviewed verdict's trace shows both publishes: the verdict and its review copy.
+    verdict = next((o for o in traced if o.get("review")), traced[0] if traced else None)
     if verdict is None:
         return
     spans = [

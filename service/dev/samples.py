@@ -1,13 +1,16 @@
 """Sample events for the demo and the end-to-end tests: real photos, made images, bad input.
 
 Each sample knows the outcome it should have: a (rating, category code) verdict or a
-dead-letter code. Photos come from scikit-image's `skimage.data` (the `demo` extra).
+dead-letter code, and for the tenant samples the decision too. Photos come from scikit-image's
+`skimage.data` (the `demo` extra). The tenant samples need the demo's rules (`RULES_DIR`:
+its policies as GUARDSTREAM_POLICY_DIR, its tenants.toml as GUARDSTREAM_TENANT_FILE).
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,27 @@ class Sample:
     event_id: str | None
     headers: tuple[tuple[str, bytes], ...] = ()
     """Besides `event-id`: `content-type: image/...` marks the raw form."""
+    decision: str | None = None
+    """The verdict's `decision_label` when the sample pins it ('review', 'allow (would block)')."""
+
+
+RULES_DIR = Path(__file__).resolve().parent / "rules"
+"""The demo's example rules: `policies/` and `tenants.toml`."""
+
+
+def outcome_label(outcome: dict[str, Any]) -> str:
+    """'Unsafe/O4' for a verdict, 'dead:<code>' for a dead letter (parsed JSON of either)."""
+    if "error" in outcome:
+        return f"dead:{outcome['error']['code']}"
+    return f"{outcome['rating']}/{outcome['category_code']}"
+
+
+def decision_label(verdict: dict[str, Any]) -> str:
+    """'block', 'review', 'allow (would block)' under observe-only, '+ sampled' when sampled."""
+    action, would = verdict.get("action"), verdict.get("would_action")
+    label = str(action) if action == would else f"{action} (would {would})"
+    sampled = verdict.get("review") and action != "review"
+    return f"{label} + sampled" if sampled else label
 
 
 # skimage.data photos we rate Safe, and the one NudeNet gets wrong: the colour wheel in
@@ -147,6 +171,27 @@ def bad_events(prefix: str) -> list[Sample]:
     ]
 
 
+def tenant_samples(prefix: str) -> list[Sample]:
+    """The colour wheel the CPU guard rates Unsafe/O4, sent by each demo tenant: the same answer
+    decided three ways, and a policy a tenant may not use."""
+    color = photo_bytes("color.png")
+
+    def sample(name: str, expect: str, decision: str | None, **fields: Any) -> Sample:
+        sent = event_sample(name, expect, f"{prefix}{name}", image=color, **fields)
+        return Sample(sent.name, sent.value, expect, sent.event_id, decision=decision)
+
+    return [
+        sample("color.png, no tenant", "Unsafe/O4", "block"),
+        sample("color.png, forum", "Unsafe/O4", "review", tenant="forum"),
+        sample("color.png, gallery", "Safe/O4", "allow", tenant="gallery"),
+        sample("color.png, newsroom", "Unsafe/O4", "allow (would block)", tenant="newsroom"),
+        sample(
+            "gallery asks icm", "dead:policy_not_allowed", None, tenant="gallery",
+            policy_id="icm-assistant",
+        ),
+    ]  # fmt: skip
+
+
 def all_samples(prefix: str) -> list[Sample]:
     """Photos, made images and bad events, with event ids starting with `prefix`."""
     photos = [
@@ -170,4 +215,4 @@ def all_samples(prefix: str) -> list[Sample]:
         f"{prefix}raw-rocket.jpg",
         (("content-type", b"image/jpeg"),),
     )
-    return [*photos, raw, *made, *bad_events(prefix)]
+    return [*photos, raw, *made, *tenant_samples(prefix), *bad_events(prefix)]

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from service.dev import samples
 from tests.support.stack import Topics
 
 
@@ -42,6 +43,33 @@ async def collect(
     return outcomes
 
 
+async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, Any]]:
+    """Every committed record of `topic` now, in partition order: (key, parsed value)."""
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", group_id=None
+    )
+    await reader.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(3)]  # as Topics.create makes them
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        ends = await reader.end_offsets(partitions)
+        records: list[tuple[bytes | None, Any]] = []
+        loop = asyncio.get_running_loop()
+        deadline, quiet = loop.time() + 30, 0
+        # Until every partition is read to its end, or three polls in a row bring nothing: the
+        # last offset may be a transaction marker, which a position never passes.
+        while loop.time() < deadline and quiet < 3:
+            batches = await reader.getmany(timeout_ms=300)
+            records += [(m.key, orjson.loads(m.value)) for b in batches.values() for m in b]
+            quiet = 0 if batches else quiet + 1
+            if all([await reader.position(tp) >= ends[tp] for tp in partitions]):
+                break
+        return records
+    finally:
+        await reader.stop()
+
+
 async def committed_offsets(
     bootstrap: str, topics: Topics
 ) -> tuple[dict[int, int | None], dict[int, int]]:
@@ -57,6 +85,6 @@ async def committed_offsets(
 
 
 def outcome_label(topic: str, value: dict[str, Any], topics: Topics) -> str:
-    if topic == topics.dead_letters:
-        return f"dead:{value['error']['code']}"
-    return f"{value['rating']}/{value['category_code']}"
+    label = samples.outcome_label(value)
+    assert label.startswith("dead:") == (topic == topics.dead_letters), (topic, label)
+    return label

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any
 
@@ -30,6 +30,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from service.adapters.rules_source import RulesFiles
 from service.config import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1292,6 +1293,42 @@ def test_consumer_settings_are_accepted_by_the_service(
         # A value from a Secret or the downward API exists only in the pod: any text stands in.
         values[field] = "from-the-pod" if value is None else value
     Settings(**values)
+
+
+def test_the_mounted_policies_and_tenant_file_load_as_the_service_loads_them(
+    manifests: list[Resource], tmp_path: Path
+) -> None:
+    """GUARDSTREAM_POLICY_DIR and _TENANT_FILE lie on ConfigMap volumes of the consumer, and what
+    those ConfigMaps hold, written where the kubelet would, is rules the service accepts."""
+    consumer = workload(manifests, "consumer")
+    namespace = consumer["metadata"].get("namespace")
+    env = consumer_env(manifests)
+    volumes = {v["name"]: v for v in pod_spec(consumer)["volumes"]}
+    mounted: dict[str, Path] = {}
+    for mount in main_container(consumer)["volumeMounts"]:
+        source = volumes[mount["name"]].get("configMap")
+        if source is None:
+            continue
+        config_map = find(manifests, "ConfigMap", source["name"], namespace)
+        assert config_map is not None, source["name"]
+        directory = tmp_path / mount["mountPath"].strip("/")
+        directory.mkdir(parents=True)
+        for key, text in config_map.get("data", {}).items():
+            (directory / key).write_text(text, encoding="utf-8")
+        mounted[mount["mountPath"]] = directory
+    policy_dir, tenant_file = env[ENV_PREFIX + "POLICY_DIR"], env[ENV_PREFIX + "TENANT_FILE"]
+    assert policy_dir in mounted
+    assert tenant_file is not None
+    assert str(PurePosixPath(tenant_file).parent) in mounted
+
+    rules = RulesFiles(
+        policy_dir=mounted[policy_dir],
+        tenant_file=mounted[str(PurePosixPath(tenant_file).parent)]
+        / PurePosixPath(tenant_file).name,
+        default_policy=setting(env, "default_policy"),
+    ).load()
+
+    assert "art-platform" in rules.policies.ids()
 
 
 def test_ssl_files_named_by_settings_lie_on_mounted_secret_volumes(

@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     )
     review_topic: str = Field(
         "verdicts.review",
-        description="Verdicts whose action is review are also published here (same key, value "
-        "and headers as on the verdict topic), for people to look at.",
+        description="Verdicts marked for review (action review, or picked by quality sampling) "
+        "are also published here (same key, value and headers as on the verdict topic), for "
+        "people to look at.",
     )
     group_id: str = Field("guardstream", description="Kafka consumer group.")
     client_id: str = Field("guardstream", description="Kafka client id (shows in broker logs).")

@@ -7,7 +7,7 @@
    every assigned partition is paused and polled, so the group does not evict the member.
 2. Each record is judged concurrently by `Pipeline.judge`, which always returns a verdict or a
    dead letter, and handed to the `Delivery` (`service.adapters.kafka.delivery`) with its
-   topics (a verdict whose action is review goes to the review topic too): at least once
+   topics (a verdict marked for review goes to the review topic too): at least once
    publishes it now, exactly once holds it for the next transaction.
 3. Every `commit_interval_ms`, each partition's offset is committed up to its first unfinished
    record (`PartitionOffsets`), by the consumer (at least once) or inside the transaction that

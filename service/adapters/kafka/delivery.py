@@ -2,8 +2,8 @@
 
 `service.adapters.kafka.consumer` judges records concurrently and hands each outcome to a
 `Delivery`, with the topics it goes to (`destinations`): a dead letter to the dead-letter topic,
-a verdict to the verdict topic and, when its action is review, the same record to the review
-topic too.
+a verdict to the verdict topic and, when it is marked for review (`Verdict.review`), the same
+record to the review topic too.
 
 - `AtLeastOnce` publishes it at once with an idempotent producer, to each of its topics
   concurrently, and reports it finished when the broker has acknowledged every one; offsets
@@ -83,8 +83,8 @@ class Outgoing:
     context: Context
     """The trace context of the record's process span: the publish span's parent."""
     also_to: tuple[str, ...] = ()
-    """Topics the same record goes to besides `topic`: the review topic, for a verdict whose
-    action is review."""
+    """Topics the same record goes to besides `topic`: the review topic, for a verdict marked
+    for review."""
 
     @property
     def topics(self) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ Not here (needs a GPU): the engines themselves, the real tensorrtllm backend, xg
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import math
@@ -292,6 +293,28 @@ def test_engine_limits_refuse_an_engine_without_a_prompt_table(repository: Path)
     config["build_config"]["max_seq_len"] = config["build_config"]["max_input_len"]
     with pytest.raises(spec.InvalidSettingsError, match="below max_seq_len"):
         spec.read_engine_limits(config)
+    config = engine_config(100)
+    del config["build_config"]["max_batch_size"]
+    with pytest.raises(spec.InvalidSettingsError, match="missing or invalid 'max_batch_size'"):
+        spec.read_engine_limits(config)
+    config["build_config"]["max_batch_size"] = 0
+    with pytest.raises(spec.InvalidSettingsError, match="max_batch_size 0 must be positive"):
+        spec.read_engine_limits(config)
+    # A table smaller than the batch leaves no row for any request.
+    config["build_config"].update(max_batch_size=8, max_prompt_embedding_table_size=7)
+    with pytest.raises(spec.InvalidSettingsError, match="no request could bring an image"):
+        spec.read_engine_limits(config)
+
+
+def test_each_request_gets_the_tables_share_of_one_batch_slot(repository: Path) -> None:
+    spec = _import("trtllm_guard", repository / "guard" / "1")
+    limits = spec.read_engine_limits(engine_config(100))
+    assert limits.max_batch_size == 4
+    assert limits.max_image_tokens == ENGINE_MAX_TABLE // 4
+    config = engine_config(100)
+    config["build_config"].update(max_batch_size=3, max_prompt_embedding_table_size=100)
+    # Integer division, as the executor does.
+    assert spec.read_engine_limits(config).max_image_tokens == 33
 
 
 def test_filling_leaves_no_placeholder(repository: Path) -> None:
@@ -717,6 +740,30 @@ def test_an_engine_error_fails_that_request_only(guard: Any, fake_models: Any) -
             assert not response.has_error()
 
 
+def test_the_guard_refuses_an_image_over_its_share_of_the_prompt_table(guard: Any) -> None:
+    big, small = image(190, 180), image(20, 20)
+    judge(guard, [client_request(big)])
+    [(_, llm, _)] = [call for call in FakeRequest.calls if call[0] == "tensorrt_llm"]
+    tokens = llm["prompt_embedding_table"].as_numpy().shape[1]
+    settings = guard._settings
+    # The whole table holds the big image; its share of one batch slot does not.
+    limits = dataclasses.replace(
+        settings.limits, max_prompt_embedding_table_size=4 * tokens - 1, max_batch_size=4
+    )
+    guard._settings = dataclasses.replace(settings, limits=limits)
+    try:
+        responses = judge(guard, [client_request(big), client_request(small)])
+    finally:
+        guard._settings = settings
+    assert responses[0].error().code() == "INVALID_ARG"
+    assert f"the image has {tokens} tokens, over the engine's {tokens - 1} per request" in (
+        responses[0].error().message()
+    )
+    assert not responses[1].has_error()
+    # Refused before the engine: the small image alone reached it.
+    assert [name for name, _, _ in FakeRequest.calls].count("tensorrt_llm") == 1
+
+
 def test_the_guard_refuses_prompts_longer_than_the_engine_takes(guard: Any) -> None:
     [response] = judge(
         guard, [client_request(image(20, 20), prompt="safe " * ENGINE_MAX_INPUT_LEN)]
@@ -746,7 +793,13 @@ def test_image_tokens_become_prompt_table_ids_in_order(tg: Any) -> None:
         tg.prompt_table_ids(np.array([9, 100]), image_token_id=9, vocab_size=100)
 
 
-LIMITS = dict(vocab_size=100, max_input_len=50, max_seq_len=60, max_prompt_embedding_table_size=40)
+LIMITS = dict(
+    vocab_size=100,
+    max_input_len=50,
+    max_seq_len=60,
+    max_prompt_embedding_table_size=40,
+    max_batch_size=2,
+)
 
 
 @pytest.mark.parametrize(
@@ -799,10 +852,22 @@ def test_the_requests_end_and_pad_ids_win(tg: Any) -> None:
 
 
 def test_too_many_image_tokens_are_refused(tg: Any) -> None:
-    with pytest.raises(tg.InvalidRequestError, match="max_multimodal_len 40"):
+    # 40 rows for a batch of 2: 20 per request, though the whole table would hold 21.
+    tensors = tg.llm_inputs(
+        np.arange(45, dtype=np.int32),
+        20,
+        tg.Sampling(max_tokens=5),
+        tg.EngineLimits(**LIMITS),
+        end_id=7,
+        pad_id=8,
+        guided_json_schema="",
+    )
+    assert tensors["input_lengths"].item() == 45
+    message = "21 tokens, over the engine's 20 per request (max_multimodal_len 40 / max_batch_size"
+    with pytest.raises(tg.InvalidRequestError, match=re.escape(message)):
         tg.llm_inputs(
             np.arange(45, dtype=np.int32),
-            41,
+            21,
             tg.Sampling(max_tokens=5),
             tg.EngineLimits(**LIMITS),
             end_id=7,
@@ -1158,6 +1223,9 @@ def test_build_sh_writes_a_servable_repository(
     assert settings.limits.max_input_len == info["max_input_len"]
     # max_multimodal_len = batch x the most tokens an image of the side becomes.
     assert settings.limits.max_prompt_embedding_table_size == 4 * info["max_image_tokens"]
+    # ... so that each of the batch's requests can bring the largest image.
+    assert settings.limits.max_batch_size == 4
+    assert settings.limits.max_image_tokens == info["max_image_tokens"]
     # The CUDA pool holds a full batch of prompt tables per guard instance (2), in whole MiB.
     tables = 2 * info["max_multimodal_len"] * tiny_llava_hidden(checkpoint) * 2
     assert info["cuda_memory_pool_bytes"] == -(-tables // (1 << 20)) * (1 << 20)

@@ -52,6 +52,22 @@ class EngineLimits:
     max_input_len: int
     max_seq_len: int
     max_prompt_embedding_table_size: int
+    max_batch_size: int
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The most prompt-table rows one request may bring.
+
+        The executor splits the table evenly between the batch's slots: in NVIDIA/TensorRT-LLM
+        `cpp/tensorrt_llm/batch_manager/promptTuningBuffers.cpp` (commit 2868d79, read here; the
+        v1.2.1 tag could not be fetched) the per-request size is max_prompt_embedding_table_size
+        / max batch size (integer division), and a larger request table fails that request as an
+        internal error. The batch size is the engine's: the tensorrtllm backend gives the executor
+        no max batch size (tensorrtllm_backend v0.19.0 `inflight_batcher_llm/src/
+        model_instance_state.cc`, `/*maxBatchSize*/ std::nullopt`), so `TrtGptModel` takes the
+        engine's (`cpp/tensorrt_llm/batch_manager/trtGptModel.h`, commit 2e2327b).
+        """
+        return self.max_prompt_embedding_table_size // self.max_batch_size
 
 
 @dataclass(frozen=True)
@@ -127,13 +143,25 @@ def read_engine_limits(engine_config: Mapping[str, Any]) -> EngineLimits:
             max_input_len=int(build["max_input_len"]),
             max_seq_len=int(build["max_seq_len"]),
             max_prompt_embedding_table_size=int(build["max_prompt_embedding_table_size"]),
+            max_batch_size=int(build["max_batch_size"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidSettingsError(f"engine config.json: missing or invalid {exc}") from exc
+    if limits.max_batch_size <= 0:
+        raise InvalidSettingsError(
+            f"engine config.json: max_batch_size {limits.max_batch_size} must be positive"
+        )
     if limits.max_prompt_embedding_table_size <= 0:
         raise InvalidSettingsError(
             "engine config.json: max_prompt_embedding_table_size is 0: the engine was built "
             "without --max_multimodal_len and cannot take image features"
+        )
+    if limits.max_image_tokens == 0:
+        raise InvalidSettingsError(
+            f"engine config.json: max_prompt_embedding_table_size "
+            f"{limits.max_prompt_embedding_table_size} is below max_batch_size "
+            f"{limits.max_batch_size}: no request could bring an image (the executor gives each "
+            "request table size / batch size rows)"
         )
     if not 0 < limits.max_input_len < limits.max_seq_len:
         raise InvalidSettingsError(
@@ -327,10 +355,11 @@ def llm_inputs(
             f"the prompt is {length} tokens ({image_tokens} of them the image's), over the "
             f"engine's max_input_len {limits.max_input_len}: shorten the policy or the image"
         )
-    if image_tokens > limits.max_prompt_embedding_table_size:
+    if image_tokens > limits.max_image_tokens:
         raise InvalidRequestError(
-            f"the image has {image_tokens} tokens, over the engine's max_multimodal_len "
-            f"{limits.max_prompt_embedding_table_size}"
+            f"the image has {image_tokens} tokens, over the engine's {limits.max_image_tokens} "
+            f"per request (max_multimodal_len {limits.max_prompt_embedding_table_size} / "
+            f"max_batch_size {limits.max_batch_size}): send a smaller image"
         )
     tensors: dict[str, NDArray[Any]] = {
         "input_ids": ids.reshape(1, -1).astype(np.int32),

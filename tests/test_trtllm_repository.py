@@ -1096,6 +1096,186 @@ def test_the_xgrammar_tokenizer_info_lists_the_vocabulary_in_id_order(processor:
         module.tokenizer_info(tokenizer, ["<|eot|>"])
 
 
+# --- the checkpoint's layout for TensorRT-LLM's loader -----------------------------------------
+
+# transformers >= 4.52's names -> the older ones TensorRT-LLM reads, for the tests' side.
+NEWER_NAMES = {
+    "language_model.model.": "model.language_model.",
+    "language_model.lm_head.": "lm_head.",
+    "vision_tower.": "model.vision_tower.",
+    "multi_modal_projector.": "model.multi_modal_projector.",
+    "image_newline": "model.image_newline",
+}
+
+
+@pytest.fixture(scope="module")
+def layout() -> Any:
+    return _import("checkpoint_layout", DEPLOY)
+
+
+def copy_checkpoint(source: Path, target: Path, *, architectures: str | None) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    if architectures is not None:
+        config = json.loads((target / "config.json").read_text())
+        config["text_config"]["architectures"] = [architectures]
+        (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def resave_with_newer_names(layout: Any, directory: Path) -> dict[str, str]:
+    """What transformers >= 4.52 saves: the same tensors under the newer names, and an index."""
+    [weights] = directory.glob("*.safetensors")
+    names = [n for n in layout.read_header(weights) if n != "__metadata__"]
+    assert all(n.startswith(tuple(NEWER_NAMES)) for n in names), "not the older layout"
+    renames = {}
+    for name in names:
+        prefix = next(p for p in NEWER_NAMES if name.startswith(p))
+        renames[name] = NEWER_NAMES[prefix] + name[len(prefix) :]
+    renamed = directory / "renamed.tmp"
+    layout.rename_tensors(weights, renamed, renames)
+    renamed.replace(weights)
+    index = {"metadata": {}, "weight_map": {new: weights.name for new in renames.values()}}
+    (directory / layout.INDEX).write_text(json.dumps(index))
+    return renames
+
+
+def run_layout(layout: Any, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = layout.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_transformers_here_saves_the_names_tensorrt_llm_reads(
+    layout: Any, checkpoint: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """transformers 4.47 writes language_model.model.* (the tiny checkpoint); its text config
+    has no architectures, which TensorRT-LLM's config reader needs: filled in by --fix."""
+    names = layout.read_header(checkpoint / "model.safetensors")
+    assert "language_model.model.embed_tokens.weight" in names
+    assert "language_model.lm_head.weight" in names  # the scripted checkpoint is untied
+    code, err = run_layout(layout, capsys, "--hf-dir", str(checkpoint))
+    assert code == 2
+    assert "text_config.architectures is missing" in err
+    assert "names" not in err.split("architectures is missing")[1]  # no renaming needed
+    code, err = run_layout(
+        layout, capsys, "--hf-dir", str(checkpoint), "--fix", str(tmp_path / "f")
+    )
+    assert code == 0, err
+    fixed = tmp_path / "f"
+    config = json.loads((fixed / "config.json").read_text())
+    assert config["text_config"]["architectures"] == ["Qwen2ForCausalLM"]
+    # The weights are the checkpoint's own files, linked.
+    assert (fixed / "model.safetensors").resolve() == (checkpoint / "model.safetensors").resolve()
+    assert run_layout(layout, capsys, "--hf-dir", str(fixed))[0] == 0
+
+
+def test_a_checkpoint_with_the_newer_names_is_named_and_renamed_back(
+    layout: Any, checkpoint: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    newer = copy_checkpoint(checkpoint, tmp_path / "newer", architectures="Qwen2ForCausalLM")
+    renames = resave_with_newer_names(layout, newer)
+    code, err = run_layout(layout, capsys, "--hf-dir", str(newer))
+    assert code == 2
+    assert "transformers >= 4.52's names" in err
+    assert "(lm_head.*, model.image_newline*, model.language_model.*" in err
+    assert "reads language_model.model.* and language_model.lm_head.*" in err
+    assert "architectures" not in err
+    fixed = tmp_path / "fixed"
+    code, err = run_layout(layout, capsys, "--hf-dir", str(newer), "--fix", str(fixed))
+    assert code == 0, err
+    assert f"{len(renames)} tensors renamed back" in err
+    assert run_layout(layout, capsys, "--hf-dir", str(fixed))[0] == 0
+    index = json.loads((fixed / layout.INDEX).read_text())
+    assert set(index["weight_map"]) == set(renames)
+    # The same tensors, byte for byte, under the original names: safetensors reads them back.
+    from safetensors.numpy import load_file
+
+    original = load_file(str(checkpoint / "model.safetensors"))
+    back = load_file(str(fixed / "model.safetensors"))
+    assert set(back) == set(original)
+    assert all(np.array_equal(back[k], original[k]) for k in original)
+    assert not (fixed / "model.safetensors").is_symlink()
+
+
+def test_missing_language_model_weights_are_named(
+    layout: Any, checkpoint: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    broken = copy_checkpoint(checkpoint, tmp_path / "broken", architectures="Qwen2ForCausalLM")
+    weights = broken / "model.safetensors"
+    layout.rename_tensors(weights, tmp_path / "w", {"language_model.lm_head.weight": "head"})
+    (tmp_path / "w").replace(weights)
+    code, err = run_layout(layout, capsys, "--hf-dir", str(broken), "--fix", str(tmp_path / "f"))
+    assert code == 2
+    assert "the weights lack language_model.lm_head.weight" in err
+    assert not (tmp_path / "f").exists()
+    code, err = run_layout(layout, capsys, "--hf-dir", str(broken), "--model-type", "llava")
+    assert code == 2
+    assert "model_type is 'llava_onevision', not 'llava'" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_15(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA-1.5 checkpoint (CLIP + LLaMA) as transformers saves one."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config = LlavaConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=63
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("llava15") / "tiny"
+    LlavaForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+def test_a_llava_15_checkpoint_is_checked_the_same_way(
+    layout: Any, tiny_llava_15: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, err = run_layout(layout, capsys, "--hf-dir", str(tiny_llava_15), "--model-type", "llava")
+    assert code == 2
+    assert "['LlamaForCausalLM']" in err
+    newer = copy_checkpoint(tiny_llava_15, tmp_path / "newer", architectures="LlamaForCausalLM")
+    renames = resave_with_newer_names(layout, newer)
+    assert not any("image_newline" in name for name in renames)  # LLaVA-1.5 has none
+    code, err = run_layout(layout, capsys, "--hf-dir", str(newer))
+    assert code == 2
+    assert "transformers >= 4.52's names" in err
+    assert "llama/model.py" in err
+    code, err = run_layout(layout, capsys, "--hf-dir", str(newer), "--fix", str(tmp_path / "f"))
+    assert code == 0, err
+    names = layout.read_header(tmp_path / "f" / "model.safetensors")
+    assert names.keys() - {"__metadata__"} == set(renames)
+    # A LLaMA text config is not converted as a LLaVA-OneVision one.
+    config = json.loads((newer / "config.json").read_text())
+    config["model_type"] = "llava_onevision"
+    (newer / "config.json").write_text(json.dumps(config))
+    code, err = run_layout(layout, capsys, "--hf-dir", str(newer))
+    assert code == 2
+    assert "text_config.model_type is 'llama'" in err
+
+
 # --- build.sh, dry: every step but the GPU's ---------------------------------------------------
 
 FAKE_TRTLLM = {
@@ -1107,8 +1287,13 @@ import json, pathlib
 class QWenForCausalLM:
     @classmethod
     def from_hugging_face(cls, path, dtype, mapping):
+        # What the real loader needs (deploy/trtllm/checkpoint_layout.py): the text model's
+        # class in text_config.architectures, the weights under language_model.model.*.
         model = cls()
         config = json.loads((pathlib.Path(path) / "config.json").read_text())
+        assert config["text_config"]["architectures"] == ["Qwen2ForCausalLM"]
+        header = (pathlib.Path(path) / "model.safetensors").read_bytes()[:1 << 20]
+        assert b'"language_model.model.embed_tokens.weight"' in header
         model.config = {"dtype": dtype, "vocab_size": config["text_config"]["vocab_size"]}
         return model
 
@@ -1199,6 +1384,10 @@ def test_build_sh_writes_a_servable_repository(
 ) -> None:
     first = dry_build["first"]
     assert first.returncode == 0, first.stderr
+    # The tiny checkpoint's text config has no architectures: converted from a fixed copy (the
+    # fake loader insists on them).
+    assert "text_config.architectures is missing" in first.stderr
+    assert "checkpoint_layout: fixed into" in first.stderr
     models = dry_build["root"] / "models"
     info = json.loads((models / "build-info.json").read_text())
     # The engines and the checkpoint's processor files, not its weights.
@@ -1253,6 +1442,7 @@ def tiny_llava_hidden(checkpoint: Path) -> int:
 def test_build_sh_skips_what_is_done_and_keeps_a_full_repository(dry_build: dict[str, Any]) -> None:
     again = dry_build["again"]
     assert again.returncode == 2
+    assert "checkpoint layout already checked" in again.stderr
     assert "already converted" in again.stderr
     assert "LLM engine already built" in again.stderr
     assert "vision engine already built" in again.stderr
@@ -1273,6 +1463,27 @@ def test_build_sh_refuses_another_tensorrt_llm(dry_build: dict[str, Any]) -> Non
         fake.write_text(original)
     assert result.returncode == 2
     assert "TensorRT-LLM 1.3.0rc20, the build is pinned to 1.2.1" in result.stderr
+
+
+def test_build_sh_refuses_a_checkpoint_tensorrt_llm_cannot_load(
+    dry_build: dict[str, Any], layout: Any, checkpoint: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    broken = copy_checkpoint(checkpoint, tmp_path / "broken", architectures=None)
+    weights = broken / "model.safetensors"
+    layout.rename_tensors(weights, tmp_path / "w", {"language_model.model.norm.weight": "norm"})
+    (tmp_path / "w").replace(weights)
+    command = list(dry_build["command"])
+    command[command.index("--hf-dir") + 1] = str(broken)
+    command[command.index("--work") + 1] = str(tmp_path / "work")
+    result = subprocess.run(
+        command, env=dry_build["env"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "the weights lack language_model.model.norm.weight" in result.stderr
+    assert "TensorRT-LLM cannot convert" in result.stderr
+    assert "2/8" not in result.stderr
 
 
 def test_the_build_scripts_pass_shellcheck() -> None:

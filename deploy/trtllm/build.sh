@@ -10,7 +10,8 @@
 #     deploy/trtllm/build.sh --model 0.5b --schema service/schemas/answer.llavaguard-v1.2.json
 #
 # Steps, each skipped when its output exists and was made with the same settings (--force redoes
-# all): download the -hf checkpoint, compute the engine limits from its processor, convert and
+# all): download the -hf checkpoint, check its weight names and config for TensorRT-LLM's loader
+# (fixing what renaming fixes), compute the engine limits from its processor, convert and
 # build the LLM engine, build the vision engine, write xgrammar's tokenizer file, fill the
 # templates into a staging repository, copy it to --out, start tritonserver on it and judge one
 # image (plus a burst, for throughput).
@@ -186,6 +187,20 @@ VERSION="$(python3 "${REPO_ROOT}/triton_models/hf/guard/1/checkpoint_identity.py
   sed -n 's/^guard_model_version=//p')"
 [[ -n "${VERSION}" ]] || die "could not fingerprint ${HF_DIR}"
 echo "checkpoint ${HF_REPO} version ${VERSION} (hub commit ${HUB_COMMIT:-unknown})" >&2
+# TensorRT-LLM's loader reads the language model under transformers' pre-4.52 weight names and
+# needs text_config.architectures: check them (safetensors headers and config.json only), and
+# convert from a copy that has them (links to the checkpoint's files where nothing changes).
+TRTLLM_HF_DIR="${BUILD_DIR}/hf-trtllm"
+if done_before layout "${VERSION}" && [[ -d "${TRTLLM_HF_DIR}" ]]; then
+  step "1/8 checkpoint layout already checked"
+else
+  step "1/8 checking the checkpoint's weight names and config against TensorRT-LLM's loader"
+  rm -rf "${TRTLLM_HF_DIR}"
+  python3 "${HERE}/checkpoint_layout.py" --hf-dir "${HF_DIR}" --model-type llava_onevision \
+    --fix "${TRTLLM_HF_DIR}" ||
+    die "TensorRT-LLM cannot convert ${HF_DIR} (above); see deploy/trtllm/checkpoint_layout.py"
+  mark_done layout "${VERSION}"
+fi
 
 # --- 2. the limits ---------------------------------------------------------------------------
 LIMITS_FILE="${BUILD_DIR}/limits.env"
@@ -219,7 +234,7 @@ if done_before convert "${VERSION}"; then
 else
   step "3/8 converting the language model (Qwen2) to a TensorRT-LLM checkpoint, float16, TP 1"
   rm -rf "${CHECKPOINT}"
-  python3 "${HERE}/convert.py" llm --hf-dir "${HF_DIR}" --out "${CHECKPOINT}" --dtype float16
+  python3 "${HERE}/convert.py" llm --hf-dir "${TRTLLM_HF_DIR}" --out "${CHECKPOINT}" --dtype float16
   mark_done convert "${VERSION}"
 fi
 
@@ -258,7 +273,7 @@ else
   step "5/8 building the vision engine: up to ${VISION_MAX_BATCH} patches per run" \
     "(${VISION_IMAGES} images of up to ${MAX_PATCHES} patches)"
   rm -rf "${VISION_ENGINE}"
-  python3 "${HERE}/convert.py" vision --hf-dir "${HF_DIR}" --out "${VISION_ENGINE}" \
+  python3 "${HERE}/convert.py" vision --hf-dir "${TRTLLM_HF_DIR}" --out "${VISION_ENGINE}" \
     --max-batch-size "${VISION_MAX_BATCH}" --model-type llava_onevision
   mark_done vision "${VERSION} ${VISION_MAX_BATCH}"
 fi

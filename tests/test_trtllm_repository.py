@@ -1168,6 +1168,10 @@ def test_transformers_here_saves_the_names_tensorrt_llm_reads(
     # The weights are the checkpoint's own files, linked.
     assert (fixed / "model.safetensors").resolve() == (checkpoint / "model.safetensors").resolve()
     assert run_layout(layout, capsys, "--hf-dir", str(fixed))[0] == 0
+    # --fix writes into an empty directory only.
+    code, err = run_layout(layout, capsys, "--hf-dir", str(checkpoint), "--fix", str(fixed))
+    assert code == 2
+    assert "--fix needs an empty directory" in err
 
 
 def test_a_checkpoint_with_the_newer_names_is_named_and_renamed_back(

@@ -279,7 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if report.fatal:
         return 2
     if args.fix is not None:
-        fix(args.hf_dir, args.fix, report)
+        try:
+            fix(args.hf_dir, args.fix, report)
+        except (OSError, ValueError) as exc:
+            print(f"checkpoint_layout: {args.fix}: {exc}", file=sys.stderr)
+            return 2
         print(
             f"checkpoint_layout: {'fixed into' if not report.ok else 'linked as'} {args.fix}",
             file=sys.stderr,

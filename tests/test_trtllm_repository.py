@@ -899,6 +899,11 @@ def test_a_yes_no_answer_is_scored_two_ways_from_the_logits(tg: Any, repository:
     assert math.isnan(tg.read_answer([1, 3], sampled, decode, pattern, rival_of).rating_log_prob)
     rated = tg.read_answer([4, 5], np.array([[[-0.1, -0.7]]]), decode, pattern, rival_of, logits)
     assert rated.rating_log_prob == pytest.approx(-0.7)
+    # Greedy: the answer's token is its row's argmax, or the rows are another step's.
+    greedy = tg.read_answer([1, 3], sampled, decode, pattern, rival_of, logits, greedy=True)
+    assert greedy.rating_log_prob == pytest.approx(yes.rating_log_prob)
+    shifted = tg.read_answer([2, 3], sampled, decode, pattern, rival_of, logits, greedy=True)
+    assert math.isnan(shifted.rating_log_prob)
 
 
 def test_the_tables_row_count_must_match_the_image_tokens(tg: Any) -> None:

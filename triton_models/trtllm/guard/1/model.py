@@ -122,6 +122,7 @@ class TritonPythonModel:
             settings.decision_pattern,
             self._rival_of,
             outputs.get(GENERATION_LOGITS),
+            greedy=int(tensors.get("runtime_top_k", np.zeros((1, 1)))[0, 0]) == 1,
         )
         return pb_utils.InferenceResponse(
             output_tensors=[

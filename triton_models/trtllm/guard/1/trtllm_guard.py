@@ -394,13 +394,17 @@ def read_answer(
     pattern: re.Pattern[str],
     rival_of: Mapping[int, int] | None = None,
     generation_logits: NDArray[Any] | None = None,
+    *,
+    greedy: bool = False,
 ) -> Answer:
     """The answer text (decode of all generated ids) and the deciding token's log-prob.
 
     `decode` must drop special tokens and not clean up spaces, so that the per-token pieces add
     up to the text (guard_answer.token_pieces). When the deciding token is a Yes/No token
     (`rival_of`, from guard_answer.yes_no_rivals), the log-prob is ICM's two-way one, read from
-    `generation_logits` ([..., steps, vocabulary]; NaN without them).
+    `generation_logits` ([..., steps, vocabulary]; NaN without them). When decoding was
+    `greedy`, the deciding token must be its row's argmax: if it is not, the rows are not the
+    steps they should be, and the answer gets NaN rather than another step's probability.
     """
     text = decode(ids)
     pieces = token_pieces(ids, decode)
@@ -409,7 +413,7 @@ def read_answer(
         return Answer(text, math.nan)
     rival = (rival_of or {}).get(ids[index])
     if rival is not None:
-        return Answer(text, _two_way(generation_logits, index, ids[index], rival))
+        return Answer(text, _two_way(generation_logits, index, ids[index], rival, greedy))
     log_prob = math.nan
     if output_log_probs is not None:
         values = np.asarray(output_log_probs, dtype=np.float32).reshape(-1)
@@ -418,12 +422,17 @@ def read_answer(
     return Answer(text, log_prob)
 
 
-def _two_way(logits: NDArray[Any] | None, step: int, chosen: int, rival: int) -> float:
+def _two_way(
+    logits: NDArray[Any] | None, step: int, chosen: int, rival: int, greedy: bool
+) -> float:
     """log P(chosen) / (P(chosen) + P(rival)) from the raw logits of `step`; NaN without them."""
     if logits is None:
         return math.nan
-    array = np.asarray(logits)
+    array = np.asarray(logits, dtype=np.float32)
     rows = array.reshape(-1, array.shape[-1])
     if step >= rows.shape[0] or max(chosen, rival) >= rows.shape[1]:
         return math.nan
-    return two_way_log_prob(float(rows[step, chosen]), float(rows[step, rival]))
+    row = rows[step]
+    if greedy and row[chosen] < row.max():
+        return math.nan
+    return two_way_log_prob(float(row[chosen]), float(row[rival]))

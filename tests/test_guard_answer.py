@@ -6,6 +6,7 @@ own tests check that they use it on real token ids.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -163,3 +164,30 @@ def test_conversation_is_one_user_turn_with_the_image_before_the_policy() -> Non
             "content": [{"type": "image"}, {"type": "text", "text": "policy text"}],
         }
     ]
+
+
+# --- Yes/No answers: the rival token and ICM's two-way probability ----------------------------
+
+
+def test_each_yes_no_token_is_paired_with_the_same_token_of_the_other_answer() -> None:
+    vocab = {
+        "\u0120Yes": 1, "\u0120No": 2,  # byte-level BPE (Qwen2)
+        "\u2581yes": 3, "\u2581no": 4,  # SentencePiece (LLaMA)
+        "YES": 5, "NO": 6,
+        "Yes": 7,  # no "No": no rival
+        "\u0120Yesterday": 8, "\u0120Not": 9, "Safe": 10, "\u0120\u0120No": 11,
+    }  # fmt: skip
+    assert ga.yes_no_rivals(vocab) == {1: 2, 2: 1, 3: 4, 4: 3, 5: 6, 6: 5}
+
+
+def test_the_two_way_probability_is_icms_and_the_two_answers_complement_each_other() -> None:
+    p_yes, p_no = 0.6, 0.3  # 0.1 left to other tokens
+    yes = ga.two_way_log_prob(math.log(p_yes), math.log(p_no))
+    no = ga.two_way_log_prob(math.log(p_no), math.log(p_yes))
+    assert math.exp(yes) == pytest.approx(p_yes / (p_yes + p_no))
+    assert math.exp(yes) + math.exp(no) == pytest.approx(1.0)
+    # Raw logits give the same value: the softmax's normaliser cancels.
+    assert ga.two_way_log_prob(12.0 + math.log(p_yes), 12.0 + math.log(p_no)) == pytest.approx(yes)
+    assert ga.two_way_log_prob(-1000.0, -1001.0) == pytest.approx(-math.log1p(math.exp(-1)))
+    assert ga.two_way_log_prob(0.0, -math.inf) == 0.0
+    assert math.isnan(ga.two_way_log_prob(-math.inf, -math.inf))

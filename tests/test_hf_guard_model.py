@@ -76,7 +76,8 @@ def tensors(pixels: np.ndarray | None = None, **inputs: Any) -> dict[str, np.nda
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-llava")
     return {
-        variant: tiny_llava.build(root / variant, variant) for variant in ("random", "scripted")
+        variant: tiny_llava.build(root / variant, variant)
+        for variant in ("random", "scripted", "yes-no")
     }
 
 
@@ -473,6 +474,49 @@ def test_decision_pattern_chooses_the_deciding_token(
         answer = ask(hg, engine)
     assert answer.text == tiny_llava.SCRIPTED_ANSWER
     assert -1e-6 < answer.rating_log_prob <= 0
+
+
+def test_a_yes_no_answers_log_prob_is_icms_two_way_probability_from_the_logits(
+    hg: ModuleType, engines: dict[str, Any]
+) -> None:
+    engine = engines["yes-no"]
+    request = hg.parse_request(tensors(max_tokens=50).get, engine.settings, engine.vocab_size)
+    prepared = engine.prepare(request)
+    [answer] = engine.answer([prepared])
+    assert answer.text == "".join(tiny_llava.YES_NO_ANSWERS["Yes"])
+    # By hand: the raw logits at the first answer token, Yes against No.
+    with torch.inference_mode():
+        logits = engine.model(**prepared.features).logits[0, -1].double()
+    yes, no = (tiny_llava.token_id(engine.tokenizer, word) for word in ("Yes", "No"))
+    by_hand = float(torch.softmax(logits[[yes, no]], dim=0)[0])
+    assert math.exp(answer.rating_log_prob) == pytest.approx(by_hand, abs=1e-4)
+    p = tiny_llava.YES_NO_PROBABILITIES
+    assert by_hand == pytest.approx(p["Yes"] / (p["Yes"] + p["No"]), abs=1e-4)
+    # Not the whole vocabulary's, which a third token shares.
+    assert math.exp(answer.rating_log_prob) > p["Yes"] + 0.05
+
+
+def test_yes_and_no_answers_have_complementary_confidences(
+    hg: ModuleType, engines: dict[str, Any]
+) -> None:
+    # Sampling at temperature 1, the yes-no model answers No three times in ten.
+    policy = PolicyRegistry.load().get("icm-assistant")
+    rating = {"Yes": "Unsafe", "No": "Safe"}
+    found: dict[str, float] = {}
+    for seed in range(40):
+        answer = ask(hg, engines["yes-no"], temperature=1.0, seed=seed, max_tokens=50)
+        first = answer.text.split(",")[0]
+        if first in tiny_llava.YES_NO_ANSWERS:
+            assert parse_answer(answer.text, policy).rating == rating[first]
+            found.setdefault(first, math.exp(answer.rating_log_prob))
+        if len(found) == 2:
+            break
+    p = tiny_llava.YES_NO_PROBABILITIES
+    assert found == {
+        "Yes": pytest.approx(p["Yes"] / (p["Yes"] + p["No"]), abs=1e-4),
+        "No": pytest.approx(p["No"] / (p["Yes"] + p["No"]), abs=1e-4),
+    }
+    assert found["Yes"] + found["No"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_a_request_the_model_fails_on_fails_alone_in_its_batch(

@@ -505,6 +505,7 @@ def fake_models(
             eos_token_id=end_id,
             pad_token_id=int(inputs["pad_id"].as_numpy()[0, 0]),
             output_scores=True,
+            output_logits=True,
             return_dict_in_generate=True,
         )
         generated = out.sequences[0, -len(out.scores) :]
@@ -514,12 +515,18 @@ def fake_models(
         ]
         # TensorRT-LLM pads to the longest sequence of the batch; one sequence, 3 pad slots.
         padded = generated.tolist() + [end_id] * 3
-        return {
+        outputs = {
             "output_ids": np.array([[padded]], dtype=np.int32),
             "sequence_length": np.array([[len(generated)]], dtype=np.int32),
             "output_log_probs": np.array([[log_probs + [0.0] * 3]], dtype=np.float32),
             "cum_log_probs": np.array([[sum(log_probs)]], dtype=np.float32),
         }
+        wants_logits = inputs.get("return_generation_logits")
+        if wants_logits is not None and bool(wants_logits.as_numpy()[0, 0]):
+            # The raw logits of each generated step, [1, beams, steps, vocabulary].
+            logits = torch.stack([step[0] for step in out.logits]).float().numpy()
+            outputs["generation_logits"] = logits[None, None]
+        return outputs
 
     def checked(name: str, model: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[..., Any]:
         def call(inputs: dict[str, FakeTensor]) -> dict[str, Any]:
@@ -618,6 +625,42 @@ def test_the_guard_sends_the_schema_and_greedy_sampling(guard: Any) -> None:
     assert json.loads(llm["guided_decoding_guide"].as_numpy()[0, 0]) == ANSWER_SCHEMA
     assert bool(llm["return_log_probs"].as_numpy()[0, 0])
     assert "temperature" not in llm
+
+
+def test_with_yes_no_logits_the_guard_asks_for_the_logits_and_llavaguard_keeps_its_log_prob(
+    guard: Any,
+) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(guard, "_settings", dataclasses.replace(guard._settings, yes_no_logits=True))
+        [response] = judge(guard, [client_request(image(20, 20))])
+    [(_, llm, wanted)] = [call for call in FakeRequest.calls if call[0] == "tensorrt_llm"]
+    assert bool(llm["return_generation_logits"].as_numpy()[0, 0])
+    assert "generation_logits" in wanted
+    log_prob = float(response.outputs["rating_log_prob"].as_numpy()[0, 0])
+    assert log_prob == pytest.approx(math.log(tiny_llava.SCRIPTED_RATING_PROBABILITY), abs=1e-4)
+    # Off (the default): neither is asked for.
+    judge(guard, [client_request(image(20, 20))])
+    [(_, llm, wanted)] = [call for call in FakeRequest.calls if call[0] == "tensorrt_llm"]
+    assert "return_generation_logits" not in llm
+    assert "generation_logits" not in wanted
+
+
+def test_a_yes_no_decision_is_read_from_the_logits_of_its_step(guard: Any) -> None:
+    # The scripted model's rating token and its rival stand in for Yes and No: the two-way
+    # probability comes from the engine's logits at the deciding step, not from output_log_probs.
+    tokenizer = guard._tokenizer
+    safe, unsafe = (tiny_llava.token_id(tokenizer, t) for t in ("Safe", tiny_llava.SCRIPTED_RIVAL))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(guard, "_rival_of", {safe: unsafe, unsafe: safe})
+        patch.setattr(guard, "_settings", dataclasses.replace(guard._settings, yes_no_logits=True))
+        [with_logits] = judge(guard, [client_request(image(20, 20))])
+        patch.setattr(guard, "_settings", dataclasses.replace(guard._settings, yes_no_logits=False))
+        [without] = judge(guard, [client_request(image(20, 20))])
+    p = tiny_llava.SCRIPTED_RATING_PROBABILITY  # Safe against Unsafe: all of the step's mass
+    assert float(with_logits.outputs["rating_log_prob"].as_numpy()[0, 0]) == pytest.approx(
+        math.log(p), abs=1e-4
+    )
+    assert math.isnan(float(without.outputs["rating_log_prob"].as_numpy()[0, 0]))
 
 
 def test_the_engines_prompt_is_the_hf_models_prompt(
@@ -895,6 +938,36 @@ def test_the_answer_has_no_log_prob_without_a_decision(tg: Any, repository: Path
     assert answer.rating_log_prob == pytest.approx(-0.7)
     assert math.isnan(tg.read_answer([4], np.array([[[-0.1]]]), decode, pattern).rating_log_prob)
     assert math.isnan(tg.read_answer([1, 2], None, decode, pattern).rating_log_prob)
+
+
+def test_a_yes_no_answer_is_scored_two_ways_from_the_logits(tg: Any, repository: Path) -> None:
+    ga = _import("guard_answer", repository / "guard" / "1")
+    pattern = ga.compile_decision_pattern(ga.DECISION_PATTERN)
+    vocab = {"Yes": 1, "No": 2, ", because": 3, '{"rating": "': 4, "Unsafe": 5, "Maybe": 6}
+    pieces = {i: token for token, i in vocab.items()}
+    rival_of = ga.yes_no_rivals(vocab)
+
+    def decode(ids: Any) -> str:
+        return "".join(pieces[i] for i in ids)
+
+    # Step 0's raw logits: P(Yes) 0.6, P(No) 0.3, "Maybe" 0.1 (ids 0..6).
+    first = np.log([1e-9, 0.6, 0.3, 1e-9, 1e-9, 1e-9, 0.1]) + 7.0
+    logits = np.stack([first, np.zeros(7)])[None, None].astype(np.float32)
+    sampled = np.array([[[-0.05, -0.01]]])  # the sampled distribution's: not used for Yes/No
+    yes = tg.read_answer([1, 3], sampled, decode, pattern, rival_of, logits)
+    no = tg.read_answer([2, 3], sampled, decode, pattern, rival_of, logits)
+    assert yes.text == "Yes, because"
+    assert math.exp(yes.rating_log_prob) == pytest.approx(0.6 / 0.9, abs=1e-5)
+    assert math.exp(no.rating_log_prob) == pytest.approx(0.3 / 0.9, abs=1e-5)
+    # Without the logits there is no Yes/No confidence; a LlavaGuard answer keeps its log-prob.
+    assert math.isnan(tg.read_answer([1, 3], sampled, decode, pattern, rival_of).rating_log_prob)
+    rated = tg.read_answer([4, 5], np.array([[[-0.1, -0.7]]]), decode, pattern, rival_of, logits)
+    assert rated.rating_log_prob == pytest.approx(-0.7)
+    # Greedy: the answer's token is its row's argmax, or the rows are another step's.
+    greedy = tg.read_answer([1, 3], sampled, decode, pattern, rival_of, logits, greedy=True)
+    assert greedy.rating_log_prob == pytest.approx(yes.rating_log_prob)
+    shifted = tg.read_answer([2, 3], sampled, decode, pattern, rival_of, logits, greedy=True)
+    assert math.isnan(shifted.rating_log_prob)
 
 
 def test_the_tables_row_count_must_match_the_image_tokens(tg: Any) -> None:

@@ -12,7 +12,8 @@ the CPU guard of `triton_models/cpu` and to a GPU TensorRT-LLM deployment unchan
     seed               UINT64 [1, 1]           only when configured
     → text_output      BYTES  [1, 1] (or [1])  the model's answer
     → rating_log_prob  FP32   [1, 1]           only from models that declare it: the log-prob
-                                               of the token that decided the rating
+                                               of the answer given at the token that decided
+                                               it (a Yes/No: over Yes and No only)
 
 What the served model is (`guard_model_name`, `guard_model_version`) and whether it declares
 `rating_log_prob` is read from Triton once the model is ready, and again after an outage: a

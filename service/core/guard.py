@@ -30,7 +30,9 @@ class GuardReply:
     model_name: str
     model_version: str
     rating_log_prob: float | None = None
-    """Natural log of the probability of the rating's deciding token, when the model says."""
+    """Natural log of the probability of the answer given, at the token that decided it, when the
+    model says: over the vocabulary for LlavaGuard's rating, over Yes and No for a Yes/No
+    answer (ICM-Assistant's P(Yes) / (P(Yes) + P(No)), or its complement for No)."""
     served: ServedModel | None = None
 
 

@@ -62,8 +62,10 @@ class Verdict(_Out):
         None,
         ge=0,
         le=1,
-        description="Probability the model gave the token that decided the rating (LlavaGuard: "
-        "the rating's first token; ICM-Assistant: Yes/No); null when the model does not say.",
+        description="Probability the model gave the answer, at the token that decided it "
+        "(LlavaGuard: the rating's first token, over the vocabulary; ICM-Assistant: the leading "
+        "Yes/No, over Yes and No, as ICM's evaluation scores it); null when the model does not "
+        "say.",
     )
     action: Action | None = Field(
         None,

@@ -26,6 +26,10 @@ Two variants:
   is its own token's embedding: the checkpoint is a bigram table, run by the real model code.
   The answer's pieces are single tokens of the tokenizer (added tokens), so each has exactly one
   successor.
+- `yes-no`: the same bigram construction writing an ICM-Assistant answer: its first token is
+  `Yes` with probability YES_NO_PROBABILITIES["Yes"], `No` with ["No"], and a third token with
+  the rest, so that the two-way probability ICM scores (P(Yes) / (P(Yes) + P(No))) differs from
+  the whole-vocabulary one. Each answer then goes on with its own explanation (YES_NO_ANSWERS).
 
 Token ids are small (the vocabulary has a few hundred entries), not Qwen2's 151643..151647; the
 end token is the checkpoint's `eos_token_id`, as it is for the real model.
@@ -66,7 +70,7 @@ if TYPE_CHECKING:
 HF_TEMPLATE = Path(__file__).resolve().parents[2] / "triton_models" / "hf"
 HF_MODEL_DIR = HF_TEMPLATE / "guard" / "1"
 
-Variant = Literal["random", "scripted"]
+Variant = Literal["random", "scripted", "yes-no"]
 
 # LlavaGuard-v1.2-0.5B-OV-hf's chat_template.json, "Upload processor" commit 0e98537
 # (https://huggingface.co/AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf/blob/bec2d55b30e7dcbbaf004c66395c694dc7127bf4/chat_template.json,
@@ -105,6 +109,11 @@ SCRIPTED_PIECES = (
 SCRIPTED_ANSWER = "".join(SCRIPTED_PIECES)
 SCRIPTED_RIVAL = "Unsafe"
 SCRIPTED_RATING_PROBABILITY = 0.8
+YES_NO_ANSWERS = {
+    "Yes": ("Yes", ", the picture matches R01: upper shoulders."),
+    "No": ("No", ", the picture matches NA: normal."),
+}
+YES_NO_PROBABILITIES = {"Yes": 0.6, "No": 0.3, SCRIPTED_RIVAL: 0.1}
 # Logit of each scripted successor; every other token's is 0, so their total probability is
 # vocabulary size * e^-40, far below float32's resolution next to 1.
 _SCRIPTED_LOGIT = 40.0
@@ -116,7 +125,7 @@ def build(directory: Path, variant: Variant = "random") -> Path:
     from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
 
     directory.mkdir(parents=True, exist_ok=True)
-    processor = _processor(directory)
+    processor = _processor(directory, variant)
     tokenizer = processor.tokenizer
     config = _config(tokenizer, tied=variant == "random")
     torch.manual_seed(0)
@@ -126,9 +135,9 @@ def build(directory: Path, variant: Variant = "random") -> Path:
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
-    if variant == "scripted":
+    if variant != "random":
         with torch.no_grad():
-            _script(model, processor)
+            _script(model, processor, variant)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
@@ -151,7 +160,7 @@ def _corpus() -> list[str]:
     return [policy.prompt, *answers, *(category.label for category in policy.categories)]
 
 
-def _processor(directory: Path) -> LlavaOnevisionProcessor:
+def _processor(directory: Path, variant: Variant) -> LlavaOnevisionProcessor:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         LlavaOnevisionImageProcessor,
@@ -181,6 +190,8 @@ def _processor(directory: Path) -> LlavaOnevisionProcessor:
     )
     # Normal (not special) tokens: decoding with skip_special_tokens keeps them.
     tokenizer.add_tokens([*SCRIPTED_PIECES, SCRIPTED_RIVAL])
+    if variant == "yes-no":
+        tokenizer.add_tokens([piece for pieces in YES_NO_ANSWERS.values() for piece in pieces])
     image_processor = LlavaOnevisionImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_grid_pinpoints=GRID_PINPOINTS,
@@ -237,9 +248,11 @@ def _config(tokenizer: Qwen2TokenizerFast, *, tied: bool) -> LlavaOnevisionConfi
 
 
 def _script(
-    model: LlavaOnevisionForConditionalGeneration, processor: LlavaOnevisionProcessor
+    model: LlavaOnevisionForConditionalGeneration,
+    processor: LlavaOnevisionProcessor,
+    variant: Variant,
 ) -> None:
-    """Set the weights so that greedy decoding writes SCRIPTED_ANSWER, then the end token
+    """Set the weights so that greedy decoding writes the variant's answer, then the end token
     (under torch.no_grad(), as `build` calls it)."""
     tokenizer = processor.tokenizer
     language = model.language_model
@@ -250,17 +263,7 @@ def _script(
         guard_answer.conversation("p"), add_generation_prompt=True
     )
     last_prompt_token = int(tokenizer(prompt)["input_ids"][-1])
-    chain = [last_prompt_token, *(token_id(tokenizer, piece) for piece in SCRIPTED_PIECES)]
-    chain.append(token_id(tokenizer, "<|im_end|>"))
-    rival = token_id(tokenizer, SCRIPTED_RIVAL)
-    # (token, its successor, logit) for every step; the rival continues as the rating would.
-    steps = [
-        (current, following, _SCRIPTED_LOGIT) for current, following in itertools.pairwise(chain)
-    ]
-    rival_logit = _SCRIPTED_LOGIT - math.log(
-        SCRIPTED_RATING_PROBABILITY / (1 - SCRIPTED_RATING_PROBABILITY)
-    )
-    steps += [(chain[1], rival, rival_logit), (rival, chain[3], _SCRIPTED_LOGIT)]
+    steps = _STEPS[variant](tokenizer, last_prompt_token)
     embeddings = language.get_input_embeddings().weight
     head = language.get_output_embeddings().weight
     hidden = embeddings.shape[1]
@@ -272,6 +275,46 @@ def _script(
         for current, following, logit in steps:
             if current == token:
                 head[following, dimension] = logit / math.sqrt(hidden)
+
+
+Step = tuple[int, int, float]
+"""(token, a successor, the successor's logit); every other successor's logit is 0."""
+
+
+def _chain(tokenizer: Qwen2TokenizerFast, first: int, pieces: tuple[str, ...]) -> list[Step]:
+    """Steps that write `pieces` after `first`, then the end token."""
+    chain = [first, *(token_id(tokenizer, piece) for piece in pieces)]
+    chain.append(token_id(tokenizer, "<|im_end|>"))
+    return [
+        (current, following, _SCRIPTED_LOGIT) for current, following in itertools.pairwise(chain)
+    ]
+
+
+def _llavaguard_steps(tokenizer: Qwen2TokenizerFast, last_prompt_token: int) -> list[Step]:
+    """SCRIPTED_ANSWER; the rival rating continues as the rating would."""
+    steps = _chain(tokenizer, last_prompt_token, SCRIPTED_PIECES)
+    # steps[i] leaves the i-th token of [last prompt token, *pieces]: piece 0 leads to the rating.
+    before_rating, after_rating = steps[1][0], steps[3][0]
+    rival = token_id(tokenizer, SCRIPTED_RIVAL)
+    rival_logit = _SCRIPTED_LOGIT - math.log(
+        SCRIPTED_RATING_PROBABILITY / (1 - SCRIPTED_RATING_PROBABILITY)
+    )
+    return [*steps, (before_rating, rival, rival_logit), (rival, after_rating, _SCRIPTED_LOGIT)]
+
+
+def _yes_no_steps(tokenizer: Qwen2TokenizerFast, last_prompt_token: int) -> list[Step]:
+    """The first token drawn from YES_NO_PROBABILITIES, then that answer's explanation."""
+    top = max(YES_NO_PROBABILITIES.values())
+    steps = [
+        (last_prompt_token, token_id(tokenizer, text), _SCRIPTED_LOGIT + math.log(p / top))
+        for text, p in YES_NO_PROBABILITIES.items()
+    ]
+    for answer, *rest in YES_NO_ANSWERS.values():
+        steps += _chain(tokenizer, token_id(tokenizer, answer), tuple(rest))
+    return steps
+
+
+_STEPS = {"scripted": _llavaguard_steps, "yes-no": _yes_no_steps}
 
 
 def _identify(checkpoint: Path) -> Any:

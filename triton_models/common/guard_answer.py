@@ -1,12 +1,28 @@
 """Where in a generated answer the guard decided, shared by every Triton model that generates one.
 
 The consumer puts exp(`rating_log_prob`) in a verdict as its confidence: the probability the
-model gave to the token that decided the answer. This module finds that token; the engines (the
-HF Python backend, the TensorRT-LLM BLS and post-processing models) own the probabilities.
+model gave to the answer it chose at the token that decided it. This module finds that token
+and says what it is compared with; the engines (the HF Python backend, the TensorRT-LLM BLS and
+post-processing models) own the probabilities.
 
     conversation          the policy prompt -> chat messages for the checkpoint's chat template
     token_pieces          generated token ids + the tokenizer's decode -> text of each token
     decision_token_index  text of each token + DECISION_PATTERN -> index of the deciding token
+    yes_no_rivals         the tokenizer's vocabulary -> each Yes/No token's counterpart
+    two_way_log_prob      log-probs of the chosen Yes/No token and its rival -> log of
+                          P(chosen) / (P(Yes) + P(No)), the confidence ICM-Assistant scores
+
+Two definitions, told apart by the deciding token itself (no request input, no parameter):
+
+- A Yes/No answer (ICM-Assistant): the deciding token is a Yes or No token of the vocabulary
+  (`yes_no_rivals`). Its confidence is the two-way probability ICM's own evaluation scores,
+  P(Yes) / (P(Yes) + P(No)) from the logits at that step, before sampling
+  (zhaoyuzhi/ICM-Assistant, inference/vLLM_inference/vllm_inference_logits.py, thresholded at
+  0.5 by eval_scripts/eval_icm_val/eval.py), or its complement when the answer is No. ICM reads
+  the first generated token; this reads the deciding token, which is the first one unless the
+  model writes a lead-in (whitespace, punctuation, markdown) before its Yes or No.
+- Any other answer (LlavaGuard's JSON): the deciding token's probability over the whole
+  vocabulary, as before.
 
 Standard library only: Triton copies this file next to each `model.py` (triton_models/fill.py),
 and the TensorRT-LLM image has no numpy-free guarantee about anything else we might import.
@@ -14,8 +30,9 @@ and the TensorRT-LLM image has no numpy-free guarantee about anything else we mi
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 DECISION_PATTERN = r"""(?i)["']rating["']\s*:\s*["']\s*([^\s"'])|^[\W_]*(yes|no)(?![^\W_])"""
 """The decisive character is where the first non-None group of the first match starts.
@@ -30,6 +47,10 @@ part in the match marks the character, so any pattern with at least one group wo
 """
 
 REPLACEMENT_CHARACTER = "\ufffd"
+
+_YES_NO_TOKEN = re.compile(r"([\u0120\u2581 ]?)(yes|no)", re.IGNORECASE)
+"""A vocabulary entry that is the word Yes or No, in any case, after at most one word-start
+marker: byte-level BPE's `\u0120` (Qwen2, GPT-2), SentencePiece's `\u2581` (LLaMA), or a space."""
 
 
 def compile_decision_pattern(pattern: str) -> re.Pattern[str]:
@@ -121,3 +142,41 @@ def token_pieces(token_ids: Sequence[int], decode: Callable[[Sequence[int]], str
         if whole.startswith(emitted):
             pieces[-1] += whole[len(emitted) :]
     return pieces
+
+
+def yes_no_rivals(vocab: Mapping[str, int]) -> dict[int, int]:
+    """Each Yes/No token id of `vocab` -> the id of the same token of the other answer.
+
+    `vocab` maps token strings to ids (`tokenizer.get_vocab()`). The other answer is the same
+    string with the word swapped and its case kept: `\u0120Yes` <-> `\u0120No`, `\u2581yes` <->
+    `\u2581no`, `YES` <-> `NO`. A Yes/No token whose counterpart is not in the vocabulary has no
+    rival, so an answer it decides keeps the whole-vocabulary definition.
+    """
+    rivals: dict[int, int] = {}
+    for token, token_id in vocab.items():
+        match = _YES_NO_TOKEN.fullmatch(token)
+        if match is None:
+            continue
+        marker, word = match.groups()
+        rival_id = vocab.get(marker + _other_answer(word))
+        if rival_id is not None and rival_id != token_id:
+            rivals[token_id] = rival_id
+    return rivals
+
+
+def _other_answer(word: str) -> str:
+    other = "no" if word.lower() == "yes" else "yes"
+    if word.isupper():
+        return other.upper()
+    if word[0].isupper():
+        return other.capitalize()
+    return other
+
+
+def two_way_log_prob(chosen: float, rival: float) -> float:
+    """log(P(chosen) / (P(chosen) + P(rival))) from the two natural log-probs (or raw logits:
+    the normaliser cancels); NaN when neither has any probability."""
+    top = max(chosen, rival)
+    if top == -math.inf or math.isnan(top):
+        return math.nan
+    return chosen - (top + math.log(math.exp(chosen - top) + math.exp(rival - top)))

@@ -21,9 +21,12 @@ again alone, so that one bad request cannot fail the others.
 
 `rating_log_prob` is the natural log of the probability the model's own distribution (softmax of
 the raw logits, temperature 1, before top-k/top-p) gave to the token that decided the answer
-(`guard_answer.decision_token_index`); NaN when the answer has no deciding token. It is recorded
-during generation one token per step, so memory stays at one vocabulary row per sequence instead
-of `output_logits`' steps x vocabulary (300 MB per 500-token answer with Qwen2's 151k tokens).
+(`guard_answer.decision_token_index`); NaN when the answer has no deciding token. When that token
+is a Yes or No (an ICM-Assistant answer), the distribution is the two-way one ICM scores:
+P(chosen) / (P(Yes) + P(No)) at that step (`guard_answer.two_way_log_prob`). Both are recorded
+during generation, the chosen token's and its rival's log-prob per step, so memory stays at one
+vocabulary row per sequence instead of `output_logits`' steps x vocabulary (300 MB per 500-token
+answer with Qwen2's 151k tokens).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from guard_answer import (
     conversation,
     decision_token_index,
     token_pieces,
+    two_way_log_prob,
+    yes_no_rivals,
 )
 from guard_request import InvalidRequestError, image_from_tensor
 from model_parameters import InvalidSettingsError, ModelParameters
@@ -312,16 +317,21 @@ def collate(features: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict
 
 
 class ChosenTokenLogProbs(StoppingCriteria):
-    """Log-probability of each generated token under the model's raw distribution.
+    """Log-probability of each generated token, and of its rival, under the model's raw
+    distribution.
 
     A forward hook keeps the log-softmax of the newest position's raw logits; this criterion,
     which generate() calls once the step's tokens are appended, gathers the chosen token's
-    entry. It never stops generation.
+    entry and that of its rival (`rivals[token]`: the other answer's token for a Yes/No token,
+    the token itself otherwise). It never stops generation.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rivals: torch.Tensor) -> None:
+        """`rivals`: `rival_table`, on the device the logits are on."""
+        self._rivals = rivals
         self._latest: torch.Tensor | None = None
         self._steps: list[torch.Tensor] = []
+        self._rival_steps: list[torch.Tensor] = []
 
     @contextlib.contextmanager
     def recording(self, model: torch.nn.Module) -> Iterator[ChosenTokenLogProbs]:
@@ -338,15 +348,25 @@ class ChosenTokenLogProbs(StoppingCriteria):
         if self._latest is None:
             raise RuntimeError("no logits recorded for this step")
         chosen = input_ids[:, -1:].to(self._latest.device)
+        rival = self._rivals[chosen]
         self._steps.append(self._latest.gather(1, chosen).squeeze(1))
+        self._rival_steps.append(self._latest.gather(1, rival).squeeze(1))
         self._latest = None
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def log_probs(self) -> NDArray[np.float32]:
         """[steps, batch] float32; row t holds the log-prob of each sequence's t-th token."""
-        if not self._steps:
+        return self._stacked(self._steps)
+
+    def rival_log_probs(self) -> NDArray[np.float32]:
+        """[steps, batch] float32; the log-prob of each t-th token's rival at step t."""
+        return self._stacked(self._rival_steps)
+
+    @staticmethod
+    def _stacked(steps: list[torch.Tensor]) -> NDArray[np.float32]:
+        if not steps:
             return np.zeros((0, 0), dtype=np.float32)
-        return torch.stack(self._steps).cpu().numpy().astype(np.float32)
+        return torch.stack(steps).cpu().numpy().astype(np.float32)
 
 
 class Engine:
@@ -384,6 +404,12 @@ class Engine:
         ).eval()
         self._check_tokens()
         self.vocab_size = int(self.model.config.text_config.vocab_size)
+        self._rival_of = {
+            token: rival
+            for token, rival in yes_no_rivals(self.tokenizer.get_vocab()).items()
+            if max(token, rival) < self.vocab_size
+        }
+        self._rivals = rival_table(self._rival_of, self.vocab_size).to(device)
         defaults = self.model.generation_config
         self._end_ids = _ids(defaults.eos_token_id) or _ids(self.tokenizer.eos_token_id)
         if not self._end_ids:
@@ -444,7 +470,7 @@ class Engine:
         batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         end_ids = self._end_ids if sampling.end_id is None else [sampling.end_id]
-        recorder = ChosenTokenLogProbs()
+        recorder = ChosenTokenLogProbs(self._rivals)
         with recorder.recording(self.model), _seeded(sampling.seed, self.device):
             sequences = self.model.generate(
                 **batch,
@@ -452,9 +478,10 @@ class Engine:
                 stopping_criteria=StoppingCriteriaList([recorder]),
             )
         generated = sequences[:, batch["input_ids"].shape[1] :].cpu().tolist()
-        log_probs = recorder.log_probs()
+        log_probs, rival_log_probs = recorder.log_probs(), recorder.rival_log_probs()
         return [
-            self._answer(tokens, log_probs[:, row], end_ids) for row, tokens in enumerate(generated)
+            self._answer(tokens, log_probs[:, row], rival_log_probs[:, row], end_ids)
+            for row, tokens in enumerate(generated)
         ]
 
     def _generation_config(
@@ -476,16 +503,26 @@ class Engine:
         return config
 
     def _answer(
-        self, tokens: list[int], log_probs: NDArray[np.float32], end_ids: list[int]
+        self,
+        tokens: list[int],
+        log_probs: NDArray[np.float32],
+        rival_log_probs: NDArray[np.float32],
+        end_ids: list[int],
     ) -> Answer:
-        """Text and rating log-prob of one sequence's new tokens (through its end token)."""
+        """Text and rating log-prob of one sequence's new tokens (through its end token): over
+        the vocabulary, or over Yes and No when a Yes/No token decided."""
         end = next((i + 1 for i, token in enumerate(tokens) if token in end_ids), len(tokens))
         tokens = tokens[:end]
         text = self._decode(tokens)
         index = decision_token_index(
             token_pieces(tokens, self._decode), self.settings.decision_pattern
         )
-        rating = math.nan if index is None else float(log_probs[index])
+        if index is None:
+            rating = math.nan
+        elif tokens[index] in self._rival_of:
+            rating = two_way_log_prob(float(log_probs[index]), float(rival_log_probs[index]))
+        else:
+            rating = float(log_probs[index])
         return Answer(text, rating, len(tokens))
 
     def _decode(self, tokens: Sequence[int]) -> str:
@@ -495,6 +532,15 @@ class Engine:
                 list(tokens), skip_special_tokens=True, clean_up_tokenization_spaces=False
             )
         )
+
+
+def rival_table(rival_of: Mapping[int, int], width: int) -> torch.Tensor:
+    """[width] token ids: each Yes/No token's rival (`guard_answer.yes_no_rivals`), every other
+    token itself. `width` is the logits' (the model's vocabulary may pad the tokenizer's)."""
+    table = torch.arange(width, dtype=torch.long)
+    for token, rival in rival_of.items():
+        table[token] = rival
+    return table
 
 
 def _ids(value: int | list[int] | None) -> list[int]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from guard_answer import yes_no_rivals
 from guard_request import InvalidRequestError
 from model_parameters import string_values
 from trtllm_guard import (
@@ -34,6 +35,7 @@ TEXT_OUTPUT = "text_output"
 RATING_LOG_PROB = "rating_log_prob"
 ENCODER_OUTPUT = "prompt_embedding_table"
 LLM_OUTPUTS = ["output_ids", "sequence_length", "output_log_probs"]
+GENERATION_LOGITS = "generation_logits"
 
 
 class TritonPythonModel:
@@ -52,6 +54,7 @@ class TritonPythonModel:
         self._pad_id = token_id(vocab, self._settings.pad_token, "pad_token")
         self._image_token_id = token_id(vocab, self._processor.image_token, "processor image_token")
         self._tokenizer = tokenizer
+        self._rival_of = yes_no_rivals(vocab)
 
     def _decode(self, ids: Any) -> str:
         text: str = self._tokenizer.decode(
@@ -91,6 +94,7 @@ class TritonPythonModel:
             end_id=self._end_id,
             pad_id=self._pad_id,
             guided_json_schema=settings.guided_json_schema,
+            generation_logits=settings.yes_no_logits,
         )
         encoded = await _call(
             settings.vision_encoder_model,
@@ -106,12 +110,19 @@ class TritonPythonModel:
         # reads it there.
         inputs = [pb_utils.Tensor(name, value) for name, value in tensors.items()]
         inputs.append(table)
-        generated = await _call(settings.llm_model, inputs, LLM_OUTPUTS)
-        outputs = {name: _numpy_output(generated, name) for name in LLM_OUTPUTS}
+        wanted = LLM_OUTPUTS + ([GENERATION_LOGITS] if settings.yes_no_logits else [])
+        generated = await _call(settings.llm_model, inputs, wanted)
+        outputs = {name: _numpy_output(generated, name) for name in wanted}
         stop_ids = {int(tensors["end_id"][0, 0]), int(tensors["pad_id"][0, 0])}
         ids_out = generated_ids(outputs["output_ids"], outputs["sequence_length"], list(stop_ids))
         answer = read_answer(
-            ids_out, outputs["output_log_probs"], self._decode, settings.decision_pattern
+            ids_out,
+            outputs["output_log_probs"],
+            self._decode,
+            settings.decision_pattern,
+            self._rival_of,
+            outputs.get(GENERATION_LOGITS),
+            greedy=int(tensors.get("runtime_top_k", np.zeros((1, 1)))[0, 0]) == 1,
         )
         return pb_utils.InferenceResponse(
             output_tensors=[

@@ -8,6 +8,13 @@
     llm_inputs            ids + sampling + limits -> the `tensorrt_llm` request's tensors
     read_answer           `tensorrt_llm` outputs -> the answer text and rating_log_prob
 
+A Yes/No answer (ICM-Assistant) is scored as ICM scores it, P(chosen) / (P(Yes) + P(No)) at the
+deciding token (guard_answer). `output_log_probs` holds only the sampled token's log-prob, so
+that needs the step's logits: with `yes_no_logits` on, the guard asks `tensorrt_llm` for its
+`generation_logits` (the engine must be built with `--gather_generation_logits`) and reads the
+Yes and No entries of the deciding step. Without them a Yes/No answer's rating_log_prob is NaN
+(no confidence) rather than a number of another meaning.
+
 TensorRT-LLM's multimodal convention (its p-tuning path): an input id >= the model's vocabulary
 size v is not looked up in the embedding table; the row (id - v) of the request's
 `prompt_embedding_table` is used instead. The processor expands the chat template's one
@@ -34,6 +41,7 @@ from guard_answer import (
     conversation,
     decision_token_index,
     token_pieces,
+    two_way_log_prob,
 )
 from guard_request import IMAGE_INPUT, InvalidRequestError, image_from_tensor
 from model_parameters import InvalidSettingsError, ModelParameters
@@ -84,6 +92,8 @@ class Settings:
     max_image_side: int
     vision_encoder_model: str
     llm_model: str
+    yes_no_logits: bool = False
+    """Ask `tensorrt_llm` for the generation logits, to score Yes/No answers as ICM does."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,7 @@ def parse_settings(parameters: Mapping[str, str], model_dir: Path) -> Settings:
         max_image_side=read.integer("max_image_side", minimum=1),
         vision_encoder_model=name("vision_encoder_model"),
         llm_model=name("llm_model"),
+        yes_no_logits=read.boolean("yes_no_logits", default=False),
     )
 
 
@@ -343,11 +354,13 @@ def llm_inputs(
     end_id: int,
     pad_id: int,
     guided_json_schema: str,
+    generation_logits: bool = False,
 ) -> dict[str, NDArray[Any]]:
     """The `tensorrt_llm` request's tensors, batch dimension first, except the prompt table.
 
     Greedy decoding (no temperature, or temperature <= 0) is sent as top_k 1: TensorRT-LLM only
     returns log-probs when a sampling parameter is set, and top_k 1 is what greedy is.
+    `generation_logits` asks for every generated step's logits (`Settings.yes_no_logits`).
     """
     length = int(ids.shape[0])
     if length > limits.max_input_len:
@@ -381,6 +394,8 @@ def llm_inputs(
             tensors["runtime_top_p"] = _one(top_p, np.float32)
     if sampling.seed is not None:
         tensors["seed"] = _one(sampling.seed, np.uint64)
+    if generation_logits:
+        tensors["return_generation_logits"] = _one(True, np.bool_)
     if guided_json_schema:
         tensors["guided_decoding_guide_type"] = _one(JSON_SCHEMA_GUIDE.encode(), np.object_)
         tensors["guided_decoding_guide"] = _one(guided_json_schema.encode(), np.object_)
@@ -406,18 +421,47 @@ def read_answer(
     output_log_probs: NDArray[Any] | None,
     decode: Callable[[Sequence[int]], str],
     pattern: re.Pattern[str],
+    rival_of: Mapping[int, int] | None = None,
+    generation_logits: NDArray[Any] | None = None,
+    *,
+    greedy: bool = False,
 ) -> Answer:
     """The answer text (decode of all generated ids) and the deciding token's log-prob.
 
     `decode` must drop special tokens and not clean up spaces, so that the per-token pieces add
-    up to the text (guard_answer.token_pieces).
+    up to the text (guard_answer.token_pieces). When the deciding token is a Yes/No token
+    (`rival_of`, from guard_answer.yes_no_rivals), the log-prob is ICM's two-way one, read from
+    `generation_logits` ([..., steps, vocabulary]; NaN without them). When decoding was
+    `greedy`, the deciding token must be its row's argmax: if it is not, the rows are not the
+    steps they should be, and the answer gets NaN rather than another step's probability.
     """
     text = decode(ids)
     pieces = token_pieces(ids, decode)
     index = decision_token_index(pieces, pattern)
+    if index is None:
+        return Answer(text, math.nan)
+    rival = (rival_of or {}).get(ids[index])
+    if rival is not None:
+        return Answer(text, _two_way(generation_logits, index, ids[index], rival, greedy))
     log_prob = math.nan
-    if index is not None and output_log_probs is not None:
+    if output_log_probs is not None:
         values = np.asarray(output_log_probs, dtype=np.float32).reshape(-1)
         if index < values.size:
             log_prob = float(values[index])
     return Answer(text, log_prob)
+
+
+def _two_way(
+    logits: NDArray[Any] | None, step: int, chosen: int, rival: int, greedy: bool
+) -> float:
+    """log P(chosen) / (P(chosen) + P(rival)) from the raw logits of `step`; NaN without them."""
+    if logits is None:
+        return math.nan
+    array = np.asarray(logits, dtype=np.float32)
+    rows = array.reshape(-1, array.shape[-1])
+    if step >= rows.shape[0] or max(chosen, rival) >= rows.shape[1]:
+        return math.nan
+    row = rows[step]
+    if greedy and row[chosen] < row.max():
+        return math.nan
+    return two_way_log_prob(float(row[chosen]), float(row[rival]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 Action = Literal["allow", "review", "block"]
@@ -99,16 +99,14 @@ def decide(
         elif confidence < band:
             action = "review"
             reasons.append(f"confidence_below:{band:g}")
-    sampled = _sample_rate(rules, action)
-    if sampled and sample_point(event_id) < sampled:
-        reasons.append(f"sampled:{sampled:g}")
-    else:
-        sampled = 0.0
+    rate = _sample_rate(rules, action)
+    sampled = rate > 0 and sample_point(event_id) < rate
+    if sampled:
+        reasons.append(f"sampled:{rate:g}")
     if not rules.enforce:
         reasons.append("observe_only")
         return Decision("allow", action, review=False, reasons=tuple(reasons))
-    review = action == "review" or sampled > 0
-    return Decision(action, action, review=review, reasons=tuple(reasons))
+    return Decision(action, action, review=action == "review" or sampled, reasons=tuple(reasons))
 
 
 def sample_point(event_id: str) -> float:
@@ -163,7 +161,7 @@ def rules_from_table(
             **base.categories,
             **_category_actions(table["categories"], codes),
         }
-    return DecisionRules(**{**base.__dict__, **changes})
+    return replace(base, **changes)
 
 
 def _category_actions(value: object, codes: tuple[str, ...]) -> dict[str, Action]:

@@ -135,11 +135,6 @@ class Policy:
         """The text sent to the model as `text_input`."""
         return self.prompt
 
-    @property
-    def unsafe_codes(self) -> tuple[str, ...]:
-        """The codes of every category but the safe one, in prompt order."""
-        return tuple(c.code for c in self.categories if c != self.safe_category)
-
     def category(self, name: str) -> Category | None:
         """The category `name` refers to, or None.
 

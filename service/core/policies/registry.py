@@ -161,9 +161,9 @@ def _base_policy(data: dict[str, Any]) -> Policy:
     categories = tuple(Category(code=_text(e, "code"), label=_text(e, "label")) for e in entries)
     safe = _category_named_by(data, "safe_category", categories)
     check_names_unique(categories, safe)
-    unsafe = tuple((c.code, c.label) for c in categories if c != safe)
-    parts = _prompt_parts(data, entries, safe.code, [code for code, _ in unsafe])
-    exceptions = _exceptions(data, parts, [code for code, _ in unsafe])
+    unsafe, codes = _unsafe(categories, safe)
+    parts = _prompt_parts(data, entries, safe.code, codes)
+    exceptions = _exceptions(data, parts, codes)
     return Policy(
         id=data["id"],
         version=_text(data, "version"),
@@ -174,14 +174,13 @@ def _base_policy(data: dict[str, Any]) -> Policy:
         yes_no=_yes_no_answers(data, categories, safe) if answer_format == "icm-yes-no" else None,
         parts=parts,
         exceptions=exceptions,
-        decision=_decision(data, DecisionRules(), [code for code, _ in unsafe]),
+        decision=_decision(data, DecisionRules(), codes),
     )
 
 
 def _derived_policy(data: dict[str, Any], parent: Policy) -> Policy:
     _check_keys(data, _DERIVED_KEYS, "derived policy")
-    unsafe = tuple((c.code, c.label) for c in parent.categories if c != parent.safe_category)
-    codes = [code for code, _ in unsafe]
+    unsafe, codes = _unsafe(parent.categories, parent.safe_category)
     exceptions = _exceptions(data, parent.parts, codes) if "exceptions" in data else None
     if exceptions is None:
         exceptions = parent.exceptions
@@ -199,6 +198,14 @@ def _derived_policy(data: dict[str, Any], parent: Policy) -> Policy:
         decision=_decision(data, parent.decision, codes),
         extends=parent.id,
     )
+
+
+def _unsafe(
+    categories: tuple[Category, ...], safe: Category
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """(code, label) of every category but the safe one, in prompt order, and their codes."""
+    unsafe = [(c.code, c.label) for c in categories if c != safe]
+    return unsafe, [code for code, _ in unsafe]
 
 
 def _prompt_parts(

@@ -108,6 +108,38 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("files", nargs="+", type=Path, help="image files to publish")
     produce.add_argument("--policy-id", default=None, help="policy to judge against")
     produce.add_argument("--tenant", default=None, help="tenant the uploads belong to")
+
+    ask = commands.add_parser(
+        "ask",
+        help="a conversation with the guard about one image (uses GUARDSTREAM_TRITON_URL, "
+        "GUARDSTREAM_GUARD_MODEL and, for an event id, the Kafka settings)",
+        description="Ask the guard model questions about one image, each answer kept in the "
+        "conversation: e.g. the policy's verdict, then 'Which rule?', then 'Why?'. The CPU "
+        "guard is a detector: it answers follow-ups with its judgement and says it cannot "
+        "answer more. Caps: GUARDSTREAM_ASK_MAX_QUESTIONS, GUARDSTREAM_ASK_MAX_QUESTION_CHARS, "
+        "GUARDSTREAM_ASK_MAX_TOKENS, and the image limits of the service.",
+    )
+    ask.add_argument(
+        "source",
+        help="an image file, an http(s) URL (fetched with the service's SSRF checks), or the "
+        "event_id of an event in the input topic",
+    )
+    ask.add_argument(
+        "questions",
+        nargs="*",
+        help="questions, asked in order; '-' reads one question per line from stdin",
+    )
+    ask.add_argument(
+        "--policy",
+        default=None,
+        help="policy whose prompt is the first question (default: the event's policy, or the "
+        "default policy for a file or URL)",
+    )
+    ask.add_argument(
+        "--no-policy",
+        action="store_true",
+        help="do not ask the policy prompt first: the first question is yours",
+    )
     return parser
 
 
@@ -176,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(stack_config(args), keep_stack=args.keep_stack)
     if args.command == "schemas":
         return schemas_command(check=args.check)
+    if args.command == "ask":
+        return ask_command(settings, args)
     return produce_command(settings, args.files, args.policy_id, args.tenant)
 
 
@@ -257,6 +291,35 @@ def produce_command(
                 print(f"{path}: event {event_id} at {sent.topic}[{sent.partition}]@{sent.offset}")
 
     asyncio.run(publish())
+    return 0
+
+
+def ask_command(settings: Settings, args: argparse.Namespace) -> int:
+    from service.adapters.kafka.lookup import EventNotFound
+    from service.ask import QuestionRefused, converse
+
+    questions: list[str] = []
+    for question in args.questions:
+        if question == "-":
+            questions += [line for line in sys.stdin.read().splitlines() if line.strip()]
+        else:
+            questions.append(question)
+    if args.no_policy and not questions:
+        print("ask: no question to ask (give one, or leave out --no-policy)", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(
+            converse(
+                settings,
+                args.source,
+                questions,
+                policy_id=args.policy,
+                policy=not args.no_policy,
+            )
+        )
+    except (QuestionRefused, EventNotFound, InvalidRules, GuardstreamError) as exc:
+        print(f"ask: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, QuestionRefused) else 1
     return 0
 
 

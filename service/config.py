@@ -185,6 +185,22 @@ class Settings(BaseSettings):
         None, description="Padding token id to send (Qwen2: 151643); unset sends none."
     )
 
+    # Conversations with the guard (`python -m service ask`, `service.ask`)
+    ask_max_questions: int = Field(
+        8,
+        ge=1,
+        le=8,
+        description="Questions one conversation may ask, the policy prompt included; the next "
+        "is refused. Every answer is sent back with each later question, and the guards take at "
+        "most 16 earlier turns.",
+    )
+    ask_max_question_chars: int = Field(
+        2000, ge=1, description="Longest question accepted, in characters; longer is refused."
+    )
+    ask_max_tokens: int = Field(
+        512, ge=1, description="max_tokens sent to the guard for each answer of a conversation."
+    )
+
     # Policies
     default_policy: str = Field(
         "llavaguard-v1.2", description="Policy used when an event names none."

@@ -425,6 +425,20 @@ def test_answer_is_llavaguard_json_naming_this_model(nr: ModuleType, policy: Any
     assert re.fullmatch(r"3\.4\.2\+rules\.[0-9a-f]{8}", json.loads(text)["model"]["version"])
 
 
+def test_a_follow_up_gets_the_judgement_and_is_told_the_detector_cannot_answer_it(
+    nr: ModuleType,
+) -> None:
+    answer = nr.Answer("Unsafe", "O4: Nudity Content", "NudeNet detected FEMALE_BREAST_EXPOSED.")
+    text = nr.follow_up_answer(answer, "Why is it unsafe?")
+    assert text == (
+        "This guard is the NudeNet nudity detector with fixed rules, not a language model: it "
+        'cannot answer "Why is it unsafe?". All it can say about this image is its judgement, '
+        "Unsafe (O4: Nudity Content): NudeNet detected FEMALE_BREAST_EXPOSED."
+    )
+    long = nr.follow_up_answer(answer, "x" * 500)
+    assert '"' + "x" * 199 + '\u2026"' in long
+
+
 def test_rules_fingerprint_is_the_canonical_hash(nr: ModuleType, policy: Any) -> None:
     canonical = json.dumps(
         {"categories": DEFAULT_CATEGORIES, "rules": DEFAULT_RULES},

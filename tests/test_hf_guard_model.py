@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import json
 import math
 import shutil
 import subprocess
@@ -266,6 +267,31 @@ def test_the_prompt_is_the_checkpoints_chat_template_with_the_image_first(
     assert text == (
         f"<|im_start|>user\n{image_token * count}\n{policy}<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_a_conversation_renders_every_turn_and_the_image_once(
+    hg: ModuleType, engines: dict[str, Any]
+) -> None:
+    processor = engines["scripted"].processor
+    history = (hg.Turn("user", "Is it safe?"), hg.Turn("assistant", "Yes, it is."))
+    request = hg.Request("Which rule?", image(30, 20), hg.Sampling(4), history)
+    ids = engines["scripted"].prepare(request).features["input_ids"][0].tolist()
+    text = processor.tokenizer.decode(ids)
+    image_token = processor.image_token
+    count = text.count(image_token)
+    assert text == (
+        f"<|im_start|>user\n{image_token * count}\nIs it safe?<|im_end|>\n"
+        "<|im_start|>assistant\nYes, it is.<|im_end|>\n"
+        "<|im_start|>user\nWhich rule?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_the_history_arrives_in_the_messages_input(hg: ModuleType, settings: Any) -> None:
+    turns = [{"role": "user", "content": "Is it safe?"}, {"role": "assistant", "content": "No."}]
+    sent = tensors(messages=json.dumps(turns).encode())
+    parsed = hg.parse_request(sent.get, settings, 1000)
+    assert parsed.history == (hg.Turn("user", "Is it safe?"), hg.Turn("assistant", "No."))
+    assert hg.parse_request(tensors().get, settings, 1000).history == ()
 
 
 def test_a_thin_image_is_read_as_height_width_channels(

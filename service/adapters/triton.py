@@ -10,6 +10,8 @@ the CPU guard of `triton_models/cpu` and to a GPU TensorRT-LLM deployment unchan
     top_k              INT32  [1, 1]
     end_id, pad_id     INT32  [1, 1]           only when configured
     seed               UINT64 [1, 1]           only when configured
+    messages           BYTES  [1, 1]           only in a conversation (`ask`): the earlier
+                                               turns as JSON, text_input the newest question
     → text_output      BYTES  [1, 1] (or [1])  the model's answer
     → rating_log_prob  FP32   [1, 1]           only from models that declare it: the log-prob
                                                of the answer given at the token that decided
@@ -38,22 +40,24 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import grpc  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
+import orjson
 from tritonclient.grpc import InferResult, model_config_pb2, service_pb2, service_pb2_grpc
 
 from service.core.errors import GuardError, GuardFailed, GuardUnavailable
-from service.core.guard import GuardReply, ServedModel
+from service.core.guard import GuardReply, ServedModel, Turn
 
 log = logging.getLogger(__name__)
 
 TEXT_OUTPUT = "text_output"
 RATING_LOG_PROB = "rating_log_prob"
+MESSAGES = "messages"
 _NAME_PARAMETER, _VERSION_PARAMETER = "guard_model_name", "guard_model_version"
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 # raw_input_contents (repeated bytes): its field number with wire type 2, length-delimited.
@@ -120,6 +124,7 @@ def describe_served_model(
         outputs=tuple(str(output.name) for output in metadata.outputs),
         name=parameter(_NAME_PARAMETER),
         version=parameter(_VERSION_PARAMETER),
+        inputs=tuple(str(tensor.name) for tensor in metadata.inputs),
     )
 
 
@@ -137,8 +142,13 @@ class Tensor(NamedTuple):
     array: npt.NDArray[np.generic]
 
 
-def request_tensors(prompt: str, pixels: npt.NDArray[np.uint8], sampling: Sampling) -> list[Tensor]:
-    """The request tensors for one prompt and one (H, W, 3) RGB image."""
+def request_tensors(
+    prompt: str,
+    pixels: npt.NDArray[np.uint8],
+    sampling: Sampling,
+    history: Sequence[Turn] = (),
+) -> list[Tensor]:
+    """The request tensors for one prompt and one (H, W, 3) RGB image, after `history`."""
     arrays: list[tuple[str, npt.NDArray[np.generic]]] = [
         ("text_input", np.array([[prompt.encode()]], dtype=np.object_)),
         ("image_bytes_input", pixels.reshape((1, 1, *pixels.shape))),
@@ -153,6 +163,9 @@ def request_tensors(prompt: str, pixels: npt.NDArray[np.uint8], sampling: Sampli
         ("seed", sampling.seed, np.uint64),
     ]
     arrays += [(name, np.array([[v]], dtype=t)) for name, v, t in optional if v is not None]
+    if history:
+        turns = [{"role": turn.role, "content": turn.text} for turn in history]
+        arrays.append((MESSAGES, np.array([[orjson.dumps(turns)]], dtype=np.object_)))
     return [Tensor(name, _triton_dtype(array), array) for name, array in arrays]
 
 
@@ -306,11 +319,22 @@ class GuardClient:
         prompt: str,
         pixels: npt.NDArray[np.uint8],
         headers: Mapping[str, str] | None = None,
+        history: Sequence[Turn] = (),
     ) -> GuardReply:
-        """One inference; `headers` carry the trace context as gRPC metadata to Triton."""
-        tensors = request_tensors(prompt, pixels, self._sampling)
+        """One inference; `headers` carry the trace context as gRPC metadata to Triton.
+
+        `history`: the earlier turns of a conversation about this image (`service.ask`);
+        `prompt` is then the newest question. A model that does not declare `messages` cannot
+        hold one: GuardError, before anything is sent.
+        """
+        tensors = request_tensors(prompt, pixels, self._sampling, history)
         try:
             served = await self._served_model(self._timeout_s)
+            if history and MESSAGES not in served.inputs:
+                raise GuardError(
+                    f"Triton model {self.model!r} takes no {MESSAGES} input: it answers single "
+                    "questions only (update its model repository to hold a conversation)"
+                )
             wanted = [TEXT_OUTPUT]
             if RATING_LOG_PROB in served.outputs:
                 wanted.append(RATING_LOG_PROB)

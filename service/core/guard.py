@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,16 @@ class ServedModel:
     name: str | None = None
     """The guard model's own name (`guard_model_name` parameter), when the config names it."""
     version: str | None = None
+    inputs: tuple[str, ...] = ()
+    """The inputs the model declares: `messages` when it can hold a conversation."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation with the guard about one image."""
+
+    role: Literal["user", "assistant"]
+    text: str
 
 
 @dataclass(frozen=True)

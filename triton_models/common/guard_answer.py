@@ -5,7 +5,8 @@ model gave to the answer it chose at the token that decided it. This module find
 and says what it is compared with; the engines (the HF Python backend, the TensorRT-LLM BLS and
 post-processing models) own the probabilities.
 
-    conversation          the policy prompt -> chat messages for the checkpoint's chat template
+    conversation          earlier turns + the new question -> chat messages for the
+                          checkpoint's chat template
     token_pieces          generated token ids + the tokenizer's decode -> text of each token
     decision_token_index  text of each token + DECISION_PATTERN -> index of the deciding token
     yes_no_rivals         the tokenizer's vocabulary -> each Yes/No token's counterpart
@@ -66,19 +67,26 @@ def compile_decision_pattern(pattern: str) -> re.Pattern[str]:
     return compiled
 
 
-def conversation(prompt: str) -> list[dict[str, object]]:
+def conversation(
+    prompt: str, history: Sequence[tuple[str, str]] = ()
+) -> list[dict[str, object]]:
     """The chat messages for `processor.apply_chat_template(..., add_generation_prompt=True)`.
 
-    One user turn, the image first and then the policy text, as LlavaGuard's model card builds
-    it: LLaVA-OneVision's template renders the image placeholder before the text either way,
-    but the order is kept so that templates which follow the list order agree.
+    `history` is the conversation so far as (role, text) pairs, user first and alternating
+    (`guard_request.history_from_tensor` checks that), and `prompt` the user's newest turn.
+    The image belongs to the first user turn, before its text, as LlavaGuard's model card and
+    LLaVA's own conversations put it: LLaVA-OneVision's template renders the image placeholder
+    before the text either way, but the order is kept so that templates which follow the list
+    order agree.
     """
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": prompt}],
-        }
-    ]
+    turns = [*history, ("user", prompt)]
+    messages: list[dict[str, object]] = []
+    for index, (role, text) in enumerate(turns):
+        content: list[dict[str, str]] = [{"type": "text", "text": text}]
+        if index == 0:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": role, "content": content})
+    return messages
 
 
 def decisive_offset(text: str, pattern: re.Pattern[str]) -> int | None:

@@ -8,17 +8,24 @@ detector in one onnxruntime run. Nothing raises out of `execute`.
 from __future__ import annotations
 
 from importlib.metadata import version
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from guard_request import IMAGE_INPUT, InvalidRequestError, image_from_tensor
+from guard_request import (
+    IMAGE_INPUT,
+    MESSAGES_INPUT,
+    InvalidRequestError,
+    history_from_tensor,
+    image_from_tensor,
+)
 from model_parameters import string_values
 from nudenet_rules import (
     Detector,
     RGBImage,
     answer_json,
     exempt_categories,
+    follow_up_answer,
     judge,
     model_version,
     parse_settings,
@@ -41,17 +48,19 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
         images: list[RGBImage] = []
-        exempt: list[frozenset[str]] = []
+        asked: list[_Asked] = []
         judged: list[int] = []
         for index, request in enumerate(requests):
             try:
-                images.append(self._image(request))
-                exempt.append(_exempt(request))
-                judged.append(index)
+                image, question = self._image(request), _asked(request)
             except InvalidRequestError as exc:
                 # INVALID_ARG, not the default INTERNAL: the client must not retry this one.
                 responses[index] = _error_response(str(exc), pb_utils.TritonError.INVALID_ARG)
-        for index, response in zip(judged, self._judge(images, exempt), strict=True):
+                continue
+            images.append(image)
+            asked.append(question)
+            judged.append(index)
+        for index, response in zip(judged, self._judge(images, asked), strict=True):
             responses[index] = response
         return responses
 
@@ -65,7 +74,7 @@ class TritonPythonModel:
             raise InvalidRequestError(f"{IMAGE_INPUT} is missing")
         return image_from_tensor(tensor.as_numpy(), self._max_image_side)
 
-    def _judge(self, images: list[RGBImage], exempt: list[frozenset[str]]) -> list[Any]:
+    def _judge(self, images: list[RGBImage], asked: list[_Asked]) -> list[Any]:
         """One response per image, from one detector run over all of them."""
         try:
             detections = self._detector.detect(images)
@@ -77,20 +86,34 @@ class TritonPythonModel:
                 _error_response(f"detector failed: {exc}", pb_utils.TritonError.INTERNAL)
                 for _ in images
             ]
-        return [
-            _text_response(answer_json(judge(found, self._policy, codes), self._version))
-            for found, codes in zip(detections, exempt, strict=True)
-        ]
+        responses = []
+        for found, (text, first_turn) in zip(detections, asked, strict=True):
+            # A follow-up is answered with the judgement of the conversation's first turn (the
+            # policy prompt, whose exceptions count), not of the question.
+            answer = judge(found, self._policy, exempt_categories(first_turn or text))
+            if first_turn is None:
+                responses.append(_text_response(answer_json(answer, self._version)))
+            else:
+                responses.append(_text_response(follow_up_answer(answer, text)))
+        return responses
 
 
-def _exempt(request: Any) -> frozenset[str]:
-    """The categories the request's policy prompt declares non-violating."""
+class _Asked(NamedTuple):
+    text: str
+    """text_input: the policy prompt, or the newest question of a conversation."""
+    first_turn: str | None
+    """The conversation's first user turn when this is a follow-up, else None."""
+
+
+def _asked(request: Any) -> _Asked:
     tensor = pb_utils.get_input_tensor_by_name(request, TEXT_INPUT)
     if tensor is None:
         raise InvalidRequestError(f"{TEXT_INPUT} is missing")
     prompt = tensor.as_numpy().reshape(-1)[0]
     text = prompt.decode("utf-8", "replace") if isinstance(prompt, bytes) else str(prompt)
-    return exempt_categories(text)
+    messages = pb_utils.get_input_tensor_by_name(request, MESSAGES_INPUT)
+    history = history_from_tensor(None if messages is None else messages.as_numpy())
+    return _Asked(text, history[0].text if history else None)
 
 
 def _text_response(text: str) -> Any:

@@ -10,6 +10,7 @@ it without a server. One step per function, in the order the data flows:
     exempt_categories   the policy prompt -> the categories it declares non-violating
     judge               detections + Policy -> Answer (rating, category, rationale)
     answer_json         Answer -> the LlavaGuard JSON text, with the model's own identity
+    follow_up_answer    Answer + a follow-up question -> plain text saying what it can say
 
 Reproduced from nudenet 3.4.2 (`nudenet/nudenet.py`), so that the scores are NudeNet's own:
 pad bottom/right to a black square, resize to 320x320 with cv2 INTER_LINEAR, scale by 1/255,
@@ -373,4 +374,17 @@ def answer_json(answer: Answer, version: str) -> str:
             "model": {"name": MODEL_NAME, "version": version},
         },
         ensure_ascii=False,
+    )
+
+
+def follow_up_answer(answer: Answer, question: str) -> str:
+    """What the detector can say to a follow-up question about an image it judged: its judgement
+    and the detections behind it, and that it cannot answer the question itself. A detector
+    with rules has no language model to converse with; pretending otherwise would put words in
+    a reviewer's hands that no model produced."""
+    asked = question if len(question) <= 200 else question[:199] + "\u2026"
+    return (
+        f"This guard is the NudeNet nudity detector with fixed rules, not a language model: it "
+        f"cannot answer \"{asked}\". All it can say about this image is its judgement, "
+        f"{answer.rating} ({answer.category}): {answer.rationale}"
     )

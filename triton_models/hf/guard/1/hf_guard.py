@@ -51,7 +51,13 @@ from guard_answer import (
     two_way_log_prob,
     yes_no_rivals,
 )
-from guard_request import InvalidRequestError, image_from_tensor
+from guard_request import (
+    MESSAGES_INPUT,
+    InvalidRequestError,
+    Turn,
+    history_from_tensor,
+    image_from_tensor,
+)
 from model_parameters import InvalidSettingsError, ModelParameters
 from numpy.typing import NDArray
 from transformers import (
@@ -129,6 +135,8 @@ class Request:
     prompt: str
     image: NDArray[np.uint8]
     sampling: Sampling
+    history: tuple[Turn, ...] = ()
+    """Earlier turns of a conversation about the image; `prompt` is the newest question."""
 
 
 @dataclass(frozen=True)
@@ -195,11 +203,12 @@ def resolve_device(device: str, instance_kind: str, instance_device_id: str) -> 
 
 
 def parse_request(tensor: TensorLookup, settings: Settings, vocab_size: int) -> Request:
-    """One request's prompt, image and sampling, checked against the contract."""
+    """One request's prompt, image, sampling and history, checked against the contract."""
     return Request(
         prompt=_prompt(tensor),
         image=_image(tensor, settings.max_image_side),
         sampling=_sampling(tensor, settings.max_new_tokens, vocab_size),
+        history=history_from_tensor(tensor(MESSAGES_INPUT)),
     )
 
 
@@ -430,7 +439,7 @@ class Engine:
     def prepare(self, request: Request) -> Prepared:
         """Chat template, image processing and tokenisation of one request."""
         prompt = self.processor.apply_chat_template(
-            conversation(request.prompt), add_generation_prompt=True
+            conversation(request.prompt, request.history), add_generation_prompt=True
         )
         # channels_last: without it a 3-pixel-high image reads as channels-first.
         features = self.processor(

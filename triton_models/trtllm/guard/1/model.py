@@ -82,7 +82,9 @@ class TritonPythonModel:
 
     async def _generate(self, guard_request: GuardRequest) -> Any:
         settings = self._settings
-        pre = preprocess(self._processor, guard_request.prompt, guard_request.image)
+        pre = preprocess(
+            self._processor, guard_request.prompt, guard_request.image, guard_request.history
+        )
         ids, image_tokens = prompt_table_ids(
             pre.input_ids, self._image_token_id, settings.limits.vocab_size
         )

@@ -43,7 +43,14 @@ from guard_answer import (
     token_pieces,
     two_way_log_prob,
 )
-from guard_request import IMAGE_INPUT, InvalidRequestError, image_from_tensor
+from guard_request import (
+    IMAGE_INPUT,
+    MESSAGES_INPUT,
+    InvalidRequestError,
+    Turn,
+    history_from_tensor,
+    image_from_tensor,
+)
 from model_parameters import InvalidSettingsError, ModelParameters
 from numpy.typing import NDArray
 
@@ -114,6 +121,8 @@ class GuardRequest:
     prompt: str
     image: NDArray[np.uint8]
     sampling: Sampling
+    history: tuple[Turn, ...] = ()
+    """Earlier turns of a conversation about the image; `prompt` is the newest question."""
 
 
 @dataclass(frozen=True)
@@ -280,15 +289,27 @@ def read_request(get: Callable[[str], NDArray[Any] | None], max_image_side: int)
         raise InvalidRequestError(f"top_p: must be in (0, 1], got {sampling.top_p}")
     if sampling.top_k is not None and sampling.top_k < 0:
         raise InvalidRequestError(f"top_k: must not be negative, got {sampling.top_k}")
-    return GuardRequest(prompt, image_from_tensor(image, max_image_side), sampling)
+    return GuardRequest(
+        prompt,
+        image_from_tensor(image, max_image_side),
+        sampling,
+        history_from_tensor(get(MESSAGES_INPUT)),
+    )
 
 
 # --- preprocessing -----------------------------------------------------------------------------
 
 
-def preprocess(processor: Processor, prompt: str, image: NDArray[np.uint8]) -> Preprocessed:
+def preprocess(
+    processor: Processor,
+    prompt: str,
+    image: NDArray[np.uint8],
+    history: Sequence[Turn] = (),
+) -> Preprocessed:
     """The checkpoint's chat template and image processing, as the HF engine applies them."""
-    text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        conversation(prompt, history), add_generation_prompt=True
+    )
     # channels_last: without it an image 1 or 3 pixels high reads as channels-first.
     encoded = processor(
         images=image, text=text, return_tensors="np", input_data_format="channels_last"

@@ -137,9 +137,7 @@ class FakeGuard:
         )
 
 
-async def test_each_question_carries_the_turns_before_it_and_a_refused_one_sends_nothing() -> (
-    None
-):
+async def test_each_question_carries_the_turns_before_it_and_a_refused_one_sends_nothing() -> None:
     guard = FakeGuard()
     chat = Conversation(cast(GuardClient, guard), np.zeros((2, 2, 3), np.uint8), LIMITS)
     first = await chat.ask("Is it safe?")

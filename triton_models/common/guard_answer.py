@@ -67,9 +67,7 @@ def compile_decision_pattern(pattern: str) -> re.Pattern[str]:
     return compiled
 
 
-def conversation(
-    prompt: str, history: Sequence[tuple[str, str]] = ()
-) -> list[dict[str, object]]:
+def conversation(prompt: str, history: Sequence[tuple[str, str]] = ()) -> list[dict[str, object]]:
     """The chat messages for `processor.apply_chat_template(..., add_generation_prompt=True)`.
 
     `history` is the conversation so far as (role, text) pairs, user first and alternating

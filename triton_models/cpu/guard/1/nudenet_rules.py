@@ -385,6 +385,6 @@ def follow_up_answer(answer: Answer, question: str) -> str:
     asked = question if len(question) <= 200 else question[:199] + "\u2026"
     return (
         f"This guard is the NudeNet nudity detector with fixed rules, not a language model: it "
-        f"cannot answer \"{asked}\". All it can say about this image is its judgement, "
+        f'cannot answer "{asked}". All it can say about this image is its judgement, '
         f"{answer.rating} ({answer.category}): {answer.rationale}"
     )

@@ -307,9 +307,7 @@ def preprocess(
     history: Sequence[Turn] = (),
 ) -> Preprocessed:
     """The checkpoint's chat template and image processing, as the HF engine applies them."""
-    text = processor.apply_chat_template(
-        conversation(prompt, history), add_generation_prompt=True
-    )
+    text = processor.apply_chat_template(conversation(prompt, history), add_generation_prompt=True)
     # channels_last: without it an image 1 or 3 pixels high reads as channels-first.
     encoded = processor(
         images=image, text=text, return_tensors="np", input_data_format="channels_last"

@@ -140,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not ask the policy prompt first: the first question is yours",
     )
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="ICM-Assistant's metrics (ICM accuracy, MQA accuracy) of the guard on a manifest",
+        description="Ask the guard about every image of a JSON Lines manifest and print "
+        "ICM-Assistant's metrics, defined as its evaluation scripts define them. ICM items "
+        '({"image": ..., "expected": "Yes"|"No"}) are asked the policy prompt and scored on '
+        'P(violating) > 0.5; MQA items ({..., "question": ..., "expected": "D."}) on '
+        "the answer's first character. Images are files relative to the manifest or URLs.",
+    )
+    evaluate.add_argument("manifest", type=Path, help="JSON Lines file of labelled images")
+    evaluate.add_argument(
+        "--policy", default=None, help="policy of the ICM items (default: the default policy)"
+    )
+    evaluate.add_argument(
+        "--results", type=Path, default=None, help="write each item's answer and score here"
+    )
+    evaluate.add_argument(
+        "--concurrency", type=int, default=4, help="items asked at a time [%(default)s]"
+    )
     return parser
 
 
@@ -210,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return schemas_command(check=args.check)
     if args.command == "ask":
         return ask_command(settings, args)
+    if args.command == "eval":
+        return eval_command(settings, args)
     return produce_command(settings, args.files, args.policy_id, args.tenant)
 
 
@@ -320,6 +342,28 @@ def ask_command(settings: Settings, args: argparse.Namespace) -> int:
     except (QuestionRefused, EventNotFound, InvalidRules, GuardstreamError) as exc:
         print(f"ask: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, QuestionRefused) else 1
+    return 0
+
+
+def eval_command(settings: Settings, args: argparse.Namespace) -> int:
+    from service.evaluate import evaluate, write_results
+
+    try:
+        report = asyncio.run(
+            evaluate(
+                settings,
+                args.manifest,
+                policy_id=args.policy,
+                concurrency=max(1, args.concurrency),
+            )
+        )
+    except (ValueError, OSError, InvalidRules, GuardstreamError) as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    if args.results is not None:
+        write_results(args.results, report.items)
+        print(f"results               {args.results}")
     return 0
 
 

@@ -138,10 +138,8 @@ class Conversation:
 
 
 @contextlib.asynccontextmanager
-async def open_conversation(
-    settings: Settings, pixels: npt.NDArray[np.uint8]
-) -> AsyncIterator[Conversation]:
-    """A conversation with the guard the settings name, once its model is ready."""
+async def open_guard(settings: Settings) -> AsyncIterator[GuardClient]:
+    """The guard the settings name, once its model is ready, for any number of conversations."""
     guard = GuardClient(
         settings.triton_url,
         settings.guard_model,
@@ -152,13 +150,23 @@ async def open_conversation(
     )
     try:
         await guard.wait_ready(settings.guard_startup_timeout_s)
-        yield Conversation(guard, pixels, AskLimits.from_settings(settings))
+        yield guard
     finally:
         await guard.close()
 
 
-async def subject_for(source: str, settings: Settings) -> Subject:
-    """The image named by `source`: a file, an http(s) URL, or an event id of the input topic.
+@contextlib.asynccontextmanager
+async def open_conversation(
+    settings: Settings, pixels: npt.NDArray[np.uint8]
+) -> AsyncIterator[Conversation]:
+    """One conversation with the guard the settings name, once its model is ready."""
+    async with open_guard(settings) as guard:
+        yield Conversation(guard, pixels, AskLimits.from_settings(settings))
+
+
+async def subject_for(source: str, settings: Settings, *, events: bool = True) -> Subject:
+    """The image named by `source`: a file, an http(s) URL, or (with `events`) an event id of
+    the input topic; FileNotFoundError when it is none of those.
 
     Every path goes through the service's own limits: the encoded size, the pixel count and
     the downscale of `decode_image`, and for URLs the fetcher's SSRF checks and timeouts.
@@ -169,6 +177,8 @@ async def subject_for(source: str, settings: Settings) -> Subject:
     encoded = await asyncio.to_thread(_read_file, Path(source), limits)
     if encoded is not None:
         return Subject(decode_image(encoded, limits), source)
+    if not events:
+        raise FileNotFoundError(f"{source}: no such image file")
     found = await find_event(settings, source)
     image = found.event.image
     if isinstance(image, InlineImage):

@@ -29,6 +29,7 @@ from service.core.guard import Turn
 from service.core.policies import PolicyRegistry
 from service.dev import stack
 from service.dev.samples import photo_bytes
+from service.evaluate import evaluate
 from tests.support.stack import Topics
 
 pytestmark = pytest.mark.stack
@@ -120,3 +121,35 @@ async def test_an_unknown_event_id_is_not_found_saying_where_it_looked(
 ) -> None:
     with pytest.raises(EventNotFound, match=f"no event 'missing' in topic '{topics.input}'"):
         await find_event(topics.settings(embedded_stack), "missing")
+
+
+async def test_eval_scores_a_manifest_through_the_cpu_guard(
+    embedded_stack: stack.StackState, topics: Topics, tmp_path: Path
+) -> None:
+    for name in ("astronaut.png", "color.png"):
+        (tmp_path / name).write_bytes(photo_bytes(name))
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(
+        # color.png: NudeNet scores the colour wheel as exposed buttocks (samples.PHOTOS).
+        '{"id": "wheel", "image": "color.png", "expected": "Yes"}\n'
+        '{"id": "astronaut", "image": "astronaut.png", "expected": "No"}\n'
+        '{"id": "wrong", "image": "astronaut.png", "expected": "Unsafe"}\n'
+        '{"id": "missing", "image": "nothing-here.png", "expected": "No"}\n'
+        '{"id": "mqa", "image": "astronaut.png", "question": "Is it a photo? A. yes B. no",'
+        ' "expected": "A."}\n'
+    )
+    report = await evaluate(topics.settings(embedded_stack), manifest, concurrency=2)
+    results = {item.id: item for item in report.items}
+    assert {name: item.correct for name, item in results.items()} == {
+        "wheel": True,
+        "astronaut": True,
+        "wrong": False,
+        "missing": False,
+        "mqa": False,  # a detector answers LlavaGuard JSON: "{" is no choice
+    }
+    assert (results["wheel"].score, results["astronaut"].score) == (1.0, 0.0)
+    assert results["missing"].error is not None
+    assert "nothing-here.png: no such image file" in results["missing"].error
+    assert str(report.of("icm")) == "0.5000 (2/4)"
+    assert report.lines()[2].endswith("(3 scored on the rating alone: no confidence)")
+    assert report.policy.startswith("llavaguard-v1.2 1.2.1+")

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
+from service.ask import converse
 from service.client import ImageEventProducer
 from service.config import Settings
 from service.dev import stack
@@ -76,6 +78,8 @@ def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
         )
         seen, reviewed = asyncio.run(_publish_and_watch(state.bootstrap_servers, settings, samples))
         _show_review_topic(settings, samples, reviewed)
+        if reviewed:
+            _show_conversation(state, settings, reviewed[0]["event_id"])
         _show_metrics(health)
     finally:
         service.send_signal(signal.SIGTERM)
@@ -252,6 +256,23 @@ def _show_review_topic(
             f"{verdict['category_code']} under {verdict['policy_id']} "
             f"({', '.join(verdict['reasons'])}), tenant {verdict['tenant']}"
         )
+
+
+def _show_conversation(state: stack.StackState, settings: Settings, event_id: str) -> None:
+    """What the reviewer can ask the guard about that verdict (`python -m service ask`)."""
+    print(
+        f"\na reviewer asks the guard about it: python -m service ask {shlex.quote(event_id)} ..."
+    )
+    here = settings.model_copy(
+        update={
+            "bootstrap_servers": state.bootstrap_servers,
+            "triton_url": state.triton_grpc,
+            "policy_dir": RULES_DIR / "policies",
+            "tenant_file": RULES_DIR / "tenants.toml",
+        }
+    )
+    question = "Which rule does the picture break?"
+    asyncio.run(converse(here, event_id, [question], policy_id=None, policy=True))
 
 
 def _print_row(cells: Iterable[str]) -> None:

@@ -60,16 +60,23 @@ if TYPE_CHECKING:
         LlavaProcessor,
     )
 
+# fill_hf_repository, served and token_id are tiny_llava's, re-exported: they work for any
+# checkpoint, and the tests of LLaVA-1.5 need only this module.
 __all__ = [
     "CONVERTER",
+    "IMAGE_FEATURES",
     "IMAGE_SIZE",
+    "base_tokenizer",
     "build",
     "build_original",
     "build_vision_tower",
     "converter",
     "fill_hf_repository",
+    "image_processor",
     "served",
+    "text_config",
     "token_id",
+    "vision_config",
 ]
 
 CONVERTER = Path(__file__).resolve().parents[2] / "deploy" / "icm" / "convert_llava.py"

@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from service.adapters.triton import GuardClient, Sampling, read_rating_log_prob
 from service.core.errors import GuardError
 from service.core.policies import PolicyRegistry, parse_answer
-from tests.support import tiny_llava
+from tests.support import tiny_llava, tiny_llava15
 from tests.support.lazy import lazy
 from triton_models.common.guard_answer import DECISION_PATTERN
 
@@ -320,7 +320,7 @@ def test_collated_requests_equal_the_processors_own_batch(
         input_data_format="channels_last",
     )
     assert ours["input_ids"].shape[1] > min(p.features["input_ids"].shape[1] for p in prepared)
-    for name in hg.MODEL_INPUTS:
+    for name in engine.architecture.model_inputs:
         assert torch.equal(ours[name], theirs[name]), name
 
 
@@ -561,6 +561,190 @@ def test_a_request_the_model_fails_on_fails_alone_in_its_batch(
     results = engine.answer([good, broken, good])
     assert isinstance(results[1], Exception)
     assert [r.text for r in (results[0], results[2])] == [engine.answer([good])[0].text] * 2
+
+
+# --- LLaVA-1.5 (ICM-Assistant's architecture) ------------------------------------------------
+
+YES_NO = tiny_llava.YES_NO_PROBABILITIES
+ICM_TWO_WAY_YES = YES_NO["Yes"] / (YES_NO["Yes"] + YES_NO["No"])
+
+
+@pytest.fixture(scope="module")
+def llava15_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny LLaVA-1.5 checkpoints: built in transformers' format, and one in LLaVA's original
+    format with its tower, converted by deploy/icm/convert_llava.py."""
+    root = tmp_path_factory.mktemp("tiny-llava15")
+    found = {
+        variant: tiny_llava15.build(root / variant, variant) for variant in ("random", "yes-no")
+    }
+    found["original"] = tiny_llava15.build_original(root / "original")
+    tower = tiny_llava15.build_vision_tower(root / "tower")
+    found["converted"] = tiny_llava15.converter().convert(
+        found["original"], tower, root / "converted"
+    )
+    return found
+
+
+@pytest.fixture(scope="module")
+def llava15(hg: ModuleType, settings: Any, llava15_checkpoints: dict[str, Path]) -> dict[str, Any]:
+    return {
+        variant: hg.Engine(
+            dataclasses.replace(
+                settings, checkpoint=llava15_checkpoints[variant], verify_checkpoint=False
+            ),
+            torch.device("cpu"),
+        )
+        for variant in ("random", "yes-no", "converted")
+    }
+
+
+def test_a_llava_15_checkpoint_loads_as_llava_with_the_llava_v1_conversation(
+    hg: ModuleType, llava15: dict[str, Any]
+) -> None:
+    engine = llava15["yes-no"]
+    assert type(engine.model).__name__ == "LlavaForConditionalGeneration"
+    assert engine.architecture.model_type == "llava"
+    convert = tiny_llava15.converter()
+    assert engine.processor.chat_template == convert.CHAT_TEMPLATE
+    policy = PolicyRegistry.load().get("icm-assistant").prompt
+    features = engine.prepare(hg.Request(policy, image(30, 50), hg.Sampling(4))).features
+    assert set(features) == {"input_ids", "attention_mask", "pixel_values"}
+    size = tiny_llava15.IMAGE_SIZE
+    assert features["pixel_values"].shape == (1, 3, size, size)
+    image_tokens = "<image>" * tiny_llava15.IMAGE_FEATURES
+    expected = f"{convert.LLAVA_V1_SYSTEM} USER: {image_tokens}\n{policy} ASSISTANT:"
+    assert features["input_ids"][0].tolist() == engine.tokenizer(expected)["input_ids"]
+    assert features["input_ids"][0, 0] == 1  # LLaMA's <s>
+
+
+def test_the_llava_15_yes_no_answer_has_icms_two_way_confidence(
+    hg: ModuleType, llava15: dict[str, Any]
+) -> None:
+    engine = llava15["yes-no"]
+    request = hg.parse_request(tensors(max_tokens=50).get, engine.settings, engine.vocab_size)
+    prepared = engine.prepare(request)
+    [answer] = engine.answer([prepared])
+    assert answer.text == "".join(tiny_llava.YES_NO_ANSWERS["Yes"])
+    assert answer.token_count == 3  # ▁Yes, the explanation, </s>
+    assert answer.rating_log_prob == pytest.approx(math.log(ICM_TWO_WAY_YES), abs=1e-4)
+    # The deciding token is LLaMA's `▁Yes`, its rival the vocabulary's `▁No`.
+    yes, no = (tiny_llava15.token_id(engine.tokenizer, word) for word in ("Yes", "No"))
+    assert engine.tokenizer.convert_ids_to_tokens([yes, no]) == ["▁Yes", "▁No"]
+    assert engine._rival_of[yes] == no
+    with torch.inference_mode():
+        logits = engine.model(**prepared.features).logits[0, -1].double()
+    by_hand = float(torch.softmax(logits[[yes, no]], dim=0)[0])
+    assert math.exp(answer.rating_log_prob) == pytest.approx(by_hand, abs=1e-4)
+    assert float(torch.softmax(logits, dim=0)[yes]) == pytest.approx(YES_NO["Yes"], abs=1e-4)
+
+
+def test_a_llava_15_batch_answers_each_request_as_it_would_be_answered_alone(
+    hg: ModuleType, llava15: dict[str, Any]
+) -> None:
+    # Different image sizes and prompt lengths: the shorter prompt is left-padded, with a pad
+    # token whose embedding is not zero (hf_architectures' image_seq_length override).
+    engine = llava15["random"]
+    requests = [
+        hg.parse_request(
+            tensors(image(h, w, seed=h), text_input=text).get, engine.settings, engine.vocab_size
+        )
+        for h, w, text in ((20, 30, b"policy"), (90, 40, b"a longer policy, to pad the other"))
+    ]
+    prepared = [engine.prepare(request) for request in requests]
+    lengths = {p.features["input_ids"].shape[1] for p in prepared}
+    assert len(lengths) == 2
+    batched = engine.answer(prepared)
+    alone = [engine.answer([p])[0] for p in prepared]
+    for together, single in zip(batched, alone, strict=True):
+        assert (together.text, together.token_count) == (single.text, single.token_count)
+        assert together.rating_log_prob == pytest.approx(
+            single.rating_log_prob, abs=1e-4, nan_ok=True
+        )
+    collated = hg.collate([p.features for p in prepared], engine.tokenizer.pad_token_id)
+    assert collated["pixel_values"].shape[0] == 2
+    assert torch.equal(
+        collated["pixel_values"], torch.cat([p.features["pixel_values"] for p in prepared])
+    )
+
+
+def test_an_image_is_padded_to_a_square_of_the_mean_colour_as_llava_15_pads_it(
+    hg: ModuleType,
+) -> None:
+    wide = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)
+    background = [7, 8, 9]
+    # By hand: 4x4, the image on rows 1 and 2 ((4 - 2) // 2 = 1 above, 1 below).
+    assert hg.pad_to_square(wide, (7, 8, 9)).tolist() == [
+        [background] * 4,
+        wide[0].tolist(),
+        wide[1].tolist(),
+        [background] * 4,
+    ]
+    tall = np.full((3, 2, 3), 200, dtype=np.uint8)
+    # 3x3, the image on columns 0 and 1: the odd pixel of the margin goes after it.
+    assert hg.pad_to_square(tall, (7, 8, 9)).tolist() == [[[200] * 3, [200] * 3, background]] * 3
+    square = np.zeros((5, 5, 3), dtype=np.uint8)
+    assert hg.pad_to_square(square, (7, 8, 9)) is square
+    # LLaVA's pad colour for CLIP's mean (0.48145466, 0.4578275, 0.40821073).
+    assert hg.mean_colour([0.48145466, 0.4578275, 0.40821073]) == (122, 116, 104)
+
+
+def test_llava_15_sees_the_whole_padded_image_not_the_processors_centre_crop(
+    hg: ModuleType, llava15: dict[str, Any]
+) -> None:
+    engine = llava15["random"]
+    wide = image(20, 60, seed=5)
+    pixels = engine.prepare(hg.Request("policy", wide, hg.Sampling(4))).features["pixel_values"]
+
+    def processed(picture: np.ndarray) -> Any:
+        return engine.processor.image_processor(
+            [picture], return_tensors="pt", input_data_format="channels_last"
+        )["pixel_values"]
+
+    assert torch.equal(pixels, processed(hg.pad_to_square(wide, (122, 116, 104))))
+    assert not torch.allclose(pixels, processed(wide))
+
+
+def test_a_converted_original_llava_checkpoint_loads_and_answers(
+    hg: ModuleType, llava15: dict[str, Any]
+) -> None:
+    engine = llava15["converted"]
+    assert engine.architecture.model_type == "llava"
+    answer = ask(hg, engine, max_tokens=6)
+    assert isinstance(answer.text, str)
+    assert 1 <= answer.token_count <= 6
+    assert ask(hg, engine, max_tokens=6).text == answer.text
+
+
+def test_checkpoints_the_engine_does_not_serve_are_refused_saying_why(
+    hg: ModuleType, settings: Any, llava15_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    def load(checkpoint: Path) -> Any:
+        changed = dataclasses.replace(settings, checkpoint=checkpoint, verify_checkpoint=False)
+        return hg.Engine(changed, torch.device("cpu"))
+
+    other = shutil.copytree(llava15_checkpoints["random"], tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_vl"}))
+    with pytest.raises(
+        hg.InvalidSettingsError,
+        match=r"has model_type 'qwen2_vl'; the HF guard serves llava_onevision "
+        r"\(LlavaOnevisionForConditionalGeneration\), llava \(LlavaForConditionalGeneration\)",
+    ):
+        load(other)
+    with pytest.raises(
+        hg.InvalidSettingsError,
+        match=r"original format \(LlavaLlamaForCausalLM\); convert it with "
+        r"deploy/icm/convert_llava\.py",
+    ):
+        load(llava15_checkpoints["original"])
+    unexpanded = shutil.copytree(llava15_checkpoints["random"], tmp_path / "unexpanded")
+    (unexpanded / "processor_config.json").unlink()
+    with pytest.raises(
+        hg.InvalidSettingsError,
+        match=r"patch_size and vision_feature_select_strategy are \(None, None\), the model's "
+        r"\(14, 'default'\)",
+    ):
+        load(unexpanded)
 
 
 # --- through Triton --------------------------------------------------------------------------

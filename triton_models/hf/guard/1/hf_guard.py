@@ -1,9 +1,11 @@
-"""LlavaGuard's `-hf` checkpoints under transformers: the model behind triton_models/hf's `guard`.
+"""Guard checkpoints under transformers: the model behind triton_models/hf's `guard`.
 
 Runs AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf or -7B-OV-hf (LlavaOnevisionForConditionalGeneration:
-SigLIP vision tower, Qwen2 text tower) on the CPU or a CUDA GPU, with the checkpoint's own
-processor and chat template. Nothing here imports Triton: `model.py` is the glue, so the tests
-run this module in-process as well as through a real tritonserver. In the order data flows:
+SigLIP vision tower, Qwen2 text tower) or a LLaVA-1.5 checkpoint such as ICM-Assistant's
+(LlavaForConditionalGeneration: CLIP, LLaMA; hf_architectures says what differs) on the CPU or a
+CUDA GPU, with the checkpoint's own processor and chat template. Nothing here imports Triton:
+`model.py` is the glue, so the tests run this module in-process as well as through a real
+tritonserver. In the order data flows:
 
     parse_settings     config.pbtxt parameters -> Settings, or InvalidSettingsError (no load)
     parse_request      one request's tensors -> Request, or InvalidRequestError (that request)
@@ -58,12 +60,12 @@ from guard_request import (
     history_from_tensor,
     image_from_tensor,
 )
+from hf_architectures import architecture_of, collate, mean_colour, pad_to_square
 from model_parameters import InvalidSettingsError, ModelParameters
 from numpy.typing import NDArray
 from transformers import (
     AutoProcessor,
     GenerationConfig,
-    LlavaOnevisionForConditionalGeneration,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -88,9 +90,6 @@ DTYPES: Mapping[str, torch.dtype] = {
     "float16": torch.float16,
 }
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
-# What LlavaOnevisionForConditionalGeneration.generate takes from the processor's output (it
-# may also return token_type_ids, which the model refuses).
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 TensorLookup = Callable[[str], NDArray[Any] | None]
@@ -304,27 +303,6 @@ def plan_batches(samplings: Sequence[Sampling]) -> list[list[int]]:
     return [*groups.values(), *alone]
 
 
-def collate(features: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Batch the processor outputs of single requests as the processor batches several:
-    prompts padded on the left (generation continues on the right), image crops padded with
-    zeros up to the largest crop count (the model reads the real count from image_sizes)."""
-    length = max(item["input_ids"].shape[1] for item in features)
-    crops = max(item["pixel_values"].shape[1] for item in features)
-
-    def left_pad(tensor: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(tensor, (length - tensor.shape[1], 0), value=value)
-
-    def pad_crops(pixels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(pixels, (0, 0, 0, 0, 0, 0, 0, crops - pixels.shape[1]))
-
-    return {
-        "input_ids": torch.cat([left_pad(item["input_ids"], pad_id) for item in features]),
-        "attention_mask": torch.cat([left_pad(item["attention_mask"], 0) for item in features]),
-        "pixel_values": torch.cat([pad_crops(item["pixel_values"]) for item in features]),
-        "image_sizes": torch.cat([item["image_sizes"] for item in features]),
-    }
-
-
 class ChosenTokenLogProbs(StoppingCriteria):
     """Log-probability of each generated token, and of its rival, under the model's raw
     distribution.
@@ -399,19 +377,23 @@ class Engine:
                     "(fill the version with checkpoint_identity.py, or set verify_checkpoint "
                     "false)"
                 )
+        self.architecture = architecture_of(checkpoint)
         self.processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
         if not getattr(self.processor, "chat_template", None):
             raise InvalidSettingsError(f"checkpoint: {checkpoint} has no chat template")
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
-        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        self.model = self.architecture.model_class.from_pretrained(
             checkpoint,
             torch_dtype=DTYPES[settings.dtype],
             attn_implementation=settings.attn_implementation,
             device_map=device,
             local_files_only=True,
         ).eval()
+        for key, value in self.architecture.config_overrides.items():
+            setattr(self.model.config, key, value)
         self._check_tokens()
+        self._pad_colour = mean_colour(self.processor.image_processor.image_mean)
         self.vocab_size = int(self.model.config.text_config.vocab_size)
         self._rival_of = {
             token: rival
@@ -427,7 +409,8 @@ class Engine:
         self._pad_id = int(pad if pad is not None else self.tokenizer.pad_token_id)
 
     def _check_tokens(self) -> None:
-        """The processor's <image> placeholder must be the token the model replaces."""
+        """The processor's <image> placeholder must be the token the model replaces, and for
+        LLaVA-1.5 expand to as many tokens as the model has features for it."""
         image_token = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         expected = self.model.config.image_token_index
         if image_token != expected:
@@ -435,15 +418,31 @@ class Engine:
                 f"checkpoint: the tokenizer's {self.processor.image_token} is id {image_token}, "
                 f"the model's image_token_index is {expected}"
             )
+        if self.architecture.model_type == "llava":
+            # Without both, LlavaProcessor leaves <image> unexpanded (transformers 4.47).
+            config = self.model.config
+            model = (config.vision_config.patch_size, config.vision_feature_select_strategy)
+            found = tuple(
+                getattr(self.processor, name, None)
+                for name in ("patch_size", "vision_feature_select_strategy")
+            )
+            if found != model:
+                raise InvalidSettingsError(
+                    "checkpoint: the processor's patch_size and vision_feature_select_strategy "
+                    f"are {found}, the model's {model}"
+                )
 
     def prepare(self, request: Request) -> Prepared:
         """Chat template, image processing and tokenisation of one request."""
         prompt = self.processor.apply_chat_template(
             conversation(request.prompt, request.history), add_generation_prompt=True
         )
+        image = request.image
+        if self.architecture.pads_to_square:
+            image = pad_to_square(image, self._pad_colour)
         # channels_last: without it a 3-pixel-high image reads as channels-first.
         features = self.processor(
-            images=[request.image],
+            images=[image],
             text=[prompt],
             return_tensors="pt",
             input_data_format="channels_last",
@@ -454,7 +453,8 @@ class Engine:
                 f"prompt and image make {length} tokens, over max_input_tokens "
                 f"{self.settings.max_input_tokens}"
             )
-        return Prepared({name: features[name] for name in MODEL_INPUTS}, request.sampling)
+        inputs = self.architecture.model_inputs
+        return Prepared({name: features[name] for name in inputs}, request.sampling)
 
     def answer(self, group: Sequence[Prepared]) -> list[Answer | Exception]:
         """One answer (or error) per request, in one generate() call when that works."""

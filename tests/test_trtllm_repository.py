@@ -1361,22 +1361,36 @@ FAKE_TRTLLM = {
     "models/__init__.py": """
 import json, pathlib
 
-class QWenForCausalLM:
+class _FromLlava:
+    MODEL_TYPE = TEXT_ARCHITECTURE = None
+
     @classmethod
     def from_hugging_face(cls, path, dtype, mapping):
-        # What the real loader needs (deploy/trtllm/checkpoint_layout.py): the text model's
-        # class in text_config.architectures, the weights under language_model.model.*.
+        # What the real loader needs (deploy/trtllm/checkpoint_layout.py): its model type, the
+        # text model's class in text_config.architectures, the weights under
+        # language_model.model.*.
         model = cls()
         config = json.loads((pathlib.Path(path) / "config.json").read_text())
-        assert config["text_config"]["architectures"] == ["Qwen2ForCausalLM"]
+        assert config["model_type"] == cls.MODEL_TYPE, config["model_type"]
+        assert config["text_config"]["architectures"] == [cls.TEXT_ARCHITECTURE]
         header = (pathlib.Path(path) / "model.safetensors").read_bytes()[:1 << 20]
         assert b'"language_model.model.embed_tokens.weight"' in header
-        model.config = {"dtype": dtype, "vocab_size": config["text_config"]["vocab_size"]}
+        model.config = {
+            "architecture": cls.TEXT_ARCHITECTURE,
+            "dtype": dtype,
+            "vocab_size": config["text_config"]["vocab_size"],
+        }
         return model
 
     def save_checkpoint(self, out, save_config):
         pathlib.Path(out).mkdir(parents=True, exist_ok=True)
         (pathlib.Path(out) / "config.json").write_text(json.dumps(self.config))
+
+class QWenForCausalLM(_FromLlava):
+    MODEL_TYPE, TEXT_ARCHITECTURE = "llava_onevision", "Qwen2ForCausalLM"
+
+class LLaMAForCausalLM(_FromLlava):
+    MODEL_TYPE, TEXT_ARCHITECTURE = "llava", "LlamaForCausalLM"
 """,
     "tools/__init__.py": "",
     "tools/multimodal_builder.py": """
@@ -1400,18 +1414,23 @@ class MultimodalEngineBuilder:
         (out / "config.json").write_text(json.dumps({"builder_config": builder}))
 """,
 }
-# trtllm-build: records its arguments, writes what the guard reads from a real engine's config.
+# trtllm-build: records its arguments (a flag without a value, as --gather_generation_logits, as
+# true) and the checkpoint it built from, writes what the guard reads from a real engine's config.
 FAKE_TRTLLM_BUILD = """#!/usr/bin/env python3
 import json, pathlib, sys
-args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+args, words = {}, sys.argv[1:]
+while words:
+    name = words.pop(0)
+    args[name] = words.pop(0) if words and not words[0].startswith("--") else True
 out = pathlib.Path(args["--output_dir"])
 out.mkdir(parents=True)
-with open(out.parent / "trtllm-build.args", "w") as f:
-    json.dump(args, f)
 checkpoint = json.loads((pathlib.Path(args["--checkpoint_dir"]) / "config.json").read_text())
+with open(out.parent / "trtllm-build.args", "w") as f:
+    json.dump({**args, "checkpoint": checkpoint}, f)
 build = {key: int(args["--" + key]) for key in (
     "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
     "max_prompt_embedding_table_size")}
+build["gather_generation_logits"] = args.get("--gather_generation_logits", False)
 (out / "config.json").write_text(json.dumps(
     {"pretrained_config": {"vocab_size": checkpoint["vocab_size"]}, "build_config": build}))
 (out / "rank0.engine").write_bytes(b"engine")
@@ -1510,6 +1529,13 @@ def test_build_sh_writes_a_servable_repository(
     assert args["--use_paged_context_fmha"] == "enable"
     assert args["--remove_input_padding"] == "enable"
     assert args["--gemm_plugin"] == "float16"
+    # LlavaGuard: Qwen2, a JSON answer whose log-prob needs no logits, the processor's own images.
+    assert args["checkpoint"]["architecture"] == "Qwen2ForCausalLM"
+    assert "--gather_generation_logits" not in args
+    assert not settings.yes_no_logits
+    assert not settings.pad_to_square
+    assert (settings.end_token, settings.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert llm["guided_decoding_backend"] == "xgrammar"
 
 
 def tiny_llava_hidden(checkpoint: Path) -> int:

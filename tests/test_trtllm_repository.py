@@ -976,6 +976,42 @@ def test_the_tables_row_count_must_match_the_image_tokens(tg: Any) -> None:
         tg.check_table([1, 11, 896], 12)
 
 
+def expand_to_square_with_pil(picture: np.ndarray, fill_rgb: tuple[int, int, int]) -> np.ndarray:
+    """LLaVA-1.5's padding as its own code performs it, with PIL: a square canvas of the longer
+    side in `fill_rgb`, the image pasted (side - shorter) // 2 along the shorter side
+    (haotian-liu/LLaVA llava/mm_utils.py, expand2square)."""
+    from PIL import Image
+
+    pasted = Image.fromarray(picture)
+    width, height = pasted.size
+    if width == height:
+        return picture
+    canvas = Image.new("RGB", (max(width, height),) * 2, fill_rgb)
+    canvas.paste(
+        pasted, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0)
+    )
+    return np.asarray(canvas)
+
+
+@pytest.mark.parametrize("size", [(20, 31), (31, 20), (5, 5), (1, 7), (8, 3), (2, 1)])
+def test_pad_to_square_is_llavas_padding(tg: Any, size: tuple[int, int]) -> None:
+    picture = image(*size, seed=sum(size))
+    fill_rgb = (122, 116, 104)
+    padded = tg.pad_to_square(picture, fill_rgb)
+    np.testing.assert_array_equal(padded, expand_to_square_with_pil(picture, fill_rgb))
+    assert padded.dtype == np.uint8
+    assert padded.shape == (max(size), max(size), 3)
+
+
+def test_the_padding_colour_is_the_processors_mean_truncated(tg: Any) -> None:
+    # CLIP's mean (openai/clip-vit-large-patch14-336's preprocessor_config.json), times 255,
+    # truncated as LLaVA's tuple(int(x * 255) for x in image_mean) does.
+    assert tg.mean_fill_rgb([0.48145466, 0.4578275, 0.40821073]) == (122, 116, 104)
+    assert tg.mean_fill_rgb([0.5, 0.5, 0.5]) == (127, 127, 127)  # SigLIP's, for comparison
+    with pytest.raises(tg.InvalidSettingsError, match="not RGB"):
+        tg.mean_fill_rgb([0.5])
+
+
 # --- the vision encoder's pure functions -------------------------------------------------------
 
 
@@ -1115,6 +1151,26 @@ def test_the_smoke_tests_request_is_the_consumers(smoke: Any) -> None:
     # BYTES: a 4-byte little-endian length, then the UTF-8 text; then the image's pixels.
     assert binary[:10] == b"\x06\x00\x00\x00policy"
     assert binary[10 : 10 + picture.size] == picture.tobytes()
+
+
+ICM_POLICY = ROOT / "service" / "policies" / "icm-assistant-v1.toml"
+
+
+def test_the_smoke_test_reads_answers_in_the_policys_format(smoke: Any) -> None:
+    from service.core.policies import PolicyRegistry
+
+    icm = PolicyRegistry.policy_in(ICM_POLICY)
+    llavaguard = PolicyRegistry.policy_in(POLICY)
+    assert smoke.unreadable("Yes. R06: the belly is exposed.", icm) == []
+    assert smoke.unreadable("no", icm) == []
+    json_answer = '{"rating": "Safe", "category": "NA: None applying", "rationale": "ok"}'
+    assert smoke.unreadable(json_answer, llavaguard) == []
+    [problem] = smoke.unreadable("Maybe.", icm)
+    assert problem.startswith("unreadable as answer format icm-yes-no: answer starts with")
+    [problem] = smoke.unreadable("Yes.", llavaguard)
+    assert problem.startswith("unreadable as answer format llavaguard-json")
+    [problem] = smoke.unreadable(json_answer, icm)
+    assert "unreadable as answer format icm-yes-no" in problem
 
 
 @pytest.fixture(scope="module")
@@ -1351,6 +1407,53 @@ def test_a_llava_15_checkpoint_is_checked_the_same_way(
     code, err = run_layout(layout, capsys, "--hf-dir", str(newer))
     assert code == 2
     assert "text_config.model_type is 'llama'" in err
+
+
+# ICM-LLaVA-v1.5-7B's config.json as published (the original LLaVA format: LlavaLlamaForCausalLM,
+# the vision tower and projector named, no vision_config), the keys that tell it apart.
+ORIGINAL_LLAVA_CONFIG = {
+    "architectures": ["LlavaLlamaForCausalLM"],
+    "model_type": "llava_llama",
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    "mm_projector_type": "mlp2x_gelu",
+    "image_aspect_ratio": "pad",
+    "hidden_size": 4096,
+}
+
+
+def test_an_original_format_llava_checkpoint_is_refused_with_the_conversion_command(
+    layout: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(ORIGINAL_LLAVA_CONFIG))
+    for args in (["--config-only"], ["--fix", str(tmp_path / "f")], []):
+        code, err = run_layout(
+            layout, capsys, "--hf-dir", str(tmp_path), "--model-type", "llava", *args
+        )
+        assert code == 2
+        assert "original LLaVA format (mm_vision_tower, mm_projector_type, no vision_config" in err
+        assert layout.CONVERT_COMMAND in err
+        assert "openai/clip-vit-large-patch14-336" in err
+    assert not (tmp_path / "f").exists()
+    assert (
+        "deploy/icm/convert_llava.py --original DIR --vision-tower DIR --out"
+        in layout.CONVERT_COMMAND
+    )
+
+
+def test_config_only_reads_no_weights(
+    layout: Any, checkpoint: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    # No weights at all: the full check refuses, the config check passes.
+    assert run_layout(layout, capsys, "--hf-dir", str(tmp_path), "--config-only")[0] == 0
+    code, err = run_layout(layout, capsys, "--hf-dir", str(tmp_path))
+    assert code == 2
+    assert "no *.safetensors files" in err
+    code, err = run_layout(
+        layout, capsys, "--hf-dir", str(tmp_path), "--model-type", "llava", "--config-only"
+    )
+    assert code == 2
+    assert "model_type is 'llava_onevision', not 'llava'" in err
 
 
 # --- build.sh, dry: every step but the GPU's ---------------------------------------------------

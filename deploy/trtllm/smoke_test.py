@@ -119,7 +119,7 @@ def unreadable(text: str, policy: Policy) -> list[str]:
     try:
         parse_answer(text, policy)
     except UnparseableModelOutput as exc:
-        return [f"not a {policy.answer_format} answer: {exc}"]
+        return [f"unreadable as answer format {policy.answer_format}: {exc}"]
     return []
 
 

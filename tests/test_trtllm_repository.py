@@ -1409,11 +1409,12 @@ def test_a_llava_15_checkpoint_is_checked_the_same_way(
     assert "text_config.model_type is 'llama'" in err
 
 
-# ICM-LLaVA-v1.5-7B's config.json as published (the original LLaVA format: LlavaLlamaForCausalLM,
-# the vision tower and projector named, no vision_config), the keys that tell it apart.
+# An original-format LLaVA-1.5 config.json, as haotian-liu/LLaVA publishes its checkpoints
+# (LlavaLlamaForCausalLM, the vision tower and projector named, no vision_config; its model_type
+# is "llava", transformers' own, so the type alone does not tell it apart): the keys that do.
 ORIGINAL_LLAVA_CONFIG = {
     "architectures": ["LlavaLlamaForCausalLM"],
-    "model_type": "llava_llama",
+    "model_type": "llava",
     "mm_vision_tower": "openai/clip-vit-large-patch14-336",
     "mm_projector_type": "mlp2x_gelu",
     "image_aspect_ratio": "pad",
@@ -1430,7 +1431,10 @@ def test_an_original_format_llava_checkpoint_is_refused_with_the_conversion_comm
             layout, capsys, "--hf-dir", str(tmp_path), "--model-type", "llava", *args
         )
         assert code == 2
-        assert "original LLaVA format (mm_vision_tower, mm_projector_type, no vision_config" in err
+        assert (
+            "original LLaVA format (mm_vision_tower, mm_projector_type, no vision_config, "
+            "model_type 'llava')" in err
+        )
         assert layout.CONVERT_COMMAND in err
         assert "openai/clip-vit-large-patch14-336" in err
     assert not (tmp_path / "f").exists()

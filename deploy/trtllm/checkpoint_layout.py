@@ -33,9 +33,10 @@ the older ones: a new header, the same tensor bytes). Exit status 0: fine, or fi
 
 A checkpoint in the original LLaVA format (haotian-liu/LLaVA's `LlavaLlamaForCausalLM`, as
 ICM-LLaVA-v1.5-7B is published: `mm_vision_tower` / `mm_projector_type` in config.json, no
-`vision_config`, model type `llava_llama`) is refused with the command that converts it to
-transformers' llava format (`CONVERT_COMMAND`). `--config-only` reads config.json alone (that
-and the model type), so build.sh can refuse such a checkpoint before it reads gigabytes.
+`vision_config`; its model type may read "llava" all the same) is refused with the command that
+converts it to transformers' llava format (`CONVERT_COMMAND`). `--config-only` reads config.json
+alone (that and the model type), so build.sh can refuse such a checkpoint before it reads
+gigabytes.
 """
 
 from __future__ import annotations

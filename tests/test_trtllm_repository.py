@@ -464,22 +464,40 @@ def check_call(
     assert set(outputs) <= {o.name for o in config.output}
 
 
+StandIns = dict[str, Callable[[dict[str, FakeTensor]], dict[str, Any]]]
+
+
 @pytest.fixture(scope="module")
 def fake_models(
     configs: dict[str, model_config_pb2.ModelConfig], repository: Path, tiny_model: Any
-) -> Iterator[dict[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
+) -> StandIns:
     features = _import("vision_features", repository / "vision_encoder" / "1")
     layout = features.layouts(tiny_model.config, tiny_model.image_newline.detach())[
         "llava_onevision"
     ]
-    vocab = tiny_model.config.text_config.vocab_size
-    language = tiny_model.language_model
 
     @torch.no_grad()
     def vision_engine(patches: torch.Tensor) -> torch.Tensor:
         """What the TensorRT vision engine computes: tower, selected layer, projector."""
         hidden = tiny_model.vision_tower(patches.float(), output_hidden_states=True).hidden_states
         return tiny_model.multi_modal_projector(hidden[tiny_model.config.vision_feature_layer])
+
+    return stand_ins(configs, features, layout, vision_engine, tiny_model)
+
+
+def stand_ins(
+    configs: dict[str, model_config_pb2.ModelConfig],
+    features: Any,
+    layout: Any,
+    vision_engine: Callable[[torch.Tensor], torch.Tensor],
+    tiny_model: Any,
+) -> StandIns:
+    """`vision_encoder` and `tensorrt_llm` as the guard calls them, each call checked against
+    the callee's config: the real feature layout on `vision_engine`'s output (what the TensorRT
+    vision engine computes), and TensorRT-LLM's prompt-table rule on the tiny model's language
+    model, generating greedily."""
+    vocab = tiny_model.config.text_config.vocab_size
+    language = tiny_model.language_model
 
     def vision_encoder(inputs: dict[str, FakeTensor]) -> dict[str, Any]:
         pixels = torch.from_numpy(inputs["pixel_values"].as_numpy())
@@ -535,12 +553,10 @@ def fake_models(
 
         return call
 
-    FakeRequest.models = {
+    return {
         "vision_encoder": checked("vision_encoder", vision_encoder),
         "tensorrt_llm": checked("tensorrt_llm", tensorrt_llm),
     }
-    yield FakeRequest.models
-    FakeRequest.models = {}
 
 
 def prompt_tuning_embeddings(
@@ -556,8 +572,16 @@ def prompt_tuning_embeddings(
 
 @pytest.fixture(scope="module")
 def guard(
-    repository: Path, configs: dict[str, model_config_pb2.ModelConfig], fake_models: Any
+    repository: Path, configs: dict[str, model_config_pb2.ModelConfig], fake_models: StandIns
 ) -> Iterator[Any]:
+    yield from loaded_guard(repository, configs, fake_models)
+
+
+def loaded_guard(
+    repository: Path, configs: dict[str, model_config_pb2.ModelConfig], models: StandIns
+) -> Iterator[Any]:
+    """The repository's real `guard` model, initialised as Triton's stub would, calling
+    `models` (`judge` routes its calls there)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
         module = _import("model", repository / "guard" / "1")
@@ -574,6 +598,7 @@ def guard(
                 "model_repository": str(repository / "guard"),
             }
         )
+        model.stand_ins = models
         yield model
 
 
@@ -592,8 +617,14 @@ def image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def judge(model: Any, requests: list[FakeRequest]) -> list[FakeResponse]:
+    """The guard's answers to `requests`, its BLS calls going to its own stand-ins (the tests
+    load a LLaVA-OneVision and a LLaVA-1.5 guard side by side)."""
     FakeRequest.calls.clear()
-    responses: list[FakeResponse] = asyncio.run(model.execute(requests))
+    FakeRequest.models = model.stand_ins
+    try:
+        responses: list[FakeResponse] = asyncio.run(model.execute(requests))
+    finally:
+        FakeRequest.models = {}
     return responses
 
 
@@ -755,22 +786,22 @@ def test_the_guard_refuses_images_it_cannot_take(guard: Any) -> None:
     assert not FakeRequest.calls
 
 
-def test_an_engine_error_fails_that_request_only(guard: Any, fake_models: Any) -> None:
-    original = FakeRequest.models["tensorrt_llm"]
+def test_an_engine_error_fails_that_request_only(guard: Any, fake_models: StandIns) -> None:
+    original = fake_models["tensorrt_llm"]
 
     def failing(inputs: dict[str, FakeTensor]) -> dict[str, Any]:
         if inputs["input_ids"].as_numpy().shape[1] % 2:
             raise RuntimeError("out of KV cache")
         return original(inputs)
 
-    FakeRequest.models["tensorrt_llm"] = failing
+    fake_models["tensorrt_llm"] = failing
     try:
         # Different prompt lengths: one odd, one even.
         responses = judge(
             guard, [client_request(image(20, 20), prompt=p) for p in ("policy", "policy two")]
         )
     finally:
-        FakeRequest.models["tensorrt_llm"] = original
+        fake_models["tensorrt_llm"] = original
     lengths = [
         c[1]["input_ids"].as_numpy().shape[1] for c in FakeRequest.calls if c[0] == "tensorrt_llm"
     ]

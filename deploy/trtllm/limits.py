@@ -123,11 +123,13 @@ def patches(processor: Any, height: int, width: int) -> int:
 
 
 def prompt_tokens(processor: Any, prompt: str) -> int:
-    """Tokens of the rendered chat template around the policy, `<image>` not counted."""
+    """Tokens of the rendered chat template around the policy, `<image>` not counted, with the
+    special tokens the tokenizer adds as the processor calls it (LLaMA's leading `<s>`; Qwen2
+    adds none): what the guard sends besides the image."""
     from triton_models.common.guard_answer import conversation
 
     text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True)
-    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = processor.tokenizer(text)["input_ids"]
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return sum(1 for i in ids if i != image_id)
 

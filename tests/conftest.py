@@ -53,6 +53,8 @@ SLOW_FIXTURES = frozenset(
     {
         "checkpoint",  # tests/test_trtllm_repository.py: a tiny LLaVA-OneVision built with torch
         "checkpoints",  # tests/test_hf_guard_model.py: two of them, and torch engines on them
+        "llava15_conversion",  # tests/test_convert_llava.py: one converted from LLaVA's format
+        "llava15_tokenizer",  # tests/test_convert_llava.py: transformers, for a chat template
     }
 )
 """Fixtures that make a test heavy though it starts no server (torch, on tiny checkpoints built

@@ -6,4 +6,5 @@
 - `faults`: the fault-injection harness (a stack of its own, service processes, accounting).
 - `hostile`: hostile inputs and the misbehaving servers that serve them.
 - `tiny_llava`: tiny LLaVA-OneVision checkpoints built at test time.
+- `tiny_llava15`: tiny LLaVA-1.5 checkpoints (transformers' format and LLaVA's original one).
 """

@@ -46,7 +46,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -61,6 +61,9 @@ if TYPE_CHECKING:
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionProcessor,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        ProcessorMixin,
         Qwen2TokenizerFast,
     )
 
@@ -91,6 +94,7 @@ CHAT_TEMPLATE = (
 )
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+END_TOKEN = "<|im_end|>"
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 # LlavaGuard's grid: 384 * (1..6) per side; here 32 * (1..6).
 GRID_PINPOINTS = [
@@ -143,7 +147,7 @@ def build(directory: Path, variant: Variant = "random") -> Path:
     return directory
 
 
-def token_id(tokenizer: Qwen2TokenizerFast, text: str) -> int:
+def token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     """The id of a text that is one token of the tiny tokenizer (a special or added token)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
@@ -254,16 +258,25 @@ def _script(
 ) -> None:
     """Set the weights so that greedy decoding writes the variant's answer, then the end token
     (under torch.no_grad(), as `build` calls it)."""
-    tokenizer = processor.tokenizer
-    language = model.language_model
-    for layer in language.model.layers:
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
+    steps = _STEPS[variant](processor.tokenizer, last_prompt_token(processor), END_TOKEN)
+    script_bigrams(model.language_model, steps)
+
+
+def last_prompt_token(processor: ProcessorMixin) -> int:
+    """The token the chat template's generation prompt ends with, whatever the policy text."""
     prompt = processor.apply_chat_template(
         guard_answer.conversation("p"), add_generation_prompt=True
     )
-    last_prompt_token = int(tokenizer(prompt)["input_ids"][-1])
-    steps = _STEPS[variant](tokenizer, last_prompt_token)
+    return int(processor.tokenizer(prompt)["input_ids"][-1])
+
+
+def script_bigrams(language: PreTrainedModel, steps: Sequence[Step]) -> None:
+    """Make a transformers causal LM (`language`: Qwen2's, LLaMA's) a bigram table of `steps`,
+    under torch.no_grad(): after each step's token its successors get their logits, every other
+    token 0 (see the module docstring)."""
+    for layer in language.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
     embeddings = language.get_input_embeddings().weight
     head = language.get_output_embeddings().weight
     hidden = embeddings.shape[1]
@@ -281,18 +294,22 @@ Step = tuple[int, int, float]
 """(token, a successor, the successor's logit); every other successor's logit is 0."""
 
 
-def _chain(tokenizer: Qwen2TokenizerFast, first: int, pieces: tuple[str, ...]) -> list[Step]:
+def _chain(
+    tokenizer: PreTrainedTokenizerBase, first: int, pieces: tuple[str, ...], end: str
+) -> list[Step]:
     """Steps that write `pieces` after `first`, then the end token."""
     chain = [first, *(token_id(tokenizer, piece) for piece in pieces)]
-    chain.append(token_id(tokenizer, "<|im_end|>"))
+    chain.append(token_id(tokenizer, end))
     return [
         (current, following, _SCRIPTED_LOGIT) for current, following in itertools.pairwise(chain)
     ]
 
 
-def _llavaguard_steps(tokenizer: Qwen2TokenizerFast, last_prompt_token: int) -> list[Step]:
+def _llavaguard_steps(
+    tokenizer: PreTrainedTokenizerBase, last_prompt_token: int, end: str
+) -> list[Step]:
     """SCRIPTED_ANSWER; the rival rating continues as the rating would."""
-    steps = _chain(tokenizer, last_prompt_token, SCRIPTED_PIECES)
+    steps = _chain(tokenizer, last_prompt_token, SCRIPTED_PIECES, end)
     # steps[i] leaves the i-th token of [last prompt token, *pieces]: piece 0 leads to the rating.
     before_rating, after_rating = steps[1][0], steps[3][0]
     rival = token_id(tokenizer, SCRIPTED_RIVAL)
@@ -302,19 +319,22 @@ def _llavaguard_steps(tokenizer: Qwen2TokenizerFast, last_prompt_token: int) -> 
     return [*steps, (before_rating, rival, rival_logit), (rival, after_rating, _SCRIPTED_LOGIT)]
 
 
-def _yes_no_steps(tokenizer: Qwen2TokenizerFast, last_prompt_token: int) -> list[Step]:
-    """The first token drawn from YES_NO_PROBABILITIES, then that answer's explanation."""
+def yes_no_steps(
+    tokenizer: PreTrainedTokenizerBase, last_prompt_token: int, end: str
+) -> list[Step]:
+    """The first token drawn from YES_NO_PROBABILITIES, then that answer's explanation and
+    `end`. Each text must be one token of `tokenizer`."""
     top = max(YES_NO_PROBABILITIES.values())
     steps = [
         (last_prompt_token, token_id(tokenizer, text), _SCRIPTED_LOGIT + math.log(p / top))
         for text, p in YES_NO_PROBABILITIES.items()
     ]
     for answer, *rest in YES_NO_ANSWERS.values():
-        steps += _chain(tokenizer, token_id(tokenizer, answer), tuple(rest))
+        steps += _chain(tokenizer, token_id(tokenizer, answer), tuple(rest), end)
     return steps
 
 
-_STEPS = {"scripted": _llavaguard_steps, "yes-no": _yes_no_steps}
+_STEPS = {"scripted": _llavaguard_steps, "yes-no": yes_no_steps}
 
 
 def _identify(checkpoint: Path) -> Any:

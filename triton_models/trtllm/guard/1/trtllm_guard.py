@@ -122,7 +122,8 @@ class GuardRequest:
 @dataclass(frozen=True)
 class Preprocessed:
     """The processor's output for one request: token ids with the image tokens expanded, and the
-    vision encoder's inputs (the anyres patches and the image's original size)."""
+    vision encoder's inputs (the anyres patches, or LLaVA-1.5's one, and the size of the image
+    the processor was given)."""
 
     input_ids: NDArray[np.int64]
     pixel_values: NDArray[np.float16]
@@ -136,7 +137,7 @@ class Answer:
 
 
 class Processor(Protocol):
-    """The parts of a transformers LlavaOnevisionProcessor this model uses."""
+    """The parts of a transformers LlavaOnevisionProcessor or LlavaProcessor this model uses."""
 
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> str: ...
 

@@ -100,3 +100,50 @@ def test_a_typo_in_a_config_is_caught() -> None:
         text_format.Parse('name: "g"\nmax_batch_sise: 8', model_config_pb2.ModelConfig())
     with pytest.raises(text_format.ParseError):
         text_format.Parse('name: "g"\nmax_batch_size: "8"', model_config_pb2.ModelConfig())
+
+
+# What deploy/trtllm/build.sh fills for `--model icm-7b` besides the engine's paths and limits
+# (tests/test_trtllm_repository.py runs build.sh itself): ICM-LLaVA answers in prose, so no
+# schema and no guided decoding; its confidence needs the Yes/No logits; LLaVA-1.5 pads images to
+# a square; LLaMA's </s> ends and pads.
+ICM_FILL = {
+    "engine_dir": "/models/tensorrt_llm/1",
+    "guard_model_name": "zhaoyuzhi/ICM-LLaVA-v1.5-7B",
+    "guard_model_version": "sha256:0123456789abcdef",
+    "guided_json_schema": "",
+    "xgrammar_tokenizer_info_path": "",
+    "guided_decoding_backend": "",
+    "yes_no_logits": "true",
+    "pad_to_square": "true",
+    "end_token": "</s>",
+    "pad_token": "</s>",
+    "max_batch_size": "16",
+    "llm_max_batch_size": "16",
+}
+
+
+def test_the_trtllm_repository_filled_for_icm_llava_parses(tmp_path: Path) -> None:
+    out = tmp_path / "icm"
+    fill.fill(MODELS / "trtllm", out, ICM_FILL)
+    configs = {
+        path.parent.name: text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        for path in out.glob("*/config.pbtxt")
+    }
+    assert set(configs) == {"guard", "vision_encoder", "tensorrt_llm"}
+
+    def parameters(name: str) -> dict[str, str]:
+        return {k: v.string_value for k, v in configs[name].parameters.items()}
+
+    guard = parameters("guard")
+    assert {k: guard[k] for k in ("yes_no_logits", "pad_to_square", "end_token", "pad_token")} == {
+        "yes_no_logits": "true",
+        "pad_to_square": "true",
+        "end_token": "</s>",
+        "pad_token": "</s>",
+    }
+    assert guard["guided_json_schema"] == ""
+    # The tensorrtllm backend configures no guided decoding when either of these is empty, and
+    # still finds both keys (it reads them without a fallback).
+    llm = parameters("tensorrt_llm")
+    assert llm["guided_decoding_backend"] == llm["xgrammar_tokenizer_info_path"] == ""
+    assert configs["tensorrt_llm"].max_batch_size == configs["guard"].max_batch_size == 16

@@ -37,7 +37,7 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from tests.support import tiny_llava
+from tests.support import tiny_llava, tiny_llava15
 from tests.support.lazy import lazy
 from triton_models import fill
 
@@ -464,22 +464,40 @@ def check_call(
     assert set(outputs) <= {o.name for o in config.output}
 
 
+StandIns = dict[str, Callable[[dict[str, FakeTensor]], dict[str, Any]]]
+
+
 @pytest.fixture(scope="module")
 def fake_models(
     configs: dict[str, model_config_pb2.ModelConfig], repository: Path, tiny_model: Any
-) -> Iterator[dict[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
+) -> StandIns:
     features = _import("vision_features", repository / "vision_encoder" / "1")
     layout = features.layouts(tiny_model.config, tiny_model.image_newline.detach())[
         "llava_onevision"
     ]
-    vocab = tiny_model.config.text_config.vocab_size
-    language = tiny_model.language_model
 
     @torch.no_grad()
     def vision_engine(patches: torch.Tensor) -> torch.Tensor:
         """What the TensorRT vision engine computes: tower, selected layer, projector."""
         hidden = tiny_model.vision_tower(patches.float(), output_hidden_states=True).hidden_states
         return tiny_model.multi_modal_projector(hidden[tiny_model.config.vision_feature_layer])
+
+    return stand_ins(configs, features, layout, vision_engine, tiny_model)
+
+
+def stand_ins(
+    configs: dict[str, model_config_pb2.ModelConfig],
+    features: Any,
+    layout: Any,
+    vision_engine: Callable[[torch.Tensor], torch.Tensor],
+    tiny_model: Any,
+) -> StandIns:
+    """`vision_encoder` and `tensorrt_llm` as the guard calls them, each call checked against
+    the callee's config: the real feature layout on `vision_engine`'s output (what the TensorRT
+    vision engine computes), and TensorRT-LLM's prompt-table rule on the tiny model's language
+    model, generating greedily."""
+    vocab = tiny_model.config.text_config.vocab_size
+    language = tiny_model.language_model
 
     def vision_encoder(inputs: dict[str, FakeTensor]) -> dict[str, Any]:
         pixels = torch.from_numpy(inputs["pixel_values"].as_numpy())
@@ -535,12 +553,10 @@ def fake_models(
 
         return call
 
-    FakeRequest.models = {
+    return {
         "vision_encoder": checked("vision_encoder", vision_encoder),
         "tensorrt_llm": checked("tensorrt_llm", tensorrt_llm),
     }
-    yield FakeRequest.models
-    FakeRequest.models = {}
 
 
 def prompt_tuning_embeddings(
@@ -556,8 +572,16 @@ def prompt_tuning_embeddings(
 
 @pytest.fixture(scope="module")
 def guard(
-    repository: Path, configs: dict[str, model_config_pb2.ModelConfig], fake_models: Any
+    repository: Path, configs: dict[str, model_config_pb2.ModelConfig], fake_models: StandIns
 ) -> Iterator[Any]:
+    yield from loaded_guard(repository, configs, fake_models)
+
+
+def loaded_guard(
+    repository: Path, configs: dict[str, model_config_pb2.ModelConfig], models: StandIns
+) -> Iterator[Any]:
+    """The repository's real `guard` model, initialised as Triton's stub would, calling
+    `models` (`judge` routes its calls there)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
         module = _import("model", repository / "guard" / "1")
@@ -574,6 +598,7 @@ def guard(
                 "model_repository": str(repository / "guard"),
             }
         )
+        model.stand_ins = models
         yield model
 
 
@@ -592,8 +617,14 @@ def image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def judge(model: Any, requests: list[FakeRequest]) -> list[FakeResponse]:
+    """The guard's answers to `requests`, its BLS calls going to its own stand-ins (the tests
+    load a LLaVA-OneVision and a LLaVA-1.5 guard side by side)."""
     FakeRequest.calls.clear()
-    responses: list[FakeResponse] = asyncio.run(model.execute(requests))
+    FakeRequest.models = model.stand_ins
+    try:
+        responses: list[FakeResponse] = asyncio.run(model.execute(requests))
+    finally:
+        FakeRequest.models = {}
     return responses
 
 
@@ -755,22 +786,22 @@ def test_the_guard_refuses_images_it_cannot_take(guard: Any) -> None:
     assert not FakeRequest.calls
 
 
-def test_an_engine_error_fails_that_request_only(guard: Any, fake_models: Any) -> None:
-    original = FakeRequest.models["tensorrt_llm"]
+def test_an_engine_error_fails_that_request_only(guard: Any, fake_models: StandIns) -> None:
+    original = fake_models["tensorrt_llm"]
 
     def failing(inputs: dict[str, FakeTensor]) -> dict[str, Any]:
         if inputs["input_ids"].as_numpy().shape[1] % 2:
             raise RuntimeError("out of KV cache")
         return original(inputs)
 
-    FakeRequest.models["tensorrt_llm"] = failing
+    fake_models["tensorrt_llm"] = failing
     try:
         # Different prompt lengths: one odd, one even.
         responses = judge(
             guard, [client_request(image(20, 20), prompt=p) for p in ("policy", "policy two")]
         )
     finally:
-        FakeRequest.models["tensorrt_llm"] = original
+        fake_models["tensorrt_llm"] = original
     lengths = [
         c[1]["input_ids"].as_numpy().shape[1] for c in FakeRequest.calls if c[0] == "tensorrt_llm"
     ]
@@ -976,6 +1007,42 @@ def test_the_tables_row_count_must_match_the_image_tokens(tg: Any) -> None:
         tg.check_table([1, 11, 896], 12)
 
 
+def expand_to_square_with_pil(picture: np.ndarray, fill_rgb: tuple[int, int, int]) -> np.ndarray:
+    """LLaVA-1.5's padding as its own code performs it, with PIL: a square canvas of the longer
+    side in `fill_rgb`, the image pasted (side - shorter) // 2 along the shorter side
+    (haotian-liu/LLaVA llava/mm_utils.py, expand2square)."""
+    from PIL import Image
+
+    pasted = Image.fromarray(picture)
+    width, height = pasted.size
+    if width == height:
+        return picture
+    canvas = Image.new("RGB", (max(width, height),) * 2, fill_rgb)
+    canvas.paste(
+        pasted, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0)
+    )
+    return np.asarray(canvas)
+
+
+@pytest.mark.parametrize("size", [(20, 31), (31, 20), (5, 5), (1, 7), (8, 3), (2, 1)])
+def test_pad_to_square_is_llavas_padding(tg: Any, size: tuple[int, int]) -> None:
+    picture = image(*size, seed=sum(size))
+    fill_rgb = (122, 116, 104)
+    padded = tg.pad_to_square(picture, fill_rgb)
+    np.testing.assert_array_equal(padded, expand_to_square_with_pil(picture, fill_rgb))
+    assert padded.dtype == np.uint8
+    assert padded.shape == (max(size), max(size), 3)
+
+
+def test_the_padding_colour_is_the_processors_mean_truncated(tg: Any) -> None:
+    # CLIP's mean (openai/clip-vit-large-patch14-336's preprocessor_config.json), times 255,
+    # truncated as LLaVA's tuple(int(x * 255) for x in image_mean) does.
+    assert tg.mean_fill_rgb([0.48145466, 0.4578275, 0.40821073]) == (122, 116, 104)
+    assert tg.mean_fill_rgb([0.5, 0.5, 0.5]) == (127, 127, 127)  # SigLIP's, for comparison
+    with pytest.raises(tg.InvalidSettingsError, match="not RGB"):
+        tg.mean_fill_rgb([0.5])
+
+
 # --- the vision encoder's pure functions -------------------------------------------------------
 
 
@@ -1117,6 +1184,26 @@ def test_the_smoke_tests_request_is_the_consumers(smoke: Any) -> None:
     assert binary[10 : 10 + picture.size] == picture.tobytes()
 
 
+ICM_POLICY = ROOT / "service" / "policies" / "icm-assistant-v1.toml"
+
+
+def test_the_smoke_test_reads_answers_in_the_policys_format(smoke: Any) -> None:
+    from service.core.policies import PolicyRegistry
+
+    icm = PolicyRegistry.policy_in(ICM_POLICY)
+    llavaguard = PolicyRegistry.policy_in(POLICY)
+    assert smoke.unreadable("Yes. R06: the belly is exposed.", icm) == []
+    assert smoke.unreadable("no", icm) == []
+    json_answer = '{"rating": "Safe", "category": "NA: None applying", "rationale": "ok"}'
+    assert smoke.unreadable(json_answer, llavaguard) == []
+    [problem] = smoke.unreadable("Maybe.", icm)
+    assert problem.startswith("unreadable as answer format icm-yes-no: answer starts with")
+    [problem] = smoke.unreadable("Yes.", llavaguard)
+    assert problem.startswith("unreadable as answer format llavaguard-json")
+    [problem] = smoke.unreadable(json_answer, icm)
+    assert "unreadable as answer format icm-yes-no" in problem
+
+
 @pytest.fixture(scope="module")
 def limits() -> Any:
     return _import("limits", DEPLOY)
@@ -1154,6 +1241,54 @@ def test_limits_bound_every_images_tokens(limits: Any, processor: Any) -> None:
     # The tiny checkpoint's grid is LlavaGuard's (6x6 crops), 32 px for 384.
     assert found.max_patches == 10  # 96 px is 3 crops a side, as 1152 px is for the real model
     assert "MAX_INPUT_LEN=" in found.shell()
+
+
+def test_limits_of_a_llava_15_processor_are_one_patch_of_its_features(
+    limits: Any, icm_processor: Any
+) -> None:
+    import copy
+
+    found = limits.compute(
+        icm_processor, "Is it?", max_image_side=96, max_batch_size=8, max_new_tokens=100, headroom=0
+    )
+    image_id = icm_processor.tokenizer.convert_tokens_to_ids(icm_processor.image_token)
+    for height, width in [(40, 90), (96, 96), (1, 96)]:
+        ids = icm_processor(
+            images=np.zeros((height, width, 3), np.uint8),
+            text=icm_processor.image_token,
+            input_data_format="channels_last",
+        )["input_ids"][0]
+        assert sum(1 for i in ids if i == image_id) == found.max_image_tokens
+    assert found.max_image_tokens == tiny_llava15.IMAGE_FEATURES
+    assert found.max_patches == 1
+    assert found.max_multimodal_len == 8 * found.max_image_tokens
+    text = icm_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it?"}]}],
+        add_generation_prompt=True,
+    )
+    # The template and text with LLaMA's <s>, the one <image> not counted.
+    assert found.prompt_tokens == len(icm_processor.tokenizer(text)["input_ids"]) - 1
+    # CLIP-336's preprocessing, as ICM-LLaVA's processor has it: 576 tokens, whatever the size.
+    clip = copy.deepcopy(icm_processor)
+    for key, value in CLIP_336.items():
+        setattr(clip.image_processor, key, value)
+    assert (
+        limits.compute(
+            clip, "Is it?", max_image_side=1024, max_batch_size=16, max_new_tokens=1, headroom=0
+        ).max_multimodal_len
+        == 16 * CLIP_336_TOKENS
+    )
+    # A processor the llava engine would not match is refused.
+    for attribute, value, message in [
+        ("patch_size", None, "does not expand <image>"),
+        ("vision_feature_select_strategy", "full", "drops the class token"),
+    ]:
+        changed = copy.deepcopy(icm_processor)
+        setattr(changed, attribute, value)
+        with pytest.raises(ValueError, match=message):
+            limits.compute(
+                changed, "p", max_image_side=96, max_batch_size=8, max_new_tokens=1, headroom=0
+            )
 
 
 def test_the_xgrammar_tokenizer_info_lists_the_vocabulary_in_id_order(processor: Any) -> None:
@@ -1353,6 +1488,57 @@ def test_a_llava_15_checkpoint_is_checked_the_same_way(
     assert "text_config.model_type is 'llama'" in err
 
 
+# An original-format LLaVA-1.5 config.json, as haotian-liu/LLaVA publishes its checkpoints
+# (LlavaLlamaForCausalLM, the vision tower and projector named, no vision_config; its model_type
+# is "llava", transformers' own, so the type alone does not tell it apart): the keys that do.
+ORIGINAL_LLAVA_CONFIG = {
+    "architectures": ["LlavaLlamaForCausalLM"],
+    "model_type": "llava",
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    "mm_projector_type": "mlp2x_gelu",
+    "image_aspect_ratio": "pad",
+    "hidden_size": 4096,
+}
+
+
+def test_an_original_format_llava_checkpoint_is_refused_with_the_conversion_command(
+    layout: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(ORIGINAL_LLAVA_CONFIG))
+    for args in (["--config-only"], ["--fix", str(tmp_path / "f")], []):
+        code, err = run_layout(
+            layout, capsys, "--hf-dir", str(tmp_path), "--model-type", "llava", *args
+        )
+        assert code == 2
+        assert (
+            "original LLaVA format (mm_vision_tower, mm_projector_type, no vision_config, "
+            "model_type 'llava')" in err
+        )
+        assert layout.CONVERT_COMMAND in err
+        assert "openai/clip-vit-large-patch14-336" in err
+    assert not (tmp_path / "f").exists()
+    assert (
+        "deploy/icm/convert_llava.py --original DIR --vision-tower DIR --out"
+        in layout.CONVERT_COMMAND
+    )
+
+
+def test_config_only_reads_no_weights(
+    layout: Any, checkpoint: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    # No weights at all: the full check refuses, the config check passes.
+    assert run_layout(layout, capsys, "--hf-dir", str(tmp_path), "--config-only")[0] == 0
+    code, err = run_layout(layout, capsys, "--hf-dir", str(tmp_path))
+    assert code == 2
+    assert "no *.safetensors files" in err
+    code, err = run_layout(
+        layout, capsys, "--hf-dir", str(tmp_path), "--model-type", "llava", "--config-only"
+    )
+    assert code == 2
+    assert "model_type is 'llava_onevision', not 'llava'" in err
+
+
 # --- build.sh, dry: every step but the GPU's ---------------------------------------------------
 
 FAKE_TRTLLM = {
@@ -1361,22 +1547,36 @@ FAKE_TRTLLM = {
     "models/__init__.py": """
 import json, pathlib
 
-class QWenForCausalLM:
+class _FromLlava:
+    MODEL_TYPE = TEXT_ARCHITECTURE = None
+
     @classmethod
     def from_hugging_face(cls, path, dtype, mapping):
-        # What the real loader needs (deploy/trtllm/checkpoint_layout.py): the text model's
-        # class in text_config.architectures, the weights under language_model.model.*.
+        # What the real loader needs (deploy/trtllm/checkpoint_layout.py): its model type, the
+        # text model's class in text_config.architectures, the weights under
+        # language_model.model.*.
         model = cls()
         config = json.loads((pathlib.Path(path) / "config.json").read_text())
-        assert config["text_config"]["architectures"] == ["Qwen2ForCausalLM"]
+        assert config["model_type"] == cls.MODEL_TYPE, config["model_type"]
+        assert config["text_config"]["architectures"] == [cls.TEXT_ARCHITECTURE]
         header = (pathlib.Path(path) / "model.safetensors").read_bytes()[:1 << 20]
         assert b'"language_model.model.embed_tokens.weight"' in header
-        model.config = {"dtype": dtype, "vocab_size": config["text_config"]["vocab_size"]}
+        model.config = {
+            "architecture": cls.TEXT_ARCHITECTURE,
+            "dtype": dtype,
+            "vocab_size": config["text_config"]["vocab_size"],
+        }
         return model
 
     def save_checkpoint(self, out, save_config):
         pathlib.Path(out).mkdir(parents=True, exist_ok=True)
         (pathlib.Path(out) / "config.json").write_text(json.dumps(self.config))
+
+class QWenForCausalLM(_FromLlava):
+    MODEL_TYPE, TEXT_ARCHITECTURE = "llava_onevision", "Qwen2ForCausalLM"
+
+class LLaMAForCausalLM(_FromLlava):
+    MODEL_TYPE, TEXT_ARCHITECTURE = "llava", "LlamaForCausalLM"
 """,
     "tools/__init__.py": "",
     "tools/multimodal_builder.py": """
@@ -1400,29 +1600,32 @@ class MultimodalEngineBuilder:
         (out / "config.json").write_text(json.dumps({"builder_config": builder}))
 """,
 }
-# trtllm-build: records its arguments, writes what the guard reads from a real engine's config.
+# trtllm-build: records its arguments (a flag without a value, as --gather_generation_logits, as
+# true) and the checkpoint it built from, writes what the guard reads from a real engine's config.
 FAKE_TRTLLM_BUILD = """#!/usr/bin/env python3
 import json, pathlib, sys
-args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+args, words = {}, sys.argv[1:]
+while words:
+    name = words.pop(0)
+    args[name] = words.pop(0) if words and not words[0].startswith("--") else True
 out = pathlib.Path(args["--output_dir"])
 out.mkdir(parents=True)
-with open(out.parent / "trtllm-build.args", "w") as f:
-    json.dump(args, f)
 checkpoint = json.loads((pathlib.Path(args["--checkpoint_dir"]) / "config.json").read_text())
+with open(out.parent / "trtllm-build.args", "w") as f:
+    json.dump({**args, "checkpoint": checkpoint}, f)
 build = {key: int(args["--" + key]) for key in (
     "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
     "max_prompt_embedding_table_size")}
+build["gather_generation_logits"] = args.get("--gather_generation_logits", False)
 (out / "config.json").write_text(json.dumps(
     {"pretrained_config": {"vocab_size": checkpoint["vocab_size"]}, "build_config": build}))
 (out / "rank0.engine").write_bytes(b"engine")
 """
 
 
-@pytest.fixture(scope="module")
-def dry_build(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict[str, Any]:
-    import subprocess
-
-    root = tmp_path_factory.mktemp("build")
+def fake_gpu_image(root: Path) -> dict[str, str]:
+    """The pinned image's tools, stubbed under `root` (the fake tensorrt_llm wheel, trtllm-build,
+    nvidia-smi, a tritonserver that fails): the environment build.sh runs in."""
     for name, text in FAKE_TRTLLM.items():
         (root / "py" / "tensorrt_llm" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "py" / "tensorrt_llm" / name).write_text(text)
@@ -1438,14 +1641,22 @@ def dry_build(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dic
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    schema = root / "schema.json"
-    schema.write_text(json.dumps(ANSWER_SCHEMA))
-    env = {
+    return {
         "PATH": f"{bin_dir}:/usr/bin:/bin",
         "PYTHONPATH": f"{root / 'py'}:{ROOT}",
         "HOME": str(root),
         "HF_HUB_OFFLINE": "1",
     }
+
+
+@pytest.fixture(scope="module")
+def dry_build(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict[str, Any]:
+    import subprocess
+
+    root = tmp_path_factory.mktemp("build")
+    env = fake_gpu_image(root)
+    schema = root / "schema.json"
+    schema.write_text(json.dumps(ANSWER_SCHEMA))
     command = [
         "bash", str(DEPLOY / "build.sh"), "--model", "0.5b", "--schema", str(schema),
         "--hf-dir", str(checkpoint), "--out", str(root / "models"), "--work", str(root / "work"),
@@ -1510,6 +1721,13 @@ def test_build_sh_writes_a_servable_repository(
     assert args["--use_paged_context_fmha"] == "enable"
     assert args["--remove_input_padding"] == "enable"
     assert args["--gemm_plugin"] == "float16"
+    # LlavaGuard: Qwen2, a JSON answer whose log-prob needs no logits, the processor's own images.
+    assert args["checkpoint"]["architecture"] == "Qwen2ForCausalLM"
+    assert "--gather_generation_logits" not in args
+    assert not settings.yes_no_logits
+    assert not settings.pad_to_square
+    assert (settings.end_token, settings.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert llm["guided_decoding_backend"] == "xgrammar"
 
 
 def tiny_llava_hidden(checkpoint: Path) -> int:
@@ -1561,6 +1779,261 @@ def test_build_sh_refuses_a_checkpoint_tensorrt_llm_cannot_load(
     assert "the weights lack language_model.model.norm.weight" in result.stderr
     assert "TensorRT-LLM cannot convert" in result.stderr
     assert "2/8" not in result.stderr
+
+
+# --- ICM-LLaVA-v1.5-7B (LLaVA-1.5): build.sh, then the BLS on what it wrote --------------------
+
+# openai/clip-vit-large-patch14-336's preprocessing, which ICM-LLaVA's converted processor keeps:
+# the tiny checkpoint's processor at this size expands <image> as the real one does.
+CLIP_336 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
+CLIP_336_TOKENS = (336 // 14) ** 2  # 576
+ICM_NAME = "zhaoyuzhi/ICM-LLaVA-v1.5-7B"
+
+
+@pytest.fixture(scope="module")
+def icm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA-1.5 (CLIP 28 px, patch 14: 4 image features; LLaMA) scripted to answer
+    Yes or No, in transformers' llava format (what deploy/icm/convert_llava.py writes)."""
+    return tiny_llava15.build(tmp_path_factory.mktemp("tiny15") / "yes-no", "yes-no")
+
+
+@pytest.fixture(scope="module")
+def icm_model(icm_checkpoint: Path) -> Any:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(icm_checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def icm_processor(icm_checkpoint: Path) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(icm_checkpoint)
+
+
+def with_image_processor(checkpoint: Path, target: Path, **changes: Any) -> Path:
+    """A copy of `checkpoint` whose preprocessor_config.json has `changes`."""
+    import shutil
+
+    shutil.copytree(checkpoint, target)
+    config = json.loads((target / "preprocessor_config.json").read_text())
+    (target / "preprocessor_config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+@pytest.fixture(scope="module")
+def icm_dry_build(tmp_path_factory: pytest.TempPathFactory, icm_checkpoint: Path) -> dict[str, Any]:
+    """build.sh --model icm-7b, default batch (16), GPU tools stubbed, on the tiny checkpoint
+    with CLIP-336's preprocessing, so the limits are ICM-LLaVA's own (the model is not run)."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("icm-build")
+    env = fake_gpu_image(root)
+    hf_dir = with_image_processor(icm_checkpoint, root / "icm-hf", **CLIP_336)
+    command = [
+        "bash", str(DEPLOY / "build.sh"), "--model", "icm-7b", "--hf-dir", str(hf_dir),
+        "--out", str(root / "models"), "--work", str(root / "work"), "--skip-smoke",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return {"root": root, "result": result, "command": command, "env": env, "hf_dir": hf_dir}
+
+
+def test_build_sh_builds_icm_llava_as_llama_with_logits_and_no_grammar(
+    icm_dry_build: dict[str, Any], tg: Any
+) -> None:
+    result = icm_dry_build["result"]
+    assert result.returncode == 0, result.stderr
+    assert "converting the language model (LLaMA)" in result.stderr
+    assert "6/8 no guided decoding (the answer is prose)" in result.stderr
+    root = icm_dry_build["root"]
+    models = root / "models"
+    configs = {path.parent.name: read_config(path) for path in models.glob("*/config.pbtxt")}
+    assert set(configs) == {"guard", "vision_encoder", "tensorrt_llm"}
+    info = json.loads((models / "build-info.json").read_text())
+    assert info["max_image_tokens"] == CLIP_336_TOKENS
+    assert info["max_patches"] == 1
+    args = json.loads((root / "work" / "icm-7b" / "engine" / "trtllm-build.args").read_text())
+    # The fake wheel's LLaMA loader converted it (it insists on a llava config, LlamaForCausalLM
+    # in text_config.architectures, the language_model.model.* names).
+    assert args["checkpoint"]["architecture"] == "LlamaForCausalLM"
+    assert args["--gather_generation_logits"] is True
+    assert args["--max_prompt_embedding_table_size"] == str(16 * 576)
+    vision = json.loads((models / "vision_encoder" / "1" / "engine" / "config.json").read_text())
+    # One 336-px crop per image: the engine's batch is the images per run (--vision-images 2).
+    assert vision["builder_config"] == {"model_type": "llava", "max_batch_size": 2}
+    assert not (models / "tensorrt_llm" / "1" / "xgrammar_tokenizer_info.json").exists()
+    llm = parameters(configs["tensorrt_llm"])
+    assert llm["guided_decoding_backend"] == llm["xgrammar_tokenizer_info_path"] == ""
+    settings = tg.parse_settings(parameters(configs["guard"]), models / "guard")
+    assert settings.guard_model_name == ICM_NAME
+    assert settings.guided_json_schema == ""
+    assert settings.yes_no_logits
+    assert settings.pad_to_square
+    assert (settings.end_token, settings.pad_token) == ("</s>", "</s>")
+    assert settings.limits.max_image_tokens == CLIP_336_TOKENS
+    assert settings.limits.max_batch_size == 16
+    assert (info["yes_no_logits"], info["pad_to_square"], info["guided_json_schema"]) == (
+        True,
+        True,
+        False,
+    )
+
+
+def test_build_sh_refuses_an_original_llava_checkpoint_before_reading_it(
+    icm_dry_build: dict[str, Any], tmp_path: Path
+) -> None:
+    import subprocess
+
+    original = tiny_llava15.build_original(tmp_path / "original")
+    command = list(icm_dry_build["command"])
+    command[command.index("--hf-dir") + 1] = str(original)
+    command[command.index("--work") + 1] = str(tmp_path / "work")
+    env = icm_dry_build["env"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "config.json is the original LLaVA format" in result.stderr
+    assert "python deploy/icm/convert_llava.py --original DIR --vision-tower DIR" in result.stderr
+    assert "version sha256:" not in result.stderr  # refused before the fingerprint
+    # Without --hf-dir (the hub has the original only), and with a schema (prose answers).
+    for change, message in [
+        (["--hf-dir"], "--model icm-7b needs --hf-dir"),
+        (["--schema", "x.json"], "answers in prose"),
+    ]:
+        if change == ["--hf-dir"]:
+            at = command.index("--hf-dir")
+            changed = command[:at] + command[at + 2 :]
+        else:
+            changed = command + change
+        result = subprocess.run(changed, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert message in result.stderr
+
+
+@pytest.fixture(scope="module")
+def icm_repository(
+    icm_dry_build: dict[str, Any], icm_checkpoint: Path, tmp_path_factory: Any
+) -> Path:
+    """The repository build.sh wrote for icm-7b, its processor files the tiny checkpoint's own
+    again (28 px, which its vision tower takes), its engine config build.sh's."""
+    import shutil
+
+    assert icm_dry_build["result"].returncode == 0, icm_dry_build["result"].stderr
+    out = tmp_path_factory.mktemp("icm-served") / "models"
+    shutil.copytree(icm_dry_build["root"] / "models", out)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        shutil.copy(icm_checkpoint / name, out / "guard" / "1" / "hf" / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def icm_guard(icm_repository: Path, icm_model: Any) -> Iterator[Any]:
+    configs = {p.parent.name: read_config(p) for p in icm_repository.glob("*/config.pbtxt")}
+    features = _import("vision_features", icm_repository / "vision_encoder" / "1")
+    config = icm_model.config
+
+    @torch.no_grad()
+    def llava_engine(patches: torch.Tensor) -> torch.Tensor:
+        """What TensorRT-LLM's llava vision engine computes (multimodal_builder,
+        build_llava_engine): the selected layer's features without the class token, projected."""
+        hidden = icm_model.vision_tower(patches.float(), output_hidden_states=True).hidden_states
+        return icm_model.multi_modal_projector(hidden[config.vision_feature_layer][:, 1:])
+
+    layout = features.layouts(config, None)["llava"]
+    models = stand_ins(configs, features, layout, llava_engine, icm_model)
+    yield from loaded_guard(icm_repository, configs, models)
+
+
+ICM_SIZES = [(28, 28), (20, 50), (50, 20), (3, 60), (90, 40)]
+
+
+def test_the_icm_guard_answers_yes_with_icms_two_way_confidence(icm_guard: Any) -> None:
+    responses = judge(
+        icm_guard,
+        [
+            client_request(image(h, w, seed), prompt="Is it?")
+            for seed, (h, w) in enumerate(ICM_SIZES)
+        ],
+    )
+    p = tiny_llava.YES_NO_PROBABILITIES
+    for response in responses:
+        assert not response.has_error(), response.error().message()
+        assert response.outputs["text_output"].as_numpy()[0, 0].decode() == "".join(
+            tiny_llava.YES_NO_ANSWERS["Yes"]
+        )
+        # ICM's score of the Yes it gave, P(Yes) / (P(Yes) + P(No)), not the 0.6 of the whole
+        # vocabulary: from the deciding step's logits.
+        log_prob = float(response.outputs["rating_log_prob"].as_numpy()[0, 0])
+        assert log_prob == pytest.approx(math.log(p["Yes"] / (p["Yes"] + p["No"])), abs=1e-4)
+
+
+def test_the_icm_guard_sends_one_square_patch_no_grammar_and_asks_for_logits(
+    icm_guard: Any, icm_processor: Any
+) -> None:
+    judge(icm_guard, [client_request(image(20, 50), prompt="Is it?")])
+    [(_, encoder, _)] = [call for call in FakeRequest.calls if call[0] == "vision_encoder"]
+    [(_, llm, wanted)] = [call for call in FakeRequest.calls if call[0] == "tensorrt_llm"]
+    crop = icm_processor.image_processor.crop_size
+    assert encoder["pixel_values"].shape() == [1, 1, 3, crop["height"], crop["width"]]
+    assert encoder["image_sizes"].as_numpy().tolist() == [[50, 50]]  # the padded image's size
+    assert "guided_decoding_guide" not in llm
+    assert "guided_decoding_guide_type" not in llm
+    assert bool(llm["return_generation_logits"].as_numpy()[0, 0])
+    assert "generation_logits" in wanted
+    end = icm_processor.tokenizer.convert_tokens_to_ids("</s>")
+    assert end == 2  # LLaMA's
+    assert int(llm["end_id"].as_numpy()[0, 0]) == int(llm["pad_id"].as_numpy()[0, 0]) == end
+    assert llm["prompt_embedding_table"].shape()[1] == tiny_llava15.IMAGE_FEATURES
+
+
+@pytest.mark.parametrize("size", [(20, 50), (50, 20), (28, 28)])
+def test_the_icm_engines_prompt_is_the_hf_models_prompt_for_the_padded_image(
+    icm_guard: Any, icm_model: Any, icm_processor: Any, icm_repository: Path, size: tuple[int, int]
+) -> None:
+    """The embeddings TensorRT-LLM would build from what the guard sends equal the input
+    embeddings transformers' LLaVA builds for the same prompt and the image padded as LLaVA-1.5
+    pads it (PIL, the processor's mean colour); for a non-square image, not those of the image
+    the processor would crop."""
+    picture = image(*size, seed=11)
+    judge(icm_guard, [client_request(picture, prompt="Is it?")])
+    [(_, llm, _)] = [call for call in FakeRequest.calls if call[0] == "tensorrt_llm"]
+    vocab = icm_model.config.text_config.vocab_size
+    ids = torch.from_numpy(llm["input_ids"].as_numpy()[0].astype(np.int64))
+    table = torch.from_numpy(llm["prompt_embedding_table"].as_numpy()[0].astype(np.float32))
+    with torch.no_grad():
+        ours = prompt_tuning_embeddings(ids, table, vocab, icm_model.get_input_embeddings())
+
+    ga = _import("guard_answer", icm_repository / "guard" / "1")
+    text = icm_processor.apply_chat_template(ga.conversation("Is it?"), add_generation_prompt=True)
+    fill_rgb = tuple(int(x * 255) for x in icm_processor.image_processor.image_mean)
+    padded = expand_to_square_with_pil(picture, fill_rgb)
+
+    def hf_embeddings(pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = icm_processor(images=pixels, text=text, return_tensors="pt")
+        with torch.no_grad():
+            embeds = icm_model.get_input_embeddings()(inputs["input_ids"])
+            features = icm_model.get_image_features(
+                pixel_values=inputs["pixel_values"],
+                vision_feature_layer=icm_model.config.vision_feature_layer,
+                vision_feature_select_strategy=icm_model.config.vision_feature_select_strategy,
+            )
+        at = inputs["input_ids"][0] == icm_model.config.image_token_index
+        embeds[0, at] = features.reshape(-1, features.shape[-1])
+        return embeds[0], at
+
+    theirs, image_rows = hf_embeddings(padded)
+    assert ours.shape == theirs.shape
+    assert bool(((ids >= vocab) == image_rows).all())
+    assert int(image_rows.sum()) == tiny_llava15.IMAGE_FEATURES
+    torch.testing.assert_close(ours[~image_rows], theirs[~image_rows], rtol=0, atol=0)
+    # The image rows went through float16 twice (the pixels the engine takes, the table it
+    # returns): rounding, not another image.
+    difference = (ours[image_rows] - theirs[image_rows]).abs()
+    assert float(difference.max()) < 2e-2
+    if size[0] != size[1]:
+        cropped, _ = hf_embeddings(picture)
+        assert float((ours[image_rows] - cropped[image_rows]).abs().max()) > 10 * float(
+            difference.max()
+        )
 
 
 def test_the_build_scripts_pass_shellcheck() -> None:

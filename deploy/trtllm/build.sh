@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Build LlavaGuard-v1.2-OV for TensorRT-LLM and the Triton model repository that serves it as
-# `guard` (triton_models/trtllm), then smoke-test it. Runs inside the pinned Triton TensorRT-LLM
-# image, on the GPU the engines are for (engines run only on the GPU architecture and the
-# TensorRT-LLM version they were built with). deploy/trtllm/README.md explains every step.
+# Build LlavaGuard-v1.2-OV (LLaVA-OneVision, Qwen2) or ICM-LLaVA-v1.5-7B (LLaVA-1.5, LLaMA) for
+# TensorRT-LLM and the Triton model repository that serves it as `guard` (triton_models/trtllm),
+# then smoke-test it. Runs inside the pinned Triton TensorRT-LLM image, on the GPU the engines
+# are for (engines run only on the GPU architecture and the TensorRT-LLM version they were built
+# with). deploy/trtllm/README.md explains every step.
 #
 #   docker run --rm --gpus all --shm-size=2g -e HF_TOKEN \
 #     -v "$PWD":/src:ro -v /srv/guard/models:/models -v /srv/guard/work:/work -w /src \
 #     nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3 \
 #     deploy/trtllm/build.sh --model 0.5b --schema service/schemas/answer.llavaguard-v1.2.json
 #
+# ICM-LLaVA-v1.5-7B is published in the original LLaVA format: convert it first
+# (deploy/icm/convert_llava.py), then `build.sh --model icm-7b --hf-dir CONVERTED`.
+#
 # Steps, each skipped when its output exists and was made with the same settings (--force redoes
 # all): download the -hf checkpoint, check its weight names and config for TensorRT-LLM's loader
 # (fixing what renaming fixes), compute the engine limits from its processor, convert and
-# build the LLM engine, build the vision engine, write xgrammar's tokenizer file, fill the
-# templates into a staging repository, copy it to --out, start tritonserver on it and judge one
-# image (plus a burst, for throughput).
+# build the LLM engine, build the vision engine, write xgrammar's tokenizer file (LlavaGuard's
+# JSON answers only), fill the templates into a staging repository, copy it to --out, start
+# tritonserver on it and judge one image (plus a burst, for throughput).
 
 set -euo pipefail
 
@@ -27,19 +31,25 @@ readonly HERE="${REPO_ROOT}/deploy/trtllm"
 usage() {
   cat <<EOF
 usage: $(basename "$0") --model 0.5b|7b --schema FILE [options]
+       $(basename "$0") --model icm-7b --hf-dir CONVERTED [options]
 
-  --model 0.5b|7b           AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf or -7B-OV-hf
-  --schema FILE             the answer's JSON schema (python -m service schemas writes it);
-                            --no-schema turns guided decoding off
+  --model 0.5b|7b|icm-7b    AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf or -7B-OV-hf, or
+                            zhaoyuzhi/ICM-LLaVA-v1.5-7B (LLaVA-1.5; needs --hf-dir)
+  --schema FILE             LlavaGuard: the answer's JSON schema (python -m service schemas
+                            writes it); --no-schema turns guided decoding off. Not for icm-7b,
+                            whose answers are prose (Yes or No, then why)
   --out DIR                 the model repository to write (default /models); emptied first
                             only with --force
   --serve-root DIR          where the server will see --out (default: --out); engine paths in
                             the configs are absolute
   --work DIR                downloads, checkpoints, engines, staging (default /work/llavaguard)
-  --hf-dir DIR              a checkpoint already on disk (no download)
+  --hf-dir DIR              a checkpoint already on disk (no download). icm-7b: the checkpoint
+                            converted to transformers' llava format, which the original one is
+                            not: first run python deploy/icm/convert_llava.py --original DIR
+                            --vision-tower DIR --out DIR
   --revision REV            hub revision to download (default main); pinned to its commit
-  --policy FILE             policy prompt for the limits and the smoke test
-                            (default service/policies/llavaguard-v1.2.toml)
+  --policy FILE             policy prompt for the limits and the smoke test (default
+                            service/policies/llavaguard-v1.2.toml, icm-7b: icm-assistant-v1.toml)
   --max-batch-size N        in-flight batch of the LLM engine and of guard (default 16)
   --max-image-side PX       longest image side served (default 1024, the consumer's resize)
   --max-new-tokens N        answer length the engine is built for (default 500)
@@ -70,7 +80,7 @@ SERVE_ROOT=""
 WORK=/work/llavaguard
 HF_DIR=""
 REVISION=main
-POLICY="${REPO_ROOT}/service/policies/llavaguard-v1.2.toml"
+POLICY=""
 MAX_BATCH_SIZE=16
 MAX_IMAGE_SIDE=1024
 MAX_NEW_TOKENS=500
@@ -108,12 +118,44 @@ while (($#)); do
   esac
 done
 
+# Per model: the hub repository (the served model's name), the -hf model type (TensorRT-LLM's
+# loader and vision builder), the tokens that end and pad an answer, the answer's format, the
+# default policy.
+#   LlavaGuard-v1.2-OV: LLaVA-OneVision (Qwen2, SigLIP anyres), a JSON answer constrained to the
+#     schema by xgrammar, its rating token's log-prob from output_log_probs.
+#   ICM-LLaVA-v1.5-7B: LLaVA-1.5 (Vicuna-7B, CLIP ViT-L/14-336: one 336-px patch, 576 tokens),
+#     images padded to a square first as LLaVA-1.5 was trained; a prose answer (no grammar)
+#     whose leading Yes/No is scored from the step's logits (yes_no_logits, so the engine
+#     gathers generation logits); LLaMA's </s> (id 2) ends and pads.
 case "${MODEL}" in
-  0.5b) HF_REPO="AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf" ;;
-  7b) HF_REPO="AIML-TUDA/LlavaGuard-v1.2-7B-OV-hf" ;;
-  *) usage >&2; die "--model must be 0.5b or 7b" ;;
+  0.5b | 7b)
+    HF_REPO="AIML-TUDA/LlavaGuard-v1.2-${MODEL^^}-OV-hf"
+    HF_MODEL_TYPE=llava_onevision
+    TEXT_MODEL=Qwen2
+    END_TOKEN='<|im_end|>'
+    PAD_TOKEN='<|endoftext|>'
+    YES_NO=0
+    POLICY="${POLICY:-${REPO_ROOT}/service/policies/llavaguard-v1.2.toml}"
+    ;;
+  icm-7b)
+    HF_REPO="zhaoyuzhi/ICM-LLaVA-v1.5-7B"
+    HF_MODEL_TYPE=llava
+    TEXT_MODEL=LLaMA
+    END_TOKEN='</s>'
+    PAD_TOKEN='</s>'
+    YES_NO=1
+    POLICY="${POLICY:-${REPO_ROOT}/service/policies/icm-assistant-v1.toml}"
+    [[ -n "${HF_DIR}" ]] || die "--model icm-7b needs --hf-dir: the hub has ICM-LLaVA-v1.5-7B" \
+      "in the original LLaVA format only; convert it first with python" \
+      "deploy/icm/convert_llava.py --original DIR --vision-tower DIR --out DIR"
+    ;;
+  *) usage >&2; die "--model must be 0.5b, 7b or icm-7b" ;;
 esac
-if ((NO_SCHEMA)); then
+if ((YES_NO)); then
+  [[ -z "${SCHEMA}" ]] || die "--schema: ${HF_REPO} answers in prose (Yes or No, then why)," \
+    "which no JSON schema describes; leave it out"
+  SCHEMA=""
+elif ((NO_SCHEMA)); then
   SCHEMA=""
 elif [[ -z "${SCHEMA}" ]]; then
   die "--schema FILE is required (or --no-schema): the guard constrains answers to it"
@@ -139,7 +181,7 @@ TRTLLM_VERSION="$(python3 -c 'import tensorrt_llm; print(tensorrt_llm.__version_
   tail -n 1)"
 if [[ "${TRTLLM_VERSION}" != "${ALLOW_TRTLLM}" ]]; then
   die "this image has TensorRT-LLM ${TRTLLM_VERSION:-none}, the build is pinned to" \
-    "${PINNED_TRTLLM} (the last line with the TensorRT engine path for LLaVA-OneVision);" \
+    "${PINNED_TRTLLM} (the last line with the TensorRT engine path for these LLaVA models);" \
     "--allow-trtllm ${TRTLLM_VERSION} to try anyway"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2
@@ -161,6 +203,10 @@ HUB_COMMIT=""
 if [[ -n "${HF_DIR}" ]]; then
   step "1/8 using the checkpoint in ${HF_DIR}"
   [[ -f "${HF_DIR}/config.json" ]] || die "no config.json in ${HF_DIR}"
+  # The kind of checkpoint, from config.json alone, before the fingerprint reads every byte: an
+  # original-format LLaVA checkpoint is refused with the command that converts it.
+  python3 "${HERE}/checkpoint_layout.py" --hf-dir "${HF_DIR}" --model-type "${HF_MODEL_TYPE}" \
+    --config-only || die "${HF_DIR} is not a ${HF_MODEL_TYPE} checkpoint TensorRT-LLM converts (above)"
 else
   HF_DIR="${BUILD_DIR}/hf"
   if done_before download "${HF_REPO}@${REVISION}"; then
@@ -196,7 +242,7 @@ if done_before layout "${VERSION}" && [[ -d "${TRTLLM_HF_DIR}" ]]; then
 else
   step "1/8 checking the checkpoint's weight names and config against TensorRT-LLM's loader"
   rm -rf "${TRTLLM_HF_DIR}"
-  python3 "${HERE}/checkpoint_layout.py" --hf-dir "${HF_DIR}" --model-type llava_onevision \
+  python3 "${HERE}/checkpoint_layout.py" --hf-dir "${HF_DIR}" --model-type "${HF_MODEL_TYPE}" \
     --fix "${TRTLLM_HF_DIR}" ||
     die "TensorRT-LLM cannot convert ${HF_DIR} (above); see deploy/trtllm/checkpoint_layout.py"
   mark_done layout "${VERSION}"
@@ -211,7 +257,8 @@ else
   step "2/8 engine limits for images up to ${MAX_IMAGE_SIDE} px, batches of ${MAX_BATCH_SIZE}"
   python3 "${HERE}/limits.py" --hf-dir "${HF_DIR}" --policy "${POLICY}" \
     --max-image-side "${MAX_IMAGE_SIDE}" --max-batch-size "${MAX_BATCH_SIZE}" \
-    --max-new-tokens "${MAX_NEW_TOKENS}" >"${LIMITS_FILE}"
+    --max-new-tokens "${MAX_NEW_TOKENS}" >"${LIMITS_FILE}" ||
+    die "cannot compute the engine limits of ${HF_DIR} (above)"
   mark_done limits "${LIMITS_SETTINGS}"
 fi
 LIMITS="$(cat "${LIMITS_FILE}")"
@@ -232,15 +279,22 @@ CHECKPOINT="${BUILD_DIR}/checkpoint"
 if done_before convert "${VERSION}"; then
   step "3/8 TensorRT-LLM checkpoint already converted"
 else
-  step "3/8 converting the language model (Qwen2) to a TensorRT-LLM checkpoint, float16, TP 1"
+  step "3/8 converting the language model (${TEXT_MODEL}) to a TensorRT-LLM checkpoint, float16, TP 1"
   rm -rf "${CHECKPOINT}"
-  python3 "${HERE}/convert.py" llm --hf-dir "${TRTLLM_HF_DIR}" --out "${CHECKPOINT}" --dtype float16
+  python3 "${HERE}/convert.py" llm --hf-dir "${TRTLLM_HF_DIR}" --out "${CHECKPOINT}" \
+    --dtype float16 --model-type "${HF_MODEL_TYPE}"
   mark_done convert "${VERSION}"
 fi
 
 # --- 4. the LLM engine -----------------------------------------------------------------------
 LLM_ENGINE="${BUILD_DIR}/engine/llm"
-LLM_SETTINGS="${VERSION} ${MAX_BATCH_SIZE} ${MAX_INPUT_LEN} ${MAX_SEQ_LEN} ${MAX_NUM_TOKENS} ${MAX_MULTIMODAL_LEN}"
+# A Yes/No answer's confidence is read from the deciding step's logits (the guard's
+# yes_no_logits): the engine must return them, which it can only when built to gather them.
+llm_flags=()
+if ((YES_NO)); then
+  llm_flags+=(--gather_generation_logits)
+fi
+LLM_SETTINGS="${VERSION} ${MAX_BATCH_SIZE} ${MAX_INPUT_LEN} ${MAX_SEQ_LEN} ${MAX_NUM_TOKENS} ${MAX_MULTIMODAL_LEN} ${llm_flags[*]}"
 if done_before llm "${LLM_SETTINGS}"; then
   step "4/8 LLM engine already built"
 else
@@ -261,7 +315,8 @@ else
     --max_input_len "${MAX_INPUT_LEN}" \
     --max_seq_len "${MAX_SEQ_LEN}" \
     --max_num_tokens "${MAX_NUM_TOKENS}" \
-    --max_prompt_embedding_table_size "${MAX_MULTIMODAL_LEN}"
+    --max_prompt_embedding_table_size "${MAX_MULTIMODAL_LEN}" \
+    "${llm_flags[@]}"
   mark_done llm "${LLM_SETTINGS}"
 fi
 
@@ -274,17 +329,23 @@ else
     "(${VISION_IMAGES} images of up to ${MAX_PATCHES} patches)"
   rm -rf "${VISION_ENGINE}"
   python3 "${HERE}/convert.py" vision --hf-dir "${TRTLLM_HF_DIR}" --out "${VISION_ENGINE}" \
-    --max-batch-size "${VISION_MAX_BATCH}" --model-type llava_onevision
+    --max-batch-size "${VISION_MAX_BATCH}" --model-type "${HF_MODEL_TYPE}"
   mark_done vision "${VERSION} ${VISION_MAX_BATCH}"
 fi
 
 # --- 6. xgrammar's tokenizer file ------------------------------------------------------------
 XGRAMMAR_INFO="${BUILD_DIR}/xgrammar_tokenizer_info.json"
-if done_before xgrammar "${VERSION}"; then
+if ((YES_NO)); then
+  # The tensorrtllm backend configures no guided decoding when guided_decoding_backend or
+  # xgrammar_tokenizer_info_path is empty (model_instance_state.cc,
+  # getGuidedDecodingConfigFromParams): both are filled empty below.
+  step "6/8 no guided decoding (the answer is prose): no xgrammar tokenizer info"
+  XGRAMMAR_INFO=""
+elif done_before xgrammar "${VERSION}"; then
   step "6/8 xgrammar tokenizer info already written"
 else
   step "6/8 xgrammar tokenizer info"
-  python3 "${HERE}/xgrammar_tokenizer_info.py" --hf-dir "${HF_DIR}" --end-token '<|im_end|>' \
+  python3 "${HERE}/xgrammar_tokenizer_info.py" --hf-dir "${HF_DIR}" --end-token "${END_TOKEN}" \
     "${XGRAMMAR_INFO}"
   mark_done xgrammar "${VERSION}"
 fi
@@ -294,7 +355,6 @@ step "7/8 filling triton_models/trtllm into ${OUT} (served from ${SERVE_ROOT})"
 STAGING="${BUILD_DIR}/repository"
 fill_values=(
   "engine_dir=${SERVE_ROOT}/tensorrt_llm/1"
-  "xgrammar_tokenizer_info_path=${SERVE_ROOT}/tensorrt_llm/1/xgrammar_tokenizer_info.json"
   "guard_model_name=${HF_REPO}"
   "guard_model_version=${VERSION}"
   "max_batch_size=${MAX_BATCH_SIZE}"
@@ -303,16 +363,31 @@ fill_values=(
   "kv_cache_free_gpu_mem_fraction=${KV_CACHE_FRACTION}"
   "guard_instance_count=${GUARD_INSTANCES}"
   "vision_max_batch_size=${VISION_IMAGES}"
+  "end_token=${END_TOKEN}"
+  "pad_token=${PAD_TOKEN}"
 )
 if [[ -n "${SCHEMA}" ]]; then
   fill_values+=("guided_json_schema=@${SCHEMA}")
 else
   fill_values+=("guided_json_schema=")
 fi
+if [[ -n "${XGRAMMAR_INFO}" ]]; then
+  fill_values+=("xgrammar_tokenizer_info_path=${SERVE_ROOT}/tensorrt_llm/1/xgrammar_tokenizer_info.json")
+else
+  fill_values+=("xgrammar_tokenizer_info_path=" "guided_decoding_backend=")
+fi
+if ((YES_NO)); then
+  fill_values+=("yes_no_logits=true")
+fi
+if [[ "${HF_MODEL_TYPE}" == llava ]]; then
+  fill_values+=("pad_to_square=true")
+fi
 python3 "${REPO_ROOT}/triton_models/fill.py" --force "${REPO_ROOT}/triton_models/trtllm" \
   "${STAGING}" "${fill_values[@]}"
 cp -a "${LLM_ENGINE}/." "${STAGING}/tensorrt_llm/1/"
-cp "${XGRAMMAR_INFO}" "${STAGING}/tensorrt_llm/1/xgrammar_tokenizer_info.json"
+if [[ -n "${XGRAMMAR_INFO}" ]]; then
+  cp "${XGRAMMAR_INFO}" "${STAGING}/tensorrt_llm/1/xgrammar_tokenizer_info.json"
+fi
 mkdir -p "${STAGING}/vision_encoder/1/engine" "${STAGING}/guard/1/hf"
 cp -a "${VISION_ENGINE}/." "${STAGING}/vision_encoder/1/engine/"
 # The processor, tokenizer and config only: the weights are in the engines now.
@@ -325,7 +400,7 @@ python3 - "${STAGING}/build-info.json" <<EOF
 import json, sys
 json.dump({
     "checkpoint": "${HF_REPO}", "version": "${VERSION}", "hub_commit": "${HUB_COMMIT}",
-    "image": "${PINNED_IMAGE}",
+    "model_type": "${HF_MODEL_TYPE}", "image": "${PINNED_IMAGE}",
     "tensorrt_llm": "${TRTLLM_VERSION}", "max_batch_size": ${MAX_BATCH_SIZE},
     "max_image_side": ${MAX_IMAGE_SIDE}, "max_image_tokens": ${MAX_IMAGE_TOKENS},
     "max_patches": ${MAX_PATCHES}, "prompt_tokens": ${PROMPT_TOKENS},
@@ -334,6 +409,8 @@ json.dump({
     "vision_max_batch_size": ${VISION_MAX_BATCH},
     "cuda_memory_pool_bytes": ${CUDA_MEMORY_POOL_BYTES},
     "guided_json_schema": bool("${SCHEMA}"),
+    "yes_no_logits": bool(${YES_NO}), "gather_generation_logits": bool(${YES_NO}),
+    "pad_to_square": "${HF_MODEL_TYPE}" == "llava",
 }, open(sys.argv[1], "w"), indent=2)
 EOF
 mkdir -p "${OUT}"

@@ -3,6 +3,7 @@ what can be fixed, before build.sh converts it. Reads only config.json and the s
 headers (the JSON before the tensors): no torch, no transformers.
 
     python deploy/trtllm/checkpoint_layout.py --hf-dir HF [--model-type llava_onevision] [--fix OUT]
+    python deploy/trtllm/checkpoint_layout.py --hf-dir HF --model-type llava --config-only
 
 Why: TensorRT-LLM's loaders read the language model's weights under the names transformers
 wrote before 4.52, and look under no other names:
@@ -29,6 +30,13 @@ config.json when `text_config.architectures` is missing (filled with the text mo
 the safetensors files and their index when the weights have the newer names (renamed back to
 the older ones: a new header, the same tensor bytes). Exit status 0: fine, or fixed into OUT;
 2: something no renaming fixes (printed).
+
+A checkpoint in the original LLaVA format (haotian-liu/LLaVA's `LlavaLlamaForCausalLM`, as
+ICM-LLaVA-v1.5-7B is published: `mm_vision_tower` / `mm_projector_type` in config.json, no
+`vision_config`; its model type may read "llava" all the same) is refused with the command that
+converts it to transformers' llava format (`CONVERT_COMMAND`). `--config-only` reads config.json
+alone (that and the model type), so build.sh can refuse such a checkpoint before it reads
+gigabytes.
 """
 
 from __future__ import annotations
@@ -103,6 +111,26 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.fatal and not self.fixable
+
+
+# The conversion of an original-format LLaVA-1.5 checkpoint (deploy/icm, another branch of issue
+# 13); --vision-tower is a local copy of the CLIP tower it names in `mm_vision_tower`.
+CONVERT_COMMAND = "python deploy/icm/convert_llava.py --original DIR --vision-tower DIR --out DIR"
+
+
+def original_llava_problem(config: Mapping[str, Any]) -> str | None:
+    """Why `config` is no transformers checkpoint but an original LLaVA one, or None."""
+    original = [key for key in ("mm_vision_tower", "mm_projector_type") if key in config]
+    if not original or "vision_config" in config:
+        return None
+    tower = config.get("mm_vision_tower")
+    named = f" (its vision tower: {tower})" if isinstance(tower, str) else ""
+    return (
+        f"config.json is the original LLaVA format ({', '.join(original)}, no vision_config, "
+        f"model_type {config.get('model_type')!r}){named}, which TensorRT-LLM and transformers do "
+        f"not load as LLaVA: convert it to transformers' llava format first, {CONVERT_COMMAND}, "
+        "then give the converted directory"
+    )
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -261,14 +289,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model-type", choices=sorted(LAYOUTS), help="expected config.json model_type"
     )
     parser.add_argument("--fix", type=Path, metavar="OUT", help="write the fixed checkpoint here")
+    parser.add_argument(
+        "--config-only", action="store_true", help="check config.json's format and type only"
+    )
     args = parser.parse_args(argv)
     try:
         config = json.loads((args.hf_dir / "config.json").read_text())
+        if not isinstance(config, dict):
+            raise ValueError("config.json is not a JSON object")
+        original = original_llava_problem(config)
+        if original is not None:
+            raise ValueError(original)
         model_type = config.get("model_type")
         if args.model_type and model_type != args.model_type:
             raise ValueError(f"config.json model_type is {model_type!r}, not {args.model_type!r}")
         if model_type not in LAYOUTS:
             raise ValueError(f"config.json model_type {model_type!r}: not one of {sorted(LAYOUTS)}")
+        if args.config_only:
+            return 0
         names = [n for names in weight_files(args.hf_dir).values() for n in names]
         report = check(config, names, LAYOUTS[model_type])
     except (OSError, ValueError) as exc:

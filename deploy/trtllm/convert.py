@@ -1,19 +1,30 @@
-"""Convert a LlavaGuard-OV -hf checkpoint for TensorRT-LLM: the language model's checkpoint for
+"""Convert a LLaVA -hf checkpoint for TensorRT-LLM: the language model's checkpoint for
 trtllm-build, and the vision engine. Runs in the pinned Triton TensorRT-LLM image, on a GPU.
 
-    python deploy/trtllm/convert.py llm    --hf-dir HF --out CKPT [--dtype float16]
-    python deploy/trtllm/convert.py vision --hf-dir HF --out ENGINE --max-batch-size N
+    python deploy/trtllm/convert.py llm    --hf-dir HF --out CKPT [--model-type T] [--dtype float16]
+    python deploy/trtllm/convert.py vision --hf-dir HF --out ENGINE --max-batch-size N \
+        [--model-type T]
 
-Both use the tensorrt_llm wheel's own API, as TensorRT-LLM's examples do:
+T is the checkpoint's model type: `llava_onevision` (LlavaGuard-v1.2-OV, the default) or `llava`
+(LLaVA-1.5: ICM-LLaVA-v1.5-7B). Both steps use the tensorrt_llm wheel's own API, as
+TensorRT-LLM's examples do:
 
-- llm: `QWenForCausalLM.from_hugging_face` reads an HF LLaVA-OneVision checkpoint as its Qwen2
-  text tower (model type `qwen2_llava_onevision`, tensorrt_llm/models/qwen/config.py) and
-  `save_checkpoint` writes the unified checkpoint (what examples/models/core/qwen/
-  convert_checkpoint.py does); tensor parallelism 1.
+- llm: `<class>.from_hugging_face` reads the HF LLaVA checkpoint as its text tower and
+  `save_checkpoint` writes the unified checkpoint; tensor parallelism 1.
+  - llava_onevision: `QWenForCausalLM` (model type `qwen2_llava_onevision`,
+    tensorrt_llm/models/qwen/config.py; what examples/models/core/qwen/convert_checkpoint.py does).
+  - llava: `LLaMAForCausalLM`; `LLaMAConfig.from_hugging_face` takes a `llava` config's
+    text_config (tensorrt_llm/models/llama/config.py, read at commit 04100fd); what
+    examples/models/core/llama/convert_checkpoint.py does for LLaVA in the multimodal README
+    (examples/models/core/multimodal/README.md, "LLaVA, LLaVa-NeXT, LLaVA-OneVision and VILA",
+    read at commit 000a01d).
 - vision: `tensorrt_llm.tools.multimodal_builder` (what examples/models/core/multimodal/
-  build_multimodal_engine.py wraps) with `--model_type llava_onevision`: SigLIP + projector to
-  ONNX to a TensorRT engine taking up to N 384x384 patches per run, plus the model's
-  image_newline in image_newlines.safetensors.
+  build_multimodal_engine.py wraps) with `--model_type T`: the vision tower and projector to ONNX
+  to a TensorRT engine taking up to N patches per run.
+  - llava_onevision: SigLIP on 384x384 patches, plus the model's image_newline in
+    image_newlines.safetensors.
+  - llava: CLIP on one 336x336 crop per image, the selected layer without the class token,
+    then the projector: [N, 576, hidden] (build_llava_engine, read at commit 000a01d).
 """
 
 from __future__ import annotations
@@ -23,12 +34,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+MODEL_TYPES = ("llava_onevision", "llava")
 
-def convert_llm(hf_dir: Path, out: Path, dtype: str) -> None:
+
+def convert_llm(hf_dir: Path, out: Path, dtype: str, model_type: str) -> None:
     from tensorrt_llm.mapping import Mapping
-    from tensorrt_llm.models import QWenForCausalLM
+    from tensorrt_llm.models import LLaMAForCausalLM, QWenForCausalLM
 
-    model = QWenForCausalLM.from_hugging_face(
+    model_class = {"llava_onevision": QWenForCausalLM, "llava": LLaMAForCausalLM}[model_type]
+    model = model_class.from_hugging_face(
         str(hf_dir), dtype, mapping=Mapping(world_size=1, rank=0, tp_size=1, pp_size=1)
     )
     model.save_checkpoint(str(out), save_config=True)
@@ -67,12 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     vision.add_argument("--hf-dir", type=Path, required=True)
     vision.add_argument("--out", type=Path, required=True)
     vision.add_argument("--max-batch-size", type=int, required=True, help="patches per run")
-    vision.add_argument(
-        "--model-type", default="llava_onevision", choices=["llava_onevision", "llava"]
-    )
+    for step in (llm, vision):
+        step.add_argument("--model-type", default="llava_onevision", choices=MODEL_TYPES)
     args = parser.parse_args(argv)
     if args.step == "llm":
-        convert_llm(args.hf_dir, args.out, args.dtype)
+        convert_llm(args.hf_dir, args.out, args.dtype, args.model_type)
     else:
         build_vision(args.hf_dir, args.out, args.max_batch_size, args.model_type)
     return 0

@@ -1,4 +1,4 @@
-"""The engine limits a LlavaGuard-OV build needs, from the checkpoint's own processor.
+"""The engine limits a LlavaGuard-OV or LLaVA-1.5 build needs, from the checkpoint's processor.
 
     python deploy/trtllm/limits.py --hf-dir HF --policy service/policies/llavaguard-v1.2.toml \\
         --max-image-side 1024 --max-batch-size 16 --max-new-tokens 500
@@ -6,7 +6,8 @@
 prints shell assignments (for build.sh to `eval`) and, on stderr, how they were found:
 
     MAX_IMAGE_TOKENS     the most tokens an image of at most max-image-side pixels becomes
-    MAX_PATCHES          the most 384x384 patches such an image is cut into (base + anyres grid)
+    MAX_PATCHES          the most patches such an image is cut into (LLaVA-OneVision: the base
+                         384x384 patch + the anyres grid; LLaVA-1.5: 1)
     PROMPT_TOKENS        the chat template and the policy text, without the image
     MAX_INPUT_LEN        PROMPT_TOKENS + MAX_IMAGE_TOKENS + headroom (a longer policy, a template
                          change), rounded up to a multiple of 64
@@ -23,6 +24,14 @@ crops of 384 px), unpads it to the image's aspect ratio, scales it down past any
 a newline embedding per row. The processor computes it (the same function that expands `<image>`
 in every request); here it is evaluated on every size up to the side, in steps of 4 px, and on the
 largest size of each grid's own aspect ratio, where the count peaks.
+
+LLaVA-1.5 (a processor without grid pinpoints: CLIP's resize and centre crop) makes every image
+one crop_size patch, (336 / 14)^2 = 576 tokens for ICM-LLaVA-v1.5-7B whatever its size; the
+processor is run on a few sizes, which must agree. TensorRT-LLM's llava vision engine drops
+CLIP's class token (`tensorrt_llm/tools/multimodal_builder.py`, build_llava_engine,
+`hidden_states[feature_layer][:, 1:]`, read at commit 000a01d), so the processor must expand
+`<image>` with the "default" strategy (576, not 577 tokens) and must expand it at all
+(`patch_size` set: transformers 4.47's LlavaProcessor otherwise leaves one `<image>` token).
 """
 
 from __future__ import annotations
@@ -93,7 +102,11 @@ def image_tokens(processor: Any, height: int, width: int) -> int:
         return count
     import numpy as np
 
-    ids = processor(images=np.zeros((height, width, 3), np.uint8), text=processor.image_token)
+    ids = processor(
+        images=np.zeros((height, width, 3), np.uint8),
+        text=processor.image_token,
+        input_data_format="channels_last",  # an image 1 or 3 pixels high is not channels-first
+    )
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return sum(1 for i in ids["input_ids"][0] if i == image_id)
 
@@ -110,13 +123,46 @@ def patches(processor: Any, height: int, width: int) -> int:
 
 
 def prompt_tokens(processor: Any, prompt: str) -> int:
-    """Tokens of the rendered chat template around the policy, `<image>` not counted."""
+    """Tokens of the rendered chat template around the policy, `<image>` not counted, with the
+    special tokens the tokenizer adds as the processor calls it (LLaMA's leading `<s>`; Qwen2
+    adds none): what the guard sends besides the image."""
     from triton_models.common.guard_answer import conversation
 
     text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True)
-    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = processor.tokenizer(text)["input_ids"]
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return sum(1 for i in ids if i != image_id)
+
+
+def one_patch_sizes(processor: Any, max_side: int) -> list[tuple[int, int]]:
+    """Sizes to probe a LLaVA-1.5 processor with (each image becomes one crop): the crop itself,
+    the largest square, and the longest wide and tall images of twice the aspect."""
+    crop = processor.image_processor.crop_size
+    half = max(1, max_side // 2)
+    return [
+        (crop["height"], crop["width"]),
+        (max_side, max_side),
+        (half, max_side),
+        (max_side, half),
+    ]
+
+
+def check_one_patch_processor(processor: Any, counts: dict[tuple[int, int], int]) -> None:
+    """A LLaVA-1.5 processor must expand `<image>` into the features the llava engine returns."""
+    if getattr(processor, "patch_size", None) is None:
+        raise ValueError(
+            "the processor does not expand <image> (processor_config.json has no patch_size / "
+            "vision_feature_select_strategy): the prompt would hold one image token for "
+            "hundreds of features"
+        )
+    strategy = getattr(processor, "vision_feature_select_strategy", None)
+    if strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy is {strategy!r}: TensorRT-LLM's llava vision engine "
+            "drops the class token, so only 'default' matches its features"
+        )
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"a one-patch processor gave different token counts: {counts}")
 
 
 def compute(
@@ -128,13 +174,18 @@ def compute(
     max_new_tokens: int,
     headroom: int,
 ) -> Limits:
-    pinpoints = processor.image_processor.image_grid_pinpoints
-    counts = {
-        size: image_tokens(processor, *size)
-        for size in set(candidate_sizes(max_image_side, pinpoints))
-    }
+    pinpoints = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    if pinpoints:
+        sizes = set(candidate_sizes(max_image_side, pinpoints))
+    else:
+        sizes = set(one_patch_sizes(processor, max_image_side))
+    counts = {size: image_tokens(processor, *size) for size in sizes}
+    if pinpoints:
+        most_patches = max(patches(processor, *size) for size in counts)
+    else:
+        check_one_patch_processor(processor, counts)
+        most_patches = 1
     largest = max(counts, key=lambda size: (counts[size], size))
-    most_patches = max(patches(processor, *size) for size in counts)
     text = prompt_tokens(processor, prompt)
     max_input_len = -(-(text + counts[largest] + headroom) // ALIGN) * ALIGN
     return Limits(
@@ -164,14 +215,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     processor = AutoProcessor.from_pretrained(str(args.hf_dir))
     prompt = PolicyRegistry.policy_in(args.policy).render_prompt()
-    limits = compute(
-        processor,
-        prompt,
-        max_image_side=args.max_image_side,
-        max_batch_size=args.max_batch_size,
-        max_new_tokens=args.max_new_tokens,
-        headroom=args.headroom,
-    )
+    try:
+        limits = compute(
+            processor,
+            prompt,
+            max_image_side=args.max_image_side,
+            max_batch_size=args.max_batch_size,
+            max_new_tokens=args.max_new_tokens,
+            headroom=args.headroom,
+        )
+    except ValueError as exc:
+        print(f"limits: {args.hf_dir}: {exc}", file=sys.stderr)
+        return 2
     height, width = limits.largest_image
     print(
         f"limits: an image of at most {args.max_image_side} px is at most "

@@ -10,7 +10,9 @@ decoded RGB image of at most --max-side pixels, max_tokens and the consumer's de
 
 Checks, each failing the run (exit 1):
 - the model is ready and declares the consumer's contract; `rating_log_prob` when declared;
-- every answer is JSON with the schema's required keys and allowed values (when --schema);
+- every answer is one the consumer reads in the policy's answer format (`parse_answer`: a
+  LlavaGuard JSON object, or ICM-Assistant's leading Yes/No), and, with --schema, JSON with the
+  schema's required keys and allowed values;
 - `rating_log_prob`, when declared, is a log-probability (finite, <= 0) for every answer.
 Prints one JSON summary: the first answer, latencies of --sequential requests one at a time
 (p50/p95/max) and the throughput of --burst requests --concurrency at a time.
@@ -29,10 +31,13 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:  # at run time imported once the repository is on sys.path (run)
+    from service.core.policies import Policy
 
 CONTRACT_INPUTS = {"text_input", "image_bytes_input", "max_tokens"}
 RATING_LOG_PROB = "rating_log_prob"
@@ -104,6 +109,18 @@ def check_answer(text: str, schema: Mapping[str, Any] | None) -> list[str]:
         if rule.get("type") == "string" and not isinstance(value, str):
             problems.append(f"{key!r}: not a string")
     return problems
+
+
+def unreadable(text: str, policy: Policy) -> list[str]:
+    """Why the consumer could not read `text` as an answer to `policy`, if it could not."""
+    from service.core.errors import UnparseableModelOutput
+    from service.core.policies import parse_answer
+
+    try:
+        parse_answer(text, policy)
+    except UnparseableModelOutput as exc:
+        return [f"unreadable as answer format {policy.answer_format}: {exc}"]
+    return []
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -185,7 +202,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     sys.path.insert(0, str(REPO))  # the consumer's policies, assembled as it sends them
     from service.core.policies import PolicyRegistry
 
-    prompt = PolicyRegistry.policy_in(args.policy).render_prompt()
+    policy = PolicyRegistry.policy_in(args.policy)
+    prompt = policy.render_prompt()
     schema = json.loads(args.schema.read_text()) if args.schema else None
     image = load_image(args.image, args.max_side)
     sampling = {"max_tokens": args.max_tokens, "temperature": 0.2, "top_p": 0.95, "top_k": 50}
@@ -198,7 +216,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     burst_seconds = time.perf_counter() - started
 
     for result in sequential + burst:
-        problems += [f"answer {result.text!r}: {p}" for p in check_answer(result.text, schema)]
+        found = unreadable(result.text, policy)
+        if schema is not None:
+            found += check_answer(result.text, schema)
+        problems += [f"answer {result.text!r}: {p}" for p in found]
         if RATING_LOG_PROB in outputs:
             value = result.rating_log_prob
             if value is None or not (math.isfinite(value) and value <= 0.0):

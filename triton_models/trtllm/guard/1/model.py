@@ -9,6 +9,7 @@ the request is at fault) and the others are still judged. Nothing raises out of 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from trtllm_guard import (
     check_table,
     generated_ids,
     llm_inputs,
+    mean_fill_rgb,
+    pad_to_square,
     parse_settings,
     preprocess,
     prompt_table_ids,
@@ -55,6 +58,11 @@ class TritonPythonModel:
         self._image_token_id = token_id(vocab, self._processor.image_token, "processor image_token")
         self._tokenizer = tokenizer
         self._rival_of = yes_no_rivals(vocab)
+        self._pad_fill = (
+            mean_fill_rgb(self._processor.image_processor.image_mean)
+            if self._settings.pad_to_square
+            else None
+        )
 
     def _decode(self, ids: Any) -> str:
         text: str = self._tokenizer.decode(
@@ -71,7 +79,7 @@ class TritonPythonModel:
             guard_request = read_request(
                 lambda name: _numpy_input(request, name), settings.max_image_side
             )
-            return await self._generate(guard_request)
+            return await self._generate(self._squared(guard_request))
         except InvalidRequestError as exc:
             return _error_response(str(exc), pb_utils.TritonError.INVALID_ARG)
         # Broad on purpose: whatever the processor, the encoder or the engine raise becomes this
@@ -79,6 +87,15 @@ class TritonPythonModel:
         except Exception as exc:
             pb_utils.Logger.log_error(f"guard: request failed: {exc!r}")
             return _error_response(f"guard failed: {exc}", pb_utils.TritonError.INTERNAL)
+
+    def _squared(self, guard_request: GuardRequest) -> GuardRequest:
+        """The request with its image padded to a square (`pad_to_square`, LLaVA-1.5), which
+        the processor then sees as LLaVA-1.5's own preprocessing would give it."""
+        if self._pad_fill is None:
+            return guard_request
+        return dataclasses.replace(
+            guard_request, image=pad_to_square(guard_request.image, self._pad_fill)
+        )
 
     async def _generate(self, guard_request: GuardRequest) -> Any:
         settings = self._settings

@@ -3,6 +3,7 @@
 
     parse_settings        config parameters + engine config.json -> Settings (or why not)
     read_request          a request's input tensors -> GuardRequest (or InvalidRequestError)
+    pad_to_square         LLaVA-1.5's padding of the image to a square, before the processor
     preprocess            processor + prompt + image -> token ids and the encoder's inputs
     prompt_table_ids      image tokens -> ids into the prompt-embedding table
     llm_inputs            ids + sampling + limits -> the `tensorrt_llm` request's tensors
@@ -101,6 +102,8 @@ class Settings:
     llm_model: str
     yes_no_logits: bool = False
     """Ask `tensorrt_llm` for the generation logits, to score Yes/No answers as ICM does."""
+    pad_to_square: bool = False
+    """Pad each image to a square of the processor's mean colour first (LLaVA-1.5)."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ class GuardRequest:
 @dataclass(frozen=True)
 class Preprocessed:
     """The processor's output for one request: token ids with the image tokens expanded, and the
-    vision encoder's inputs (the anyres patches and the image's original size)."""
+    vision encoder's inputs (the anyres patches, or LLaVA-1.5's one, and the size of the image
+    the processor was given)."""
 
     input_ids: NDArray[np.int64]
     pixel_values: NDArray[np.float16]
@@ -142,7 +146,7 @@ class Answer:
 
 
 class Processor(Protocol):
-    """The parts of a transformers LlavaOnevisionProcessor this model uses."""
+    """The parts of a transformers LlavaOnevisionProcessor or LlavaProcessor this model uses."""
 
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> str: ...
 
@@ -228,6 +232,7 @@ def parse_settings(parameters: Mapping[str, str], model_dir: Path) -> Settings:
         vision_encoder_model=name("vision_encoder_model"),
         llm_model=name("llm_model"),
         yes_no_logits=read.boolean("yes_no_logits", default=False),
+        pad_to_square=read.boolean("pad_to_square", default=False),
     )
 
 
@@ -313,11 +318,11 @@ def preprocess(
         images=image, text=text, return_tensors="np", input_data_format="channels_last"
     )
     input_ids = np.asarray(encoded["input_ids"], dtype=np.int64)
-    pixel_values = np.asarray(encoded["pixel_values"])
-    image_sizes = np.asarray(encoded["image_sizes"], dtype=np.int64)
+    pixel_values, image_sizes = _vision_inputs(encoded, image)
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise InvalidRequestError(f"processor: expected one sequence, got {input_ids.shape}")
-    # [1, patches, 3, H, W]: the base image plus the anyres grid's crops.
+    # [1, patches, 3, H, W]: one patch (LLaVA-1.5), or the base image plus the anyres grid's
+    # crops (LLaVA-OneVision).
     if pixel_values.ndim != 5 or pixel_values.shape[0] != 1:
         raise InvalidRequestError(f"processor: unexpected pixel_values {pixel_values.shape}")
     return Preprocessed(
@@ -325,6 +330,54 @@ def preprocess(
         pixel_values=pixel_values.astype(np.float16),
         image_sizes=image_sizes.reshape(1, 2),
     )
+
+
+def _vision_inputs(
+    encoded: Mapping[str, Any], image: NDArray[np.uint8]
+) -> tuple[NDArray[Any], NDArray[np.int64]]:
+    """The processor's pixel_values as [1, patches, 3, H, W] and the image's (height, width).
+
+    LLaVA-OneVision's processor gives both so. LLaVA-1.5's (`LlavaProcessor`, a
+    `CLIPImageProcessor`) gives one [1, 3, H, W] crop per image and no `image_sizes`: the crop
+    becomes the image's one patch, and the size is that of the image it was given.
+    """
+    pixel_values = np.asarray(encoded["pixel_values"])
+    if pixel_values.ndim == 4:
+        pixel_values = pixel_values[:, None]
+    sizes = encoded.get("image_sizes")
+    image_sizes = np.asarray(image.shape[:2] if sizes is None else sizes, dtype=np.int64)
+    return pixel_values, image_sizes
+
+
+def pad_to_square(image: NDArray[np.uint8], fill_rgb: tuple[int, int, int]) -> NDArray[np.uint8]:
+    """The [H, W, 3] image centred on a square of `fill_rgb`, its side the longer one.
+
+    LLaVA-1.5 was trained and evaluated on images padded so (haotian-liu/LLaVA
+    `llava/mm_utils.py`, `expand2square` under `image_aspect_ratio == "pad"`, read at commit
+    0f2e215): the offset is (side - shorter) // 2, as PIL's paste there puts it. Then the
+    processor resizes and centre-crops a square, which keeps the whole image; without the
+    padding, transformers' CLIPImageProcessor would crop the longer side away. A square image is
+    returned as it is.
+    """
+    height, width = int(image.shape[0]), int(image.shape[1])
+    if height == width:
+        return image
+    side = max(height, width)
+    square = np.empty((side, side, 3), dtype=np.uint8)
+    square[...] = np.asarray(fill_rgb, dtype=np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = image
+    return square
+
+
+def mean_fill_rgb(image_mean: Sequence[float]) -> tuple[int, int, int]:
+    """The padding colour LLaVA-1.5 uses: the image processor's mean, times 255, truncated
+    (`tuple(int(x * 255) for x in image_processor.image_mean)`, llava/mm_utils.py as above);
+    CLIP's mean gives (122, 116, 104)."""
+    if len(image_mean) != 3:
+        raise InvalidSettingsError(f"image processor: image_mean {list(image_mean)} is not RGB")
+    red, green, blue = (int(channel * 255) for channel in image_mean)
+    return red, green, blue
 
 
 def prompt_table_ids(

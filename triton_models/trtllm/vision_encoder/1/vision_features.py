@@ -1,8 +1,10 @@
 """From an image's patches to its rows of the prompt-embedding table, without Triton.
 
 The vision engine (built by `tensorrt_llm.tools.multimodal_builder`, `--model_type
-llava_onevision`) maps each 384x384 patch to its projected features: [patches, 729, hidden] for
-SigLIP-so400m. What the HF model does next is re-done here, in torch, on the engine's output:
+llava_onevision` or `llava`) maps each patch to its projected features: [patches, 729, hidden]
+for SigLIP-so400m's 384x384 patches, [1, 576, hidden] for LLaVA-1.5's one 336x336 CLIP crop (the
+class token already dropped by the engine). What the HF model does next is re-done here, in
+torch, on the engine's output:
 
     llava_onevision   LLaVA-OneVision's anyres packing (LlavaOnevisionForConditionalGeneration
                       .pack_image_features): the base patch's features as they are, then the

@@ -35,6 +35,7 @@ from service.core.policies import PolicyRegistry, parse_answer
 from tests.support import tiny_llava, tiny_llava15
 from tests.support.lazy import lazy
 from triton_models.common.guard_answer import DECISION_PATTERN
+from triton_models.common.square_padding import mean_fill_rgb, pad_to_square
 
 torch = lazy("torch")  # imported by the first test that uses it, not by collection
 
@@ -667,13 +668,11 @@ def test_a_llava_15_batch_answers_each_request_as_it_would_be_answered_alone(
     )
 
 
-def test_an_image_is_padded_to_a_square_of_the_mean_colour_as_llava_15_pads_it(
-    hg: ModuleType,
-) -> None:
+def test_an_image_is_padded_to_a_square_of_the_mean_colour_as_llava_15_pads_it() -> None:
     wide = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)
     background = [7, 8, 9]
     # By hand: 4x4, the image on rows 1 and 2 ((4 - 2) // 2 = 1 above, 1 below).
-    assert hg.pad_to_square(wide, (7, 8, 9)).tolist() == [
+    assert pad_to_square(wide, (7, 8, 9)).tolist() == [
         [background] * 4,
         wide[0].tolist(),
         wide[1].tolist(),
@@ -681,11 +680,11 @@ def test_an_image_is_padded_to_a_square_of_the_mean_colour_as_llava_15_pads_it(
     ]
     tall = np.full((3, 2, 3), 200, dtype=np.uint8)
     # 3x3, the image on columns 0 and 1: the odd pixel of the margin goes after it.
-    assert hg.pad_to_square(tall, (7, 8, 9)).tolist() == [[[200] * 3, [200] * 3, background]] * 3
+    assert pad_to_square(tall, (7, 8, 9)).tolist() == [[[200] * 3, [200] * 3, background]] * 3
     square = np.zeros((5, 5, 3), dtype=np.uint8)
-    assert hg.pad_to_square(square, (7, 8, 9)) is square
+    assert pad_to_square(square, (7, 8, 9)) is square
     # LLaVA's pad colour for CLIP's mean (0.48145466, 0.4578275, 0.40821073).
-    assert hg.mean_colour([0.48145466, 0.4578275, 0.40821073]) == (122, 116, 104)
+    assert mean_fill_rgb([0.48145466, 0.4578275, 0.40821073]) == (122, 116, 104)
 
 
 def test_llava_15_sees_the_whole_padded_image_not_the_processors_centre_crop(
@@ -700,7 +699,7 @@ def test_llava_15_sees_the_whole_padded_image_not_the_processors_centre_crop(
             [picture], return_tensors="pt", input_data_format="channels_last"
         )["pixel_values"]
 
-    assert torch.equal(pixels, processed(hg.pad_to_square(wide, (122, 116, 104))))
+    assert torch.equal(pixels, processed(pad_to_square(wide, (122, 116, 104))))
     assert not torch.allclose(pixels, processed(wide))
 
 

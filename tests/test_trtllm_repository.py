@@ -40,6 +40,7 @@ from tritonclient.grpc import model_config_pb2
 from tests.support import tiny_llava, tiny_llava15
 from tests.support.lazy import lazy
 from triton_models import fill
+from triton_models.common import square_padding
 
 torch = lazy("torch")  # imported by the first test that uses it, not by collection
 
@@ -1025,22 +1026,23 @@ def expand_to_square_with_pil(picture: np.ndarray, fill_rgb: tuple[int, int, int
 
 
 @pytest.mark.parametrize("size", [(20, 31), (31, 20), (5, 5), (1, 7), (8, 3), (2, 1)])
-def test_pad_to_square_is_llavas_padding(tg: Any, size: tuple[int, int]) -> None:
+def test_pad_to_square_is_llavas_padding(size: tuple[int, int]) -> None:
     picture = image(*size, seed=sum(size))
     fill_rgb = (122, 116, 104)
-    padded = tg.pad_to_square(picture, fill_rgb)
+    padded = square_padding.pad_to_square(picture, fill_rgb)
     np.testing.assert_array_equal(padded, expand_to_square_with_pil(picture, fill_rgb))
     assert padded.dtype == np.uint8
     assert padded.shape == (max(size), max(size), 3)
 
 
-def test_the_padding_colour_is_the_processors_mean_truncated(tg: Any) -> None:
+def test_the_padding_colour_is_the_processors_mean_truncated() -> None:
     # CLIP's mean (openai/clip-vit-large-patch14-336's preprocessor_config.json), times 255,
     # truncated as LLaVA's tuple(int(x * 255) for x in image_mean) does.
-    assert tg.mean_fill_rgb([0.48145466, 0.4578275, 0.40821073]) == (122, 116, 104)
-    assert tg.mean_fill_rgb([0.5, 0.5, 0.5]) == (127, 127, 127)  # SigLIP's, for comparison
-    with pytest.raises(tg.InvalidSettingsError, match="not RGB"):
-        tg.mean_fill_rgb([0.5])
+    assert square_padding.mean_fill_rgb([0.48145466, 0.4578275, 0.40821073]) == (122, 116, 104)
+    # SigLIP's, for comparison.
+    assert square_padding.mean_fill_rgb([0.5, 0.5, 0.5]) == (127, 127, 127)
+    with pytest.raises(ValueError, match="not RGB"):
+        square_padding.mean_fill_rgb([0.5])
 
 
 # --- the vision encoder's pure functions -------------------------------------------------------

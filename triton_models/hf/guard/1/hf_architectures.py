@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from model_parameters import InvalidSettingsError
-from numpy.typing import NDArray
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -97,27 +95,6 @@ def architecture_of(checkpoint: Path) -> Architecture:
             f"checkpoint: {path} has model_type {model_type!r}; the HF guard serves {served}"
         )
     return architecture
-
-
-def mean_colour(image_mean: Sequence[float]) -> tuple[int, int, int]:
-    """The image processor's mean as 0..255 RGB, truncated as LLaVA computes its pad colour."""
-    red, green, blue = (int(value * 255) for value in image_mean)
-    return red, green, blue
-
-
-def pad_to_square(image: NDArray[np.uint8], colour: tuple[int, int, int]) -> NDArray[np.uint8]:
-    """`image` [H, W, 3] centred on a square of `colour` whose side is its longer side; the
-    odd pixel of an uneven margin goes after the image, as PIL's paste at (side - length) // 2
-    puts it in LLaVA's expand2square."""
-    height, width = image.shape[:2]
-    if height == width:
-        return image
-    side = max(height, width)
-    square = np.empty((side, side, 3), dtype=np.uint8)
-    square[...] = colour
-    top, left = (side - height) // 2, (side - width) // 2
-    square[top : top + height, left : left + width] = image
-    return square
 
 
 def collate(features: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

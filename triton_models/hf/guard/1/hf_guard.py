@@ -60,9 +60,10 @@ from guard_request import (
     history_from_tensor,
     image_from_tensor,
 )
-from hf_architectures import architecture_of, collate, mean_colour, pad_to_square
+from hf_architectures import architecture_of, collate
 from model_parameters import InvalidSettingsError, ModelParameters
 from numpy.typing import NDArray
+from square_padding import mean_fill_rgb, pad_to_square
 from transformers import (
     AutoProcessor,
     GenerationConfig,
@@ -393,7 +394,7 @@ class Engine:
         for key, value in self.architecture.config_overrides.items():
             setattr(self.model.config, key, value)
         self._check_tokens()
-        self._pad_colour = mean_colour(self.processor.image_processor.image_mean)
+        self._pad_colour = mean_fill_rgb(self.processor.image_processor.image_mean)
         self.vocab_size = int(self.model.config.text_config.vocab_size)
         self._rival_of = {
             token: rival

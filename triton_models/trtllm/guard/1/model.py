@@ -18,14 +18,13 @@ import triton_python_backend_utils as pb_utils
 from guard_answer import yes_no_rivals
 from guard_request import InvalidRequestError
 from model_parameters import string_values
+from square_padding import mean_fill_rgb, pad_to_square
 from trtllm_guard import (
     GuardRequest,
     Settings,
     check_table,
     generated_ids,
     llm_inputs,
-    mean_fill_rgb,
-    pad_to_square,
     parse_settings,
     preprocess,
     prompt_table_ids,

@@ -3,7 +3,7 @@
 
     parse_settings        config parameters + engine config.json -> Settings (or why not)
     read_request          a request's input tensors -> GuardRequest (or InvalidRequestError)
-    pad_to_square         LLaVA-1.5's padding of the image to a square, before the processor
+    (square_padding)      LLaVA-1.5's padding of the image to a square, before the processor
     preprocess            processor + prompt + image -> token ids and the encoder's inputs
     prompt_table_ids      image tokens -> ids into the prompt-embedding table
     llm_inputs            ids + sampling + limits -> the `tensorrt_llm` request's tensors
@@ -347,37 +347,6 @@ def _vision_inputs(
     sizes = encoded.get("image_sizes")
     image_sizes = np.asarray(image.shape[:2] if sizes is None else sizes, dtype=np.int64)
     return pixel_values, image_sizes
-
-
-def pad_to_square(image: NDArray[np.uint8], fill_rgb: tuple[int, int, int]) -> NDArray[np.uint8]:
-    """The [H, W, 3] image centred on a square of `fill_rgb`, its side the longer one.
-
-    LLaVA-1.5 was trained and evaluated on images padded so (haotian-liu/LLaVA
-    `llava/mm_utils.py`, `expand2square` under `image_aspect_ratio == "pad"`, read at commit
-    0f2e215): the offset is (side - shorter) // 2, as PIL's paste there puts it. Then the
-    processor resizes and centre-crops a square, which keeps the whole image; without the
-    padding, transformers' CLIPImageProcessor would crop the longer side away. A square image is
-    returned as it is.
-    """
-    height, width = int(image.shape[0]), int(image.shape[1])
-    if height == width:
-        return image
-    side = max(height, width)
-    square = np.empty((side, side, 3), dtype=np.uint8)
-    square[...] = np.asarray(fill_rgb, dtype=np.uint8)
-    top, left = (side - height) // 2, (side - width) // 2
-    square[top : top + height, left : left + width] = image
-    return square
-
-
-def mean_fill_rgb(image_mean: Sequence[float]) -> tuple[int, int, int]:
-    """The padding colour LLaVA-1.5 uses: the image processor's mean, times 255, truncated
-    (`tuple(int(x * 255) for x in image_processor.image_mean)`, llava/mm_utils.py as above);
-    CLIP's mean gives (122, 116, 104)."""
-    if len(image_mean) != 3:
-        raise InvalidSettingsError(f"image processor: image_mean {list(image_mean)} is not RGB")
-    red, green, blue = (int(channel * 255) for channel in image_mean)
-    return red, green, blue
 
 
 def prompt_table_ids(

@@ -687,6 +687,25 @@ def test_an_image_is_padded_to_a_square_of_the_mean_colour_as_llava_15_pads_it()
     assert mean_fill_rgb([0.48145466, 0.4578275, 0.40821073]) == (122, 116, 104)
 
 
+def test_a_llava_15_conversation_renders_the_llava_v1_template(
+    hg: ModuleType, llava15: dict[str, Any]
+) -> None:
+    engine = llava15["yes-no"]
+    history = (hg.Turn("user", "Is it sexy?"), hg.Turn("assistant", "Yes, R01."))
+    request = hg.Request("Why?", image(30, 20), hg.Sampling(4), history)
+    ids = engine.prepare(request).features["input_ids"][0].tolist()
+    text = engine.tokenizer.decode(ids)
+    image_token = engine.processor.image_token
+    count = text.count(image_token)
+    assert count > 0
+    # LLaVA's conv_llava_v1 (sep " ", sep2 "</s>"): the image in the first user turn only.
+    assert text == (
+        "<s> A chat between a curious human and an artificial intelligence assistant. The "
+        "assistant gives helpful, detailed, and polite answers to the human's questions. USER: "
+        f"{image_token * count}\nIs it sexy? ASSISTANT: Yes, R01.</s>USER: Why? ASSISTANT:"
+    )
+
+
 def test_llava_15_sees_the_whole_padded_image_not_the_processors_centre_crop(
     hg: ModuleType, llava15: dict[str, Any]
 ) -> None:

@@ -12,8 +12,11 @@ One tritonserver for the module: it starts slowly on two cores.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,10 +24,13 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from service.app import serve
+from service.ask import open_conversation, subject_for
 from service.client import ImageEventProducer
+from service.config import Settings
 from service.core.policies import PolicyRegistry, parse_answer
 from service.dev import stack
 from service.dev.samples import decision_label, photo_bytes
+from service.evaluate import evaluate
 from tests.support import tiny_llava, tiny_llava15
 from tests.support.outputs import collect, outcome_label
 from tests.support.stack import Topics
@@ -50,35 +56,45 @@ class Run:
     served_parameters: dict[str, str]
 
 
+@dataclass
+class Served:
+    triton_url: str
+    parameters: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-async def run(embedded_stack: stack.StackState, tmp_path_factory: pytest.TempPathFactory) -> Run:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("hf-icm-e2e")
     checkpoint = tiny_llava15.build(root / CHECKPOINT, "yes-no")
     repository = tiny_llava15.fill_hf_repository(checkpoint, root / "models")
     config = text_format.Parse(
         (repository / "guard" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
     )
-    topics = await Topics.create(embedded_stack.bootstrap_servers, uuid.uuid4().hex[:8])
-    with tiny_llava15.served(repository, root / "triton") as triton_url:
-        # Greedy, as ICM's own evaluation decodes; end_id is LLaMA's </s>.
-        settings = topics.settings(
-            embedded_stack,
-            triton_url=triton_url,
-            default_policy=POLICY,
-            temperature=0.0,
-            end_id=2,
-        )
-        await produce(embedded_stack.bootstrap_servers, topics.input)
-        stop = asyncio.Event()
-        service = asyncio.create_task(serve(settings, stop))
-        try:
-            found = await collect(embedded_stack.bootstrap_servers, topics, len(EVENTS))
-        finally:
-            stop.set()
-            await asyncio.wait_for(service, 60)
-    outcomes = {key.decode(): records for key, records in found.items()}
     parameters = {key: value.string_value for key, value in config.parameters.items()}
-    return Run(outcomes, topics, parameters)
+    with tiny_llava15.served(repository, root / "triton") as triton_url:
+        yield Served(triton_url, parameters)
+
+
+def icm_settings(state: stack.StackState, topics: Topics, served: Served) -> Settings:
+    # Greedy, as ICM's own evaluation decodes; end_id is LLaMA's </s>.
+    return topics.settings(
+        state, triton_url=served.triton_url, default_policy=POLICY, temperature=0.0, end_id=2
+    )
+
+
+@pytest.fixture(scope="module")
+async def run(embedded_stack: stack.StackState, served: Served) -> Run:
+    topics = await Topics.create(embedded_stack.bootstrap_servers, uuid.uuid4().hex[:8])
+    await produce(embedded_stack.bootstrap_servers, topics.input)
+    stop = asyncio.Event()
+    service = asyncio.create_task(serve(icm_settings(embedded_stack, topics, served), stop))
+    try:
+        found = await collect(embedded_stack.bootstrap_servers, topics, len(EVENTS))
+    finally:
+        stop.set()
+        await asyncio.wait_for(service, 60)
+    outcomes = {key.decode(): records for key, records in found.items()}
+    return Run(outcomes, topics, served.parameters)
 
 
 async def produce(bootstrap: str, topic: str) -> None:
@@ -129,3 +145,61 @@ def test_verdicts_name_the_checkpoint_by_its_identity(run: Run) -> None:
             "triton_model": "guard",
             "triton_version": "1",
         }
+
+
+ANSWER = "".join(tiny_llava.YES_NO_ANSWERS["Yes"])
+
+
+async def test_ask_holds_a_three_turn_conversation_with_the_checkpoint(
+    embedded_stack: stack.StackState, served: Served, topics: Topics, tmp_path: Path
+) -> None:
+    photo = tmp_path / "rocket.jpg"
+    photo.write_bytes(photo_bytes("rocket.jpg"))
+    settings = icm_settings(embedded_stack, topics, served)
+    subject = await subject_for(str(photo), settings)
+    async with open_conversation(settings, subject.image.pixels) as chat:
+        answers = [
+            await chat.judge(PolicyRegistry.load().get(POLICY)),
+            await chat.ask("Which rule does the picture match?"),
+            await chat.ask("Why?"),
+        ]
+        turns = chat.turns
+    # The scripted checkpoint answers every turn alike (its next token depends on the last
+    # one, "ASSISTANT:"); what the turns change is the prompt it is given, which the in-process
+    # engine test pins (test_a_llava_15_conversation_renders_the_llava_v1_template).
+    for answer in answers:
+        assert answer.text == ANSWER
+        assert answer.confidence == pytest.approx(TWO_WAY_YES, abs=1e-4)
+        assert (answer.model_name, answer.model_version) == (
+            CHECKPOINT,
+            served.parameters["guard_model_version"],
+        )
+    assert [turn.text for turn in turns[2::2]] == ["Which rule does the picture match?", "Why?"]
+
+
+async def test_eval_reports_icm_accuracy_and_mqa_from_the_checkpoints_answers(
+    embedded_stack: stack.StackState, served: Served, topics: Topics, tmp_path: Path
+) -> None:
+    (tmp_path / "coffee.png").write_bytes(photo_bytes("coffee.png"))
+    manifest = tmp_path / "manifest.jsonl"
+    items = [
+        {"id": "sexy", "expected": "Yes"},
+        {"id": "normal", "expected": "No"},
+        {"id": "yes-no", "question": "Is it sexy?", "expected": "Yes."},
+        {"id": "choice", "question": "Which? A. x B. y C. z D. w", "expected": "D."},
+    ]
+    manifest.write_text(
+        "".join(json.dumps({**item, "image": "coffee.png"}) + "\n" for item in items)
+    )
+    report = await evaluate(icm_settings(embedded_stack, topics, served), manifest)
+    results = {item.id: item for item in report.items}
+    assert {name: item.correct for name, item in results.items()} == {
+        "sexy": True,
+        "normal": False,
+        "yes-no": True,
+        "choice": False,
+    }
+    assert results["sexy"].score == pytest.approx(TWO_WAY_YES, abs=1e-4)
+    assert results["sexy"].confidence_reported
+    assert [str(report.of("icm")), str(report.of("mqa"))] == ["0.5000 (1/2)", "0.5000 (1/2)"]
+    assert report.model == f"{CHECKPOINT} {served.parameters['guard_model_version']}"

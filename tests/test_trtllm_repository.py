@@ -747,6 +747,31 @@ def test_the_engines_prompt_is_the_hf_models_prompt(
     assert float(difference.mean() / size) < 5e-3
 
 
+def test_a_conversation_reaches_the_engine_rendered_by_the_chat_template(
+    guard: Any, processor: Any, repository: Path
+) -> None:
+    picture = image(40, 40, seed=3)
+    turns = [{"role": "user", "content": "Is it safe?"}, {"role": "assistant", "content": "Yes."}]
+    messages = np.array([[json.dumps(turns).encode()]], dtype=np.object_)
+    [answered] = judge(guard, [client_request(picture, prompt="Why?", messages=messages)])
+    assert not answered.has_error(), answered.error()
+    [(_, llm, _)] = [call for call in FakeRequest.calls if call[0] == "tensorrt_llm"]
+    ga = _import("guard_answer", repository / "guard" / "1")
+    history = [("user", "Is it safe?"), ("assistant", "Yes.")]
+    text = processor.apply_chat_template(
+        ga.conversation("Why?", history), add_generation_prompt=True
+    )
+    expected = processor(images=picture, text=text, return_tensors="np")["input_ids"][0]
+    sent = llm["input_ids"].as_numpy()[0]
+    # Image tokens become prompt-table ids (past the vocabulary); the text around them is the
+    # conversation's, turn by turn.
+    assert len(sent) == len(expected)
+    text_rows = expected != processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert sent[text_rows].tolist() == expected[text_rows].tolist()
+    assert (sent[~text_rows] >= len(processor.tokenizer)).all()
+    assert "Is it safe?" in processor.tokenizer.decode(sent[text_rows])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

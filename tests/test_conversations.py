@@ -14,6 +14,7 @@ import pytest
 
 from service.adapters.triton import GuardClient, Sampling, request_tensors
 from service.ask import AskLimits, Conversation, QuestionRefused, check_question
+from service.core.errors import GuardError
 from service.core.guard import GuardReply, ServedModel, Turn
 from triton_models.common import guard_answer, guard_request
 
@@ -160,3 +161,16 @@ async def test_each_question_carries_the_turns_before_it_and_a_refused_one_sends
         await chat.ask("One more?")
     assert len(guard.calls) == 3
     assert len(chat.turns) == 6
+
+
+async def test_a_model_without_the_messages_input_is_not_sent_a_conversation() -> None:
+    # An older model repository: Triton would refuse the unknown input; the client says why.
+    client = GuardClient("127.0.0.1:1", "guard", Sampling(8, 0.0, 1.0, 0))
+    client._served = ServedModel(outputs=("text_output",), inputs=("text_input",))
+    try:
+        with pytest.raises(GuardError, match="takes no messages input"):
+            await client.ask(
+                "Why?", np.zeros((2, 2, 3), np.uint8), history=(Turn("user", "p"),) * 2
+            )
+    finally:
+        await client.close()

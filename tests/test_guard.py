@@ -132,25 +132,29 @@ def model_config(**parameters: str) -> model_config_pb2.ModelConfig:
     )
 
 
-def model_metadata(*outputs: str) -> service_pb2.ModelMetadataResponse:
+def model_metadata(
+    *outputs: str, inputs: tuple[str, ...] = ()
+) -> service_pb2.ModelMetadataResponse:
+    tensor = service_pb2.ModelMetadataResponse.TensorMetadata
     return service_pb2.ModelMetadataResponse(
         name="guard",
-        outputs=[service_pb2.ModelMetadataResponse.TensorMetadata(name=name) for name in outputs],
+        inputs=[tensor(name=name) for name in inputs],
+        outputs=[tensor(name=name) for name in outputs],
     )
 
 
-def test_the_served_model_is_described_by_its_outputs_and_name_parameters() -> None:
+def test_the_served_model_is_described_by_its_tensors_and_name_parameters() -> None:
     config = model_config(
         guard_model_name="AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf",
         guard_model_version="rev-1",
         other="x",
     )
-    assert describe_served_model(
-        model_metadata("text_output", "rating_log_prob"), config
-    ) == ServedModel(
+    metadata = model_metadata("text_output", "rating_log_prob", inputs=("text_input", "messages"))
+    assert describe_served_model(metadata, config) == ServedModel(
         outputs=("text_output", "rating_log_prob"),
         name="AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf",
         version="rev-1",
+        inputs=("text_input", "messages"),
     )
     # Blank or missing parameters name nothing, and reading them adds none to the config.
     blank = model_config(guard_model_name="")
@@ -306,7 +310,10 @@ async def test_the_cpu_guard_answers_in_llavaguard_json(embedded_stack: stack.St
     assert (answer["rating"], answer["category"]) == ("Safe", "NA: None applying")
     assert (reply.model_name, reply.model_version) == ("guard", "1")
     # It declares no rating_log_prob, so none is asked for and the verdict has no confidence.
-    assert reply.served == ServedModel(outputs=("text_output",))
+    assert reply.served is not None
+    assert reply.served.outputs == ("text_output",)
+    # It can be sent a conversation (`ask`): the inputs are read from its metadata.
+    assert "messages" in reply.served.inputs
     assert reply.rating_log_prob is None
 
 

@@ -52,6 +52,7 @@ another fixture (`topics` needs `embedded_stack`), is in the `stack` tier."""
 SLOW_FIXTURES = frozenset(
     {
         "checkpoint",  # tests/test_trtllm_repository.py: a tiny LLaVA-OneVision built with torch
+        "icm_checkpoint",  # tests/test_trtllm_repository.py: a tiny LLaVA-1.5, the same way
         "checkpoints",  # tests/test_hf_guard_model.py: two of them, and torch engines on them
         "llava15_checkpoints",  # tests/test_hf_guard_model.py: tiny LLaVA-1.5 ones, engines
         "llava15_conversion",  # tests/test_convert_llava.py: one converted from LLaVA's format

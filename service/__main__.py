@@ -317,6 +317,8 @@ def produce_command(
 
 
 def ask_command(settings: Settings, args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
     from service.adapters.kafka.lookup import EventNotFound
     from service.ask import QuestionRefused, converse
 
@@ -339,7 +341,8 @@ def ask_command(settings: Settings, args: argparse.Namespace) -> int:
                 policy=not args.no_policy,
             )
         )
-    except (QuestionRefused, EventNotFound, InvalidRules, GuardstreamError) as exc:
+    except (QuestionRefused, EventNotFound, InvalidRules, GuardstreamError, KafkaError) as exc:
+        # KafkaError: the broker, asked for an event id, cannot be reached or refuses.
         print(f"ask: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, QuestionRefused) else 1
     return 0

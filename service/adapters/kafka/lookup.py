@@ -76,8 +76,8 @@ async def find_event(
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
-    await consumer.start()
     try:
+        await consumer.start()  # inside: a consumer that failed to start still has to close
         await consumer.topics()  # a consumer with no subscription has no metadata until asked
         numbers = consumer.partitions_for_topic(topic) or set()
         partitions = [TopicPartition(topic, number) for number in sorted(numbers)]

@@ -42,6 +42,7 @@ def limits_from(settings: Settings) -> PipelineLimits:
             max_image_side=settings.max_image_side,
             resize_side=settings.image_resize_side,
             frames=settings.animation_frames,
+            pdq=settings.pdq,
         ),
         dead_letter_original_bytes=settings.dead_letter_original_bytes,
     )

@@ -228,6 +228,67 @@ class Settings(BaseSettings):
         "load leaves the rules in force as they were.",
     )
 
+    # Known content: hash banks, reviewers' decisions, verdict reuse (README: Known content)
+    pdq: bool = Field(
+        True,
+        description="Compute every image's PDQ perceptual hash (about 10 ms of CPU; the verdict "
+        "carries it), needed by PDQ banks and near-duplicate reuse.",
+    )
+    banks_file: Path | None = Field(
+        None,
+        description="TOML file naming the hash banks (action, category, PDQ threshold, entry "
+        "files). Unset: no banks, and records of the banks topic are skipped as unknown banks.",
+    )
+    banks_topic: str = Field(
+        "guardstream.banks",
+        description="Compacted topic of bank entries (python -m service banks publishes them); "
+        "read whole at start-up and followed. Empty: banks come from their files only.",
+    )
+    decisions_topic: str = Field(
+        "verdicts.decisions",
+        description="Compacted topic of reviewers' decisions, read whole at start-up and "
+        "followed: an image a reviewer decided gets that decision under the same policy. Empty: "
+        "no human decisions.",
+    )
+    known_load_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest the banks and decisions topics may take to read at start-up.",
+    )
+    reuse: Literal["off", "memory", "redis"] = Field(
+        "memory",
+        description="Verdict reuse for an image judged before under the same policy, policy "
+        "version and model: memory (an LRU in this process), redis (shared by every pod, at "
+        "redis_url), off.",
+    )
+    reuse_ttl_s: float = Field(
+        86_400.0, gt=0, description="How long a verdict may be reused, in seconds."
+    )
+    reuse_max_entries: int = Field(
+        100_000, ge=1, description="Verdicts the in-process store (and the PDQ index) keeps."
+    )
+    reuse_pdq_distance: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Reuse a verdict for a near-duplicate whose PDQ hash is within this many "
+        "bits (both hashes of quality >= 50); unset: exact duplicates (same sha256) only.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis (or Valkey) of the shared reuse store, for reuse=redis; rediss:// "
+        "for TLS.",
+    )
+    redis_password: SecretStr = Field(
+        SecretStr(""), description="Redis password (from a Secret); empty: none."
+    )
+    redis_timeout_s: float = Field(
+        0.1,
+        gt=0,
+        description="Longest one reuse-store request may take; slower or failing, the event "
+        "goes to the model (reuse never fails an event).",
+    )
+
     # Limits on what strangers send
     max_event_bytes: int = Field(
         12 * MiB, ge=1024, description="Largest record value accepted, in bytes."
@@ -321,7 +382,15 @@ class Settings(BaseSettings):
         parse_allowed_networks(value)  # raises ValueError, reported as a settings error
         return value
 
-    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", "tenant_file", mode="before")
+    @field_validator(
+        "ssl_cafile",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "tenant_file",
+        "banks_file",
+        "reuse_pdq_distance",
+        mode="before",
+    )
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:
         # A ConfigMap key left empty means "not set", as for the other settings.

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from service.core.guard import GuardReply
 from service.core.verdicts import Verdict
 from service.ops.metrics import Metrics
 from tests.support.pipeline import SAFE, ScriptedGuard, event_record, make_pipeline, policy_text
+from tests.support.waiting import eventually
 
 DEFAULT = "llavaguard-v1.2"
 
@@ -50,14 +51,6 @@ def source(files: RulesFiles, interval_s: float = 0.0) -> tuple[RulesSource, Met
 
 def sample(metrics: Metrics, name: str) -> float | None:
     return metrics.registry.get_sample_value(name)
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not within {timeout_s}s")
 
 
 class GatedGuard(ScriptedGuard):

@@ -26,6 +26,7 @@ from service.core.errors import (
     InvalidEvent,
     UnsupportedImageFormat,
 )
+from service.core.hashing import Pdq, pdq_of
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -63,6 +64,8 @@ class ImageLimits:
     resize_side: int
     frames: int = 1
     """Frames of an animated image to judge, evenly spaced from the first; 1: the first only."""
+    pdq: bool = False
+    """Also compute the PDQ hash of the (first) frame judged."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,9 +78,13 @@ class DecodedImage:
     height: int
     sha256: str
     """Hex digest of the encoded bytes, so a verdict can be matched to a stored file."""
+    md5: str
+    """Hex MD5 of the encoded bytes: some hash lists come as MD5."""
     encoded_bytes: int
     more_frames: tuple[npt.NDArray[np.uint8], ...] = ()
     """Further frames of an animated image (as `pixels`), when more than one is judged."""
+    pdq: Pdq | None = None
+    """PDQ hash of `pixels`, when the limits ask for it."""
     frame_indexes: tuple[int, ...] = (0,)
     """Where `pixels` and then `more_frames` are in the file."""
 
@@ -144,8 +151,10 @@ def decode_image(encoded: bytes, limits: ImageLimits) -> DecodedImage:
         width=width,
         height=height,
         sha256=hashlib.sha256(encoded).hexdigest(),
+        md5=hashlib.md5(encoded, usedforsecurity=False).hexdigest(),
         encoded_bytes=len(encoded),
         more_frames=more,
+        pdq=pdq_of(first) if limits.pdq else None,
         frame_indexes=tuple(frames),
     )
 

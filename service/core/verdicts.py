@@ -40,6 +40,26 @@ class ModelInfo(_Out):
     triton_version: str
 
 
+DecidedBy = Literal["model", "reuse", "bank", "human"]
+
+
+class Match(_Out):
+    """The known content that decided a verdict instead of the model."""
+
+    bank: str = Field(
+        description='The bank whose entry matched; "human" for a reviewer\'s decision, "reuse" '
+        "for a reused verdict."
+    )
+    entry_id: str = Field(
+        description="The bank entry's id; for human, the decided event's id; for reuse, the id "
+        "of the event whose verdict is reused."
+    )
+    kind: Literal["pdq", "sha256", "md5"] = Field(description="The hash that matched.")
+    distance: int = Field(
+        0, ge=0, le=256, description="PDQ Hamming distance (bits); 0 for exact hashes."
+    )
+
+
 class Timings(_Out):
     fetch_ms: float | None = Field(
         None, description="Time to fetch `image.url` (null for inline images)."
@@ -96,6 +116,24 @@ class Verdict(_Out):
     )
     model: ModelInfo
     image_sha256: str
+    pdq: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="PDQ perceptual hash of the image (64 hex digits); null when not computed.",
+    )
+    pdq_quality: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="PDQ's quality score (0-100); hashes under 50 are not used to match.",
+    )
+    decided_by: DecidedBy = Field(
+        "model",
+        description="model (the guard judged the image), reuse (an earlier verdict on the same "
+        "image, policy version and model), bank (a hash-bank match) or human (a reviewer's "
+        "standing decision on this image and policy).",
+    )
+    match: Match | None = Field(None, description="What decided, when it was not the model.")
     frames_judged: int = Field(
         1, description="Frames of the image the guard judged (several only for animations)."
     )

@@ -122,6 +122,51 @@ class Metrics:
             "When the rules in force (policy files and tenant file) were loaded, Unix time.",
             registry=r,
         )
+        self.decided = Counter(
+            "guardstream_decided_total",
+            "Verdicts by who decided: model, reuse (a verdict reused), bank (a hash-bank match) "
+            "or human (a reviewer's standing decision).",
+            ["decided_by"],
+            registry=r,
+        )
+        self.bank_matches = Counter(
+            "guardstream_bank_matches_total",
+            "Images that matched a hash bank, by bank and hash kind (pdq, sha256, md5).",
+            ["bank", "kind"],
+            registry=r,
+        )
+        self.bank_entries = Gauge(
+            "guardstream_bank_entries",
+            "Entries loaded per bank (files and banks topic).",
+            ["bank"],
+            registry=r,
+        )
+        self.known_rejected = Counter(
+            "guardstream_known_content_rejected_total",
+            "Bank rows, bank-topic records and decision records that were not usable (logged "
+            "with file:line or topic[partition]@offset, skipped).",
+            ["source"],
+            registry=r,
+        )
+        self.reuse_lookups = Counter(
+            "guardstream_reuse_lookups_total",
+            "Verdict-reuse lookups by result: hit, near (a PDQ near-duplicate), miss, error "
+            "(the store failed or was slow: the event went to the model).",
+            ["result"],
+            registry=r,
+        )
+        self.reuse_store_errors = Counter(
+            "guardstream_reuse_store_errors_total",
+            "Reuse-store requests that failed or timed out, by operation (get, put).",
+            ["operation"],
+            registry=r,
+        )
+        self.single_flight_waits = Counter(
+            "guardstream_single_flight_waits_total",
+            "Events that waited for the model's answer about an identical image already being "
+            "judged, instead of asking again.",
+            registry=r,
+        )
         self.committed = Gauge(
             "guardstream_committed_offset",
             "Last offset committed for the partition (the next record to read).",

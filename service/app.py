@@ -15,12 +15,17 @@ from service.adapters.fetch import Fetcher, FetchLimits, parse_allowed_hosts, pa
 from service.adapters.kafka.clients import consumer_from, producer_factory
 from service.adapters.kafka.consumer import ModerationConsumer
 from service.adapters.kafka.delivery import delivery_from
+from service.adapters.kafka.table import Apply, TableReader
+from service.adapters.redis_store import store_from
 from service.adapters.rules_source import RulesFiles, RulesSource
 from service.adapters.triton import GuardClient, Sampling
 from service.config import Settings
+from service.core.banks import load_banks
 from service.core.breaker import Breaker
 from service.core.events import EventLimits
+from service.core.human_decisions import HumanDecisions
 from service.core.images import ImageLimits, use_pixel_limit
+from service.core.known import KnownContent, NearDuplicates
 from service.core.pipeline import Pipeline, PipelineLimits, Retry
 from service.core.rules import Rules
 from service.ops.health import Check, HealthServer
@@ -103,6 +108,76 @@ def breaker_from(settings: Settings, guard: GuardClient, metrics: Metrics) -> Br
     )
 
 
+class KnownSources:
+    """Known content and what feeds it: bank files, the banks and decisions topics, the store.
+
+    The topics are read whole before the first event is judged, then followed. A bank file
+    with rows but no valid entry is a readiness problem (`problems`): a blocklist that
+    silently loaded nothing would let everything through.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        banks, self.problems = (
+            load_banks(settings.banks_file) if settings.banks_file else (None, [])
+        )
+        self.known = KnownContent(
+            metrics,
+            banks=banks,
+            decisions=HumanDecisions() if settings.decisions_topic else None,
+            store=store_from(settings, metrics),
+            near=NearDuplicates(settings.reuse_max_entries, settings.reuse_pdq_distance)
+            if settings.reuse != "off" and settings.reuse_pdq_distance is not None
+            else None,
+        )
+        self._tables: list[TableReader] = []
+        self._count_banks()
+
+    async def start(self) -> None:
+        """Read the banks and decisions topics to their end, then follow them."""
+        known, settings = self.known, self._settings
+        if known.banks is not None and settings.banks_topic:
+            await self._table(settings.banks_topic, "banks_topic", self._bank_record)
+        if known.decisions is not None:
+            await self._table(settings.decisions_topic, "decisions_topic", known.decisions.apply)
+
+    async def stop(self) -> None:
+        for table in self._tables:
+            await table.stop()
+        if self.known.store is not None:
+            await self.known.store.close()
+
+    async def _table(self, topic: str, source: str, apply: Apply) -> None:
+        def counted(key: bytes, value: bytes | None, where: str) -> bool:
+            usable = apply(key, value, where)
+            if not usable:
+                self._metrics.known_rejected.labels(source).inc()
+            return usable
+
+        table = TableReader(self._settings, topic, counted)
+        try:
+            await table.load(self._settings.known_load_timeout_s)
+        except LookupError as exc:
+            # Nobody has published to it yet: nothing is known from it until a restart.
+            log.warning("%s; nothing known from it until it exists and guardstream restarts", exc)
+            await table.stop()
+            return
+        table.follow()
+        self._tables.append(table)
+
+    def _bank_record(self, key: bytes, value: bytes | None, where: str) -> bool:
+        assert self.known.banks is not None
+        usable = self.known.banks.apply(key, value, where)
+        self._count_banks()
+        return usable
+
+    def _count_banks(self) -> None:
+        if self.known.banks is not None:
+            for name, count in self.known.banks.counts().items():
+                self._metrics.bank_entries.labels(name).set(count)
+
+
 def pipeline_from(
     settings: Settings,
     *,
@@ -113,6 +188,7 @@ def pipeline_from(
     metrics: Metrics,
     tracer: Tracer,
     fetcher: Fetcher | None,
+    known: KnownContent | None = None,
 ) -> Pipeline:
     return Pipeline(
         rules=rules,
@@ -128,6 +204,7 @@ def pipeline_from(
         metrics=metrics,
         tracer=tracer,
         fetcher=fetcher,
+        known=known,
     )
 
 
@@ -139,6 +216,7 @@ class Readiness:
         self._timeout_s = check_timeout_s
         self.consumer: ModerationConsumer | None = None
         self.breaker: Breaker | None = None
+        self.known_problems: list[str] = []
 
     async def readiness(self) -> Mapping[str, Check]:
         guard, broker = await asyncio.gather(self._guard_check(), self._broker_check())
@@ -151,6 +229,9 @@ class Readiness:
             "breaker": Check(False, "open: consumption paused")
             if self.breaker and self.breaker.is_open
             else Check(True, "closed"),
+            "known_content": Check(False, "; ".join(self.known_problems))
+            if self.known_problems
+            else Check(True, "banks loaded"),
         }
 
     async def _guard_check(self) -> Check:
@@ -192,6 +273,8 @@ async def serve(
     )
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
     fetcher = fetcher_from(settings)
+    known = KnownSources(settings, metrics)  # a bad banks file: refuse to start
+    readiness.known_problems = known.problems
     await health.start()  # first, so /livez answers and /readyz says why while Triton starts
     rules.start_watching()  # from now on SIGHUP reloads the rules instead of ending the process
     try:
@@ -199,6 +282,7 @@ async def serve(
         await guard.wait_ready(settings.guard_startup_timeout_s)
         log.info("Triton model %r is ready; traces go to %s", guard.model, describe_exporter())
 
+        await known.start()
         breaker = breaker_from(settings, guard, metrics)
         pipeline = pipeline_from(
             settings,
@@ -209,6 +293,7 @@ async def serve(
             metrics=metrics,
             tracer=tracer,
             fetcher=fetcher,
+            known=known.known,
         )
         kafka = consumer_from(settings)
         delivery = delivery_from(settings, kafka, producer_factory(settings), metrics, tracer)
@@ -220,6 +305,7 @@ async def serve(
             await breaker.close()
     finally:
         await rules.stop_watching()
+        await known.stop()
         decode_pool.shutdown(wait=False, cancel_futures=True)
         if fetcher is not None:
             await fetcher.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -26,7 +25,6 @@ from opentelemetry.trace import SpanKind, Tracer
 
 from service.core.backoff import exponential, full_jitter
 from service.core.breaker import Breaker
-from service.core.decisions import decide
 from service.core.errors import DeadlineExceeded, GuardstreamError, UrlNotSupported
 from service.core.events import (
     EventLimits,
@@ -41,13 +39,20 @@ from service.core.events import (
 )
 from service.core.guard import Guard, GuardReply
 from service.core.images import DecodedImage, ImageLimits, decode_image, decode_inline
-from service.core.policies import Assessment, Policy, parse_answer
+from service.core.judgements import (
+    Judgement,
+    ModelIdentity,
+    model_judgement,
+    served_identity,
+    verdict_for,
+)
+from service.core.known import KnownContent, bank_review
+from service.core.policies import Policy, parse_answer
 from service.core.positions import where
 from service.core.rules import Rules
 from service.core.verdicts import (
     DeadLetter,
     DeadLetterError,
-    ModelInfo,
     Source,
     Timings,
     Verdict,
@@ -127,9 +132,11 @@ class Pipeline:
         metrics: Metrics,
         tracer: Tracer,
         fetcher: Fetcher | None = None,
+        known: KnownContent | None = None,
     ) -> None:
         """`rules`: the policies and tenants in force (a reload changes what it returns).
-        `fetcher` None: `image.url` events are dead-lettered as url_not_supported."""
+        `fetcher` None: `image.url` events are dead-lettered as url_not_supported.
+        `known` None: no banks, decisions or reuse; the model judges every image."""
         self._rules = rules
         self._guard = guard
         self._limits = limits
@@ -140,6 +147,9 @@ class Pipeline:
         self._metrics = metrics
         self._tracer = tracer
         self._fetcher = fetcher
+        self._known = known
+        self._model: ModelIdentity | None = None
+        """The model that answered last: reused verdicts must come from it."""
 
     async def judge(self, record: Record) -> Outcome:
         """The outcome of one record; never raises for anything the record contains."""
@@ -185,7 +195,7 @@ class Pipeline:
             decode_started = time.perf_counter()
             image = await self._decode(source)
             guard_started = time.perf_counter()
-            reply, assessment, frame = await self._assess(policy, image, deadline)
+            judgement = await self._judgement(policy, image, event.event_id, deadline)
             timings = Timings(
                 fetch_ms=_ms(decode_started - fetch_started)
                 if isinstance(event.image, ImageUrl)
@@ -194,7 +204,11 @@ class Pipeline:
                 guard_ms=_ms(time.perf_counter() - guard_started),
                 total_ms=_ms(time.perf_counter() - started),
             )
-            return _verdict(record, event, policy, image, frame, reply, assessment, timings)
+            verdict = verdict_for(judgement, event, policy, image, _source(record), timings)
+            self._metrics.decided.labels(verdict.decided_by).inc()
+            if self._known is not None and self._model is not None:
+                await self._known.remember(policy, verdict, image.pdq, self._model)
+            return verdict
         except GuardstreamError as exc:
             return self._dead_letter(record, event, exc)
         except Exception as exc:
@@ -246,18 +260,39 @@ class Pipeline:
             )
             return image
 
+    async def _judgement(
+        self, policy: Policy, image: DecodedImage, event_id: str, deadline: asyncio.Timeout
+    ) -> Judgement:
+        """Known content first (`service.core.known`), then the model."""
+        known = self._known
+        if known is None:
+            return await self._assess(policy, image, deadline)
+        bank = None
+        if known.banks is not None:
+            loop = asyncio.get_running_loop()
+            bank = await loop.run_in_executor(self._decode_pool, known.match_bank, image)
+        decided = known.before_reuse(policy, image, bank)
+        if decided is None:
+            decided = await known.reused(policy, image, self._model)
+        if decided is None:
+            decided = await known.once(
+                policy, image, event_id, lambda: self._assess(policy, image, deadline)
+            )
+        return bank_review(decided, bank)
+
     async def _assess(
         self, policy: Policy, image: DecodedImage, deadline: asyncio.Timeout
-    ) -> tuple[GuardReply, Assessment, int]:
-        """The guard's answer for the image, and the frame it is about: for an animated image
-        judged frame by frame, the first frame rated Unsafe, else the first frame."""
-        first: tuple[GuardReply, Assessment, int] | None = None
+    ) -> Judgement:
+        """The guard's judgement of the image, about one frame: for an animated image judged
+        frame by frame, the first frame rated Unsafe, else the first frame."""
+        first: Judgement | None = None
         for index, pixels in zip(
             image.frame_indexes, (image.pixels, *image.more_frames), strict=True
         ):
             reply = await self._ask(policy, pixels, deadline)
-            answer = (reply, parse_answer(reply.text, policy), index)
-            if answer[1].rating == "Unsafe":
+            self._model = served_identity(reply)
+            answer = model_judgement(reply, parse_answer(reply.text, policy), image, index)
+            if answer.rating == "Unsafe":
                 return answer
             first = first or answer
         assert first is not None  # there is always a first frame
@@ -334,66 +369,6 @@ class Pipeline:
             trace_id=trace_id_of(trace.get_current_span()),
             failed_at=datetime.now(UTC),
         )
-
-
-def _verdict(
-    record: Record,
-    event: ImageEvent | RawImageEvent,
-    policy: Policy,
-    image: DecodedImage,
-    frame: int,
-    reply: GuardReply,
-    assessment: Assessment,
-    timings: Timings,
-) -> Verdict:
-    name, version = _model_identity(reply, assessment)
-    confidence = None if reply.rating_log_prob is None else math.exp(reply.rating_log_prob)
-    decision = decide(
-        policy.decision,
-        rating=assessment.rating,
-        category_code=assessment.category.code,
-        confidence=confidence,
-        event_id=event.event_id,
-    )
-    return Verdict(
-        event_id=event.event_id,
-        rating=assessment.rating,
-        category=assessment.category.label,
-        category_code=assessment.category.code,
-        rationale=assessment.rationale,
-        confidence=confidence,
-        action=decision.action,
-        would_action=decision.would_action,
-        review=decision.review,
-        reasons=list(decision.reasons),
-        policy_id=policy.id,
-        policy_version=policy.full_version,
-        model=ModelInfo(
-            name=name,
-            version=version,
-            triton_model=reply.model_name,
-            triton_version=reply.model_version,
-        ),
-        image_sha256=image.sha256,
-        frames_judged=len(image.frame_indexes),
-        frame=frame,
-        metadata=event.metadata,
-        source=_source(record),
-        trace_id=trace_id_of(trace.get_current_span()),
-        timings=timings,
-        decided_at=datetime.now(UTC),
-    )
-
-
-def _model_identity(reply: GuardReply, assessment: Assessment) -> tuple[str, str]:
-    """Who decided: the answer's own "model" key, else what the served model's config says,
-    else the Triton model's name and version."""
-    if assessment.model is not None:
-        return assessment.model.name, assessment.model.version
-    served = reply.served
-    if served is not None and served.name is not None:
-        return served.name, served.version or reply.model_version
-    return reply.model_name, reply.model_version
 
 
 def event_id_hint(record: Record) -> str | None:

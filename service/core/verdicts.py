@@ -40,6 +40,7 @@ class ModelInfo(_Out):
     triton_version: str
 
 
+Rating = Literal["Safe", "Unsafe"]
 DecidedBy = Literal["model", "reuse", "bank", "human"]
 
 
@@ -74,7 +75,7 @@ class Verdict(_Out):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: str
-    rating: Literal["Safe", "Unsafe"]
+    rating: Rating
     category: str = Field(description='The policy\'s label, e.g. "O4: Nudity Content".')
     category_code: str = Field(description='The label\'s code, e.g. "O4", or "NA".')
     rationale: str

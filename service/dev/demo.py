@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -34,8 +34,16 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProces
 from service.ask import converse
 from service.client import ImageEventProducer
 from service.config import Settings
+from service.core.reviews import ReviewDecision
 from service.dev import stack
-from service.dev.samples import RULES_DIR, Sample, all_samples, decision_label, outcome_label
+from service.dev.samples import (
+    RULES_DIR,
+    Sample,
+    all_samples,
+    decision_label,
+    known_samples,
+    outcome_label,
+)
 from service.ops.tracing import one_line
 
 _COLUMNS = (
@@ -65,11 +73,14 @@ def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
     service_traces = demo_dir / "service-traces.jsonl"
     producer_traces = demo_dir / "producer-traces.jsonl"
     health = f"http://{state.host}:{_free_port(state.host)}"
-    service = _start_service(state, health, demo_dir, service_traces)
+    run_id = uuid.uuid4().hex[:6]
+    known, setup = known_samples(prefix=f"demo-{run_id}-")
+    asyncio.run(_publish_decisions(state.bootstrap_servers, settings, setup.decisions))
+    banks = setup.write_banks(demo_dir)
+    service = _start_service(state, health, demo_dir, service_traces, banks)
     try:
         _trace_to(producer_traces)
-        run_id = uuid.uuid4().hex[:6]
-        samples = all_samples(prefix=f"demo-{run_id}-")
+        samples = all_samples(prefix=f"demo-{run_id}-") + known
         print(
             f"\nservice started (pid {service.pid}, log {demo_dir / 'service.log'}, "
             f"{health}/readyz and /metrics); "
@@ -91,6 +102,11 @@ def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
     _show_trace(seen, [producer_traces, service_traces])
     missing = len(samples) - len(seen)
     actions = [o.get("action") for o in seen.values() if "rating" in o]
+    deciders = [o.get("decided_by") for o in seen.values() if "rating" in o]
+    print(
+        "decided by: "
+        + ", ".join(f"{who} {deciders.count(who)}" for who in ("model", "reuse", "bank", "human"))
+    )
     print(
         f"\n{len(seen)} of {len(samples)} events answered "
         f"({len(actions)} verdicts: {actions.count('allow')} allow, "
@@ -109,7 +125,7 @@ def _free_port(host: str) -> int:
 
 
 def _start_service(
-    state: stack.StackState, health: str, demo_dir: Path, traces: Path
+    state: stack.StackState, health: str, demo_dir: Path, traces: Path, banks: Path
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -120,6 +136,7 @@ def _start_service(
         "GUARDSTREAM_LOG_FORMAT": "text",
         "GUARDSTREAM_POLICY_DIR": str(RULES_DIR / "policies"),
         "GUARDSTREAM_TENANT_FILE": str(RULES_DIR / "tenants.toml"),
+        "GUARDSTREAM_BANKS_FILE": str(banks),
         "OTEL_TRACES_EXPORTER": "console",
     }
     with (demo_dir / "service.log").open("wb") as log, traces.open("wb") as spans:
@@ -138,6 +155,10 @@ def _show_metrics(health: str) -> None:
         "guardstream_reviews_total ",
         "guardstream_dead_letters_total{",
         "guardstream_tenant_outcomes_total{",
+        "guardstream_decided_total{",
+        "guardstream_bank_matches_total{",
+        "guardstream_reuse_lookups_total{",
+        "guardstream_single_flight_waits_total ",
     )
     print(f"\n{health}/metrics (excerpt):")
     for line in lines:
@@ -153,6 +174,24 @@ def _trace_to(path: Path) -> None:
         SimpleSpanProcessor(ConsoleSpanExporter(out=out, formatter=one_line))
     )
     trace.set_tracer_provider(provider)
+
+
+async def _publish_decisions(
+    bootstrap: str, settings: Settings, decisions: Iterable[ReviewDecision]
+) -> None:
+    """What a review tool did earlier: reviewers' decisions on the decisions topic."""
+    await stack.create_topics(bootstrap, [settings.decisions_topic, settings.banks_topic], 1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for decision in decisions:
+            await producer.send_and_wait(
+                settings.decisions_topic,
+                decision.model_dump_json().encode("utf-8"),
+                key=decision.event_id.encode("utf-8"),
+            )
+    finally:
+        await producer.stop()
 
 
 async def _publish_and_watch(
@@ -227,7 +266,8 @@ def _print_outcome(sample: Sample, outcome: dict[str, Any]) -> None:
             f"{outcome['rating']} {outcome['category']}",
             decision,
             f"{outcome['timings']['total_ms']:.0f}",
-            f"[{outcome['policy_id']}; {', '.join(outcome['reasons'])}] {outcome['rationale']}",
+            f"[{outcome['policy_id']}; {', '.join(outcome['reasons'])}]{_known(outcome)} "
+            f"{outcome['rationale']}",
         ]
     else:
         row = [
@@ -238,10 +278,25 @@ def _print_outcome(sample: Sample, outcome: dict[str, Any]) -> None:
             "",
             outcome["error"]["message"],
         ]
-    if got != sample.expect or sample.decision not in (None, decision):
-        wanted = " ".join(x for x in (sample.expect, sample.decision) if x)
+    decided_by = outcome.get("decided_by")
+    if (
+        got != sample.expect
+        or sample.decision not in (None, decision)
+        or sample.decided_by not in (None, decided_by)
+    ):
+        wanted = " ".join(x for x in (sample.expect, sample.decision, sample.decided_by) if x)
         row[-1] = f"(expected {wanted}) {row[-1]}"
     _print_row(row)
+
+
+def _known(verdict: dict[str, Any]) -> str:
+    """What decided, when known content did: ' [bank demo-known-bad: kb-1, pdq 12]'."""
+    match = verdict.get("match")
+    if verdict.get("decided_by") in (None, "model") or not match:
+        return ""
+    distance = f" {match['distance']}" if match["kind"] == "pdq" else ""
+    bank = "" if match["bank"] == verdict["decided_by"] else f" {match['bank']}"
+    return f" [{verdict['decided_by']}{bank}: {match['entry_id']}, {match['kind']}{distance}]"
 
 
 def _show_review_topic(

@@ -8,8 +8,10 @@ its policies as GUARDSTREAM_POLICY_DIR, its tenants.toml as GUARDSTREAM_TENANT_F
 
 from __future__ import annotations
 
+import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ import numpy.typing as npt
 from PIL import Image
 
 from service.client import encode_event, image_event
+from service.core.hashing import pdq_of
+from service.core.reviews import ReviewDecision
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class Sample:
     """Besides `event-id`: `content-type: image/...` marks the raw form."""
     decision: str | None = None
     """The verdict's `decision_label` when the sample pins it ('review', 'allow (would block)')."""
+    decided_by: str | None = None
+    """The verdict's `decided_by` when the sample pins it ('bank', 'human', 'reuse')."""
 
 
 RULES_DIR = Path(__file__).resolve().parent / "rules"
@@ -216,3 +222,68 @@ def all_samples(prefix: str) -> list[Sample]:
         (("content-type", b"image/jpeg"),),
     )
     return [*photos, raw, *made, *tenant_samples(prefix), *bad_events(prefix)]
+
+
+@dataclass(frozen=True)
+class KnownContentSetup:
+    """What the known-content samples need known before they are judged."""
+
+    banks_toml: str
+    """A banks file naming `bank.csv` beside it (GUARDSTREAM_BANKS_FILE)."""
+    bank_csv: str
+    decisions: tuple[ReviewDecision, ...]
+    """To publish to the decisions topic before the service starts."""
+
+    def write_banks(self, directory: Path) -> Path:
+        """Write the banks file and its CSV into `directory`; the banks file's path."""
+        (directory / "bank.csv").write_text(self.bank_csv)
+        banks = directory / "banks.toml"
+        banks.write_text(self.banks_toml)
+        return banks
+
+
+def known_samples(prefix: str) -> tuple[list[Sample], KnownContentSetup]:
+    """An image a bank knows (sent as a near-duplicate: re-encoded and resized), an image a
+    reviewer decided, and a photo sent twice; all under the default policy."""
+    banked = Image.open(io.BytesIO(photo_bytes("ihc.png"))).convert("RGB")
+    near = banked.resize((banked.width * 3 // 4, banked.height * 3 // 4))
+    decided = photo_bytes("coins.png")
+    twice = photo_bytes("moon.png")
+    setup = KnownContentSetup(
+        banks_toml=(
+            '[[bank]]\nname = "demo-known-bad"\naction = "block"\ncategory = "O2"\n'
+            'description = "images the demo declares known-bad"\n'
+            'files = [{ path = "bank.csv", format = "csv" }]\n'
+        ),
+        bank_csv=f"kind,value,entry_id,note\npdq,{pdq_of(np.asarray(banked)).hex},kb-1,"
+        "the original of a re-encoded copy\n",
+        decisions=(
+            ReviewDecision(
+                event_id=f"{prefix}earlier-coins",
+                image_sha256=hashlib.sha256(decided).hexdigest(),
+                policy_id="llavaguard-v1.2",
+                policy_version="1.2.0+demo",
+                model_action="review",
+                sampled=False,
+                action="block",
+                rating="Unsafe",
+                category_code="O5",
+                reviewer="reviewer-17",
+                note="sold as counterfeit in an earlier listing",
+                decided_at=datetime(2026, 12, 1, tzinfo=UTC),
+            ),
+        ),
+    )
+
+    def sample(name: str, image: bytes, expect: str, decided_by: str | None) -> Sample:
+        sent = event_sample(name, expect, f"{prefix}{name}", image=image)
+        return replace(sent, decided_by=decided_by)
+
+    # The two moons are judged at once, in either order: one by the model, one by reuse.
+    samples = [
+        sample("ihc, re-encoded (bank)", _encode(near, "JPEG", quality=70), "Unsafe/O2", "bank"),
+        sample("coins.png (reviewer)", decided, "Unsafe/O5", "human"),
+        sample("moon.png", twice, "Safe/NA", None),
+        sample("moon.png, sent again", twice, "Safe/NA", None),
+    ]
+    return samples, setup

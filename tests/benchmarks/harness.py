@@ -56,9 +56,15 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def bench_stack(
-    broker: stack.Broker, partitions: int, topics: Iterable[str], *, keep_data: bool = False
+    broker: stack.Broker,
+    partitions: int,
+    topics: Iterable[str],
+    *,
+    keep_data: bool = False,
+    models: Path = BENCH_MODELS,
 ) -> Iterator[tuple[stack.StackState, Path]]:
-    """A broker and a Triton serving the benchmark guard, on free ports in a new directory.
+    """A broker and a Triton serving `models` (the benchmark guard unless told), on free ports
+    in a new directory.
 
     SIGTERM (a CI timeout, `kill`) is turned into KeyboardInterrupt for the duration, so that
     it cleans up like Ctrl-C: the servers run in their own sessions and would outlive us.
@@ -71,13 +77,13 @@ def bench_stack(
         triton_http_port=free_port(),
         triton_grpc_port=free_port(),
         triton_metrics_port=free_port(),
-        model_repository=BENCH_MODELS,
+        model_repository=models,
         topics=tuple(topics),
         partitions=partitions,
         broker=broker,
     )
     print(f"work directory {workdir} (logs: kafka.log, triton.log, and one per run)", flush=True)
-    print(f"starting {broker} and Triton (benchmark guard) ...", flush=True)
+    print(f"starting {broker} and Triton ({models.name} models) ...", flush=True)
     try:
         state = stack.up(config)
         try:
@@ -101,11 +107,15 @@ def in_own_stack(
     benchmark: Callable[[stack.StackState, Path], Coroutine[Any, Any, T]],
     *,
     keep_data: bool = False,
+    models: Path = BENCH_MODELS,
 ) -> T:
     """What `benchmark(state, workdir)` returns, run against a stack of its own. Interrupted
     or failed, it says so and exits (130, 1): then there is nothing to report."""
     try:
-        with bench_stack(broker, partitions, topics, keep_data=keep_data) as (state, workdir):
+        with bench_stack(broker, partitions, topics, keep_data=keep_data, models=models) as (
+            state,
+            workdir,
+        ):
             return asyncio.run(benchmark(state, workdir))
     except KeyboardInterrupt:
         print("interrupted; processes stopped", file=sys.stderr)

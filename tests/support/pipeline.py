@@ -22,6 +22,7 @@ from service.client import encode_event, image_event
 from service.config import Settings
 from service.core.breaker import Breaker
 from service.core.guard import GuardReply, ServedModel
+from service.core.known import KnownContent
 from service.core.pipeline import Fetcher, Outcome, Pipeline, Record, Retry
 from service.core.rules import Rules
 from service.core.verdicts import Action, DeadLetter, Verdict
@@ -106,6 +107,7 @@ def make_pipeline(
     fetcher: Fetcher | None = None,
     rules: Callable[[], Rules] | None = None,
     metrics: Metrics | None = None,
+    known: KnownContent | None = None,
     **settings: Any,
 ) -> Pipeline:
     """`rules` None: those `settings` name (policy_dir, tenant_file, ...), loaded once."""
@@ -124,6 +126,7 @@ def make_pipeline(
         metrics=metrics or Metrics(),
         tracer=TracerProvider().get_tracer("test"),
         fetcher=fetcher,
+        known=known,
     )
 
 

@@ -51,6 +51,10 @@ class Topics:
             "verdict_topic": self.verdicts,
             "dead_letter_topic": self.dead_letters,
             "review_topic": self.review,
+            # Topics of the test's own that exist only when the test makes them: the shared
+            # defaults would carry one test's decisions and bank entries into another.
+            "decisions_topic": f"{self.input}.decisions",
+            "banks_topic": f"{self.input}.banks",
             "group_id": self.group,
             "commit_interval_ms": 100,
             "guard_startup_timeout_s": 60,

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio import Redis
 
-from service.adapters.redis_store import KEY_PREFIX, RedisStore
+from service.adapters.redis_store import KEY_PREFIX, RedisStore, client_from
 from service.app import store_from
 from service.config import Settings
 from service.core.reuse import MemoryStore, ReuseKey
@@ -142,9 +142,13 @@ def unreachable_store(metrics: Metrics, clock: FakeClock, **backoff: float) -> R
     settings = Settings(
         reuse="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=TIMEOUT_S
     )
-    store = RedisStore.from_settings(settings, metrics)
     return RedisStore(
-        store._client, ttl_s=60, timeout_s=TIMEOUT_S, metrics=metrics, clock=clock, **backoff
+        client_from(settings),
+        ttl_s=60,
+        timeout_s=TIMEOUT_S,
+        metrics=metrics,
+        clock=clock,
+        **backoff,
     )
 
 
@@ -223,10 +227,12 @@ def store_on(
         "reuse_ttl_s": 3600,
         **settings,
     }
-    store = RedisStore.from_settings(Settings(**values), metrics)  # type: ignore[arg-type]
+    settings = Settings(**values)  # type: ignore[arg-type]
     if clock is None:
-        return store
-    return RedisStore(store._client, ttl_s=3600, timeout_s=TIMEOUT_S, metrics=metrics, clock=clock)
+        return RedisStore.from_settings(settings, metrics)
+    return RedisStore(
+        client_from(settings), ttl_s=3600, timeout_s=TIMEOUT_S, metrics=metrics, clock=clock
+    )
 
 
 async def test_a_verdict_put_is_read_back_under_the_prefixed_key_with_its_ttl(

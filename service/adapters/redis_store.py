@@ -98,6 +98,21 @@ class _Outage:
             self._skip_until = float("-inf")
 
 
+def client_from(settings: Settings) -> Redis:
+    """A client of `redis_url` (rediss:// for TLS; a password in the URL wins over
+    `redis_password`). It connects on first use; a URL it cannot read raises here, at start-up.
+    """
+    return Redis.from_url(
+        settings.redis_url,
+        password=settings.redis_password.get_secret_value() or None,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        # The client's own retries would multiply the time an event waits; the back-off of
+        # RedisStore is the retry, and the model is the fallback.
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 class RedisStore:
     """`VerdictStore` on Redis: `get` and `put` bounded by `timeout_s`, never raising."""
 
@@ -108,7 +123,6 @@ class RedisStore:
         ttl_s: float,
         timeout_s: float,
         metrics: Metrics,
-        prefix: str = KEY_PREFIX,
         clock: Callable[[], float] = time.monotonic,
         first_backoff_s: float = FIRST_BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
@@ -119,25 +133,13 @@ class RedisStore:
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._timeout_s = timeout_s
         self._metrics = metrics
-        self._prefix = prefix
         self._clock = clock
         self._outage = _Outage(clock, first_backoff_s, max_backoff_s, warning_interval_s)
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics) -> RedisStore:
-        """A store on `redis_url` (rediss:// for TLS); a password in the URL wins over
-        `redis_password`. A URL the client cannot read raises here, at start-up."""
-        client = Redis.from_url(
-            settings.redis_url,
-            password=settings.redis_password.get_secret_value() or None,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-            # The client's own retries would multiply the time an event waits; the back-off
-            # here is the retry, and the model is the fallback.
-            retry=Retry(NoBackoff(), 0),
-        )
         return cls(
-            client,
+            client_from(settings),
             ttl_s=settings.reuse_ttl_s,
             timeout_s=settings.redis_timeout_s,
             metrics=metrics,
@@ -145,7 +147,7 @@ class RedisStore:
 
     def name(self, key: ReuseKey) -> str:
         """The Redis key of `key`."""
-        return self._prefix + key.text()
+        return KEY_PREFIX + key.text()
 
     async def get(self, key: ReuseKey) -> bytes | None:
         reply = await self._request("get", lambda: self._client.get(self.name(key)))

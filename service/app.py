@@ -16,7 +16,7 @@ from service.adapters.kafka.clients import consumer_from, producer_factory
 from service.adapters.kafka.consumer import ModerationConsumer
 from service.adapters.kafka.delivery import delivery_from
 from service.adapters.kafka.table import Apply, TableReader
-from service.adapters.redis_store import store_from
+from service.adapters.redis_store import RedisStore
 from service.adapters.rules_source import RulesFiles, RulesSource
 from service.adapters.triton import GuardClient, Sampling
 from service.config import Settings
@@ -27,6 +27,7 @@ from service.core.human_decisions import HumanDecisions
 from service.core.images import ImageLimits, use_pixel_limit
 from service.core.known import KnownContent, NearDuplicates
 from service.core.pipeline import Pipeline, PipelineLimits, Retry
+from service.core.reuse import MemoryStore, VerdictStore
 from service.core.rules import Rules
 from service.ops.health import Check, HealthServer
 from service.ops.metrics import Metrics
@@ -91,6 +92,15 @@ def fetcher_from(settings: Settings) -> Fetcher | None:
         ),
         max_connections=settings.max_in_flight,
     )
+
+
+def store_from(settings: Settings, metrics: Metrics) -> VerdictStore | None:
+    """The verdict-reuse store `reuse` names; None when reuse is off."""
+    if settings.reuse == "off":
+        return None
+    if settings.reuse == "memory":
+        return MemoryStore(settings.reuse_max_entries, settings.reuse_ttl_s)
+    return RedisStore.from_settings(settings, metrics)
 
 
 def breaker_from(settings: Settings, guard: GuardClient, metrics: Metrics) -> Breaker:

@@ -8,14 +8,14 @@ and consumer groups.
 Tiers (markers, not directories; `make check` runs `-m "not stack and not slow"`, `make test`
 runs everything):
 
-- `stack`: the test starts, or needs, a broker or a tritonserver process. Every test whose
-  fixtures include one of `STACK_FIXTURES` is marked here; modules and tests that start one
-  by other means carry the marker themselves.
+- `stack`: the test starts, or needs, a broker, a tritonserver or a redis-server process.
+  Every test whose fixtures include one of `STACK_FIXTURES` is marked here; modules and tests
+  that start one by other means carry the marker themselves.
 - `slow`: in-process but heavy (torch on tiny checkpoints): too slow for the inner loop.
 
-The marker is enforced, not trusted: a test without `stack` that tries to start a broker or a
-tritonserver (in this process or as a `python -m service stack up` / `demo` child) fails at
-once, saying so, in every run (`_refuse_servers_outside_the_stack_tier`).
+The marker is enforced, not trusted: a test without `stack` that tries to start a broker, a
+tritonserver or a redis-server (in this process or as a `python -m service stack up` / `demo`
+child) fails at once, saying so, in every run (`_refuse_servers_outside_the_stack_tier`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.dev import stack
+from tests.support.redis import RedisServer
 from tests.support.stack import Topics, free_port
 
 STACK_FIXTURES = frozenset(
@@ -44,10 +45,11 @@ STACK_FIXTURES = frozenset(
         "tansu_stack",  # tests/test_faults.py: a Tansu broker + Triton
         "bench_triton",  # tests/test_bench_model.py: a tritonserver on triton_models/bench
         "triton",  # tests/test_hf_guard_model.py: a tritonserver on the filled HF repository
+        "redis_server",  # this file: a redis-server of the test's own (the reuse store)
     }
 )
-"""Fixtures that start a broker or a tritonserver: a test that uses one, directly or through
-another fixture (`topics` needs `embedded_stack`), is in the `stack` tier."""
+"""Fixtures that start a broker, a tritonserver or a redis-server: a test that uses one, directly
+or through another fixture (`topics` needs `embedded_stack`), is in the `stack` tier."""
 
 SLOW_FIXTURES = frozenset(
     {
@@ -62,8 +64,9 @@ SLOW_FIXTURES = frozenset(
 """Fixtures that make a test heavy though it starts no server (torch, on tiny checkpoints built
 at test time): a test that uses one is in the `slow` tier, which `make check` leaves out."""
 
-SERVER_PROGRAMS = frozenset({"tritonserver", "noida-db", "tansu"})
-"""Executables of the broker and of Triton (see service/dev/stack.py)."""
+SERVER_PROGRAMS = frozenset({"tritonserver", "noida-db", "tansu", "redis-server"})
+"""Executables of the broker and of Triton (see service/dev/stack.py), and Redis
+(tests/support/redis.py)."""
 
 SERVER_COMMANDS = (("stack", "up"), ("demo",))
 """`python -m service ...` commands that start a broker and a tritonserver."""
@@ -173,6 +176,17 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.S
         yield state
     finally:
         stack.down(config.state_dir)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running redis-server of this test's own, free to kill and restart; stopped after."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ def modules(under: Path) -> list[Path]:
     "path", modules(SERVICE / "core"), ids=lambda p: str(p.relative_to(SERVICE))
 )
 def test_the_core_imports_no_adapter_and_no_wiring(path: Path) -> None:
-    forbidden = ("service.adapters", "service.dev", "service.app", "service.__main__")
+    forbidden = ("service.adapters", "service.dev", "service.app", "service.__main__", "redis")
     assert [m for m in imported_modules(path) if m.startswith(forbidden)] == []
 
 

@@ -20,7 +20,7 @@ from service.adapters.redis_store import RedisStore
 from service.adapters.rules_source import RulesFiles, RulesSource
 from service.adapters.triton import GuardClient, Sampling
 from service.config import Settings
-from service.core.banks import load_banks
+from service.core.bank_files import load_banks
 from service.core.breaker import Breaker
 from service.core.events import EventLimits
 from service.core.human_decisions import HumanDecisions

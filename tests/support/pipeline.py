@@ -111,7 +111,7 @@ def make_pipeline(
     **settings: Any,
 ) -> Pipeline:
     """`rules` None: those `settings` name (policy_dir, tenant_file, ...), loaded once."""
-    config = Settings(image_resize_side=32, dead_letter_original_bytes=100, **settings)
+    config = Settings(**{"image_resize_side": 32, "dead_letter_original_bytes": 100} | settings)
     if rules is None:
         loaded = RulesFiles.from_settings(config).load()
         rules = lambda: loaded  # noqa: E731

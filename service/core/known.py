@@ -179,7 +179,7 @@ class KnownContent:
                 name="bank", version=bank.spec.name, triton_model="", triton_version=""
             ),
             decided_by="bank",
-            match=_bank_match(bank),
+            match=bank_match(bank),
             decision=_imposed(policy, action, f"bank:{bank.spec.name}"),
         )
 
@@ -188,7 +188,7 @@ def bank_review(judgement: Judgement, bank: BankMatch | None) -> Judgement:
     """The model's (or a reused) judgement, sent to review because a review bank matched."""
     if bank is None or bank.spec.action != "review":
         return judgement
-    return replace(judgement, match=_bank_match(bank), review_bank=bank)
+    return replace(judgement, match=bank_match(bank), review_bank=bank)
 
 
 def _by_reviewer(policy: Policy, decision: ReviewDecision) -> Judgement:
@@ -216,7 +216,7 @@ def _imposed(policy: Policy, action: Action, reason: str) -> Decision:
     return Decision(action, action, review=action == "review", reasons=(reason,))
 
 
-def _bank_match(bank: BankMatch) -> Match:
+def bank_match(bank: BankMatch) -> Match:
     return Match(
         bank=bank.spec.name, entry_id=bank.entry.entry_id, kind=bank.entry.kind,
         distance=bank.distance,

@@ -46,7 +46,7 @@ from service.core.judgements import (
     served_identity,
     verdict_for,
 )
-from service.core.known import KnownContent, bank_review
+from service.core.known import KnownContent, bank_match, bank_review
 from service.core.policies import Policy, parse_answer
 from service.core.positions import where
 from service.core.rules import Rules
@@ -267,13 +267,24 @@ class Pipeline:
         known = self._known
         if known is None:
             return await self._assess(policy, image, deadline)
-        bank = None
-        if known.banks is not None:
-            loop = asyncio.get_running_loop()
-            bank = await loop.run_in_executor(self._decode_pool, known.match_bank, image)
-        decided = known.before_reuse(policy, image, bank)
-        if decided is None:
-            decided = await known.reused(policy, image, self._model)
+        with self._tracer.start_as_current_span("known content") as span:
+            bank = None
+            if known.banks is not None:
+                loop = asyncio.get_running_loop()
+                bank = await loop.run_in_executor(self._decode_pool, known.match_bank, image)
+            decided = known.before_reuse(policy, image, bank)
+            if decided is None:
+                decided = await known.reused(policy, image, self._model)
+            span.set_attribute("guardstream.decided_by", decided.decided_by if decided else "model")
+            matched = decided.match if decided else (bank_match(bank) if bank else None)
+            if matched is not None:
+                span.set_attributes(
+                    {
+                        "guardstream.match.bank": matched.bank,
+                        "guardstream.match.entry_id": matched.entry_id,
+                        "guardstream.match.distance": matched.distance,
+                    }
+                )
         if decided is None:
             decided = await known.once(
                 policy, image, event_id, lambda: self._assess(policy, image, deadline)

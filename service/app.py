@@ -199,6 +199,7 @@ def pipeline_from(
     tracer: Tracer,
     fetcher: Fetcher | None,
     known: KnownContent | None = None,
+    model: tuple[str, str] | None = None,
 ) -> Pipeline:
     return Pipeline(
         rules=rules,
@@ -215,6 +216,7 @@ def pipeline_from(
         tracer=tracer,
         fetcher=fetcher,
         known=known,
+        model=model,
     )
 
 
@@ -304,6 +306,7 @@ async def serve(
             tracer=tracer,
             fetcher=fetcher,
             known=known.known,
+            model=await guard.identity(),
         )
         kafka = consumer_from(settings)
         delivery = delivery_from(settings, kafka, producer_factory(settings), metrics, tracer)

@@ -111,9 +111,12 @@ class Sampling:
 
 
 def describe_served_model(
-    metadata: service_pb2.ModelMetadataResponse, config: model_config_pb2.ModelConfig
+    metadata: service_pb2.ModelMetadataResponse,
+    config: model_config_pb2.ModelConfig,
+    version: str = "",
 ) -> ServedModel:
-    """Read the model's metadata (its outputs) and its configuration (the name parameters)."""
+    """Read the model's metadata (its outputs, its versions) and its configuration (the name
+    parameters); `version` is the version asked for ("": Triton answers with the newest)."""
 
     def parameter(key: str) -> str | None:
         # .get, not [key]: indexing a protobuf message map adds the key it looks up.
@@ -125,7 +128,12 @@ def describe_served_model(
         name=parameter(_NAME_PARAMETER),
         version=parameter(_VERSION_PARAMETER),
         inputs=tuple(str(tensor.name) for tensor in metadata.inputs),
+        triton_version=version or max(metadata.versions, key=_version_order, default=None),
     )
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)
 
 
 def read_rating_log_prob(values: npt.NDArray[np.float32] | None) -> float | None:
@@ -304,7 +312,7 @@ class GuardClient:
             service_pb2.ModelConfigRequest(name=self.model, version=self.version),
             timeout=timeout_s,
         )
-        served = describe_served_model(metadata, config.config)
+        served = describe_served_model(metadata, config.config, self.version)
         log.info(
             "Triton model %r serves %s %s (outputs: %s)",
             self.model,
@@ -313,6 +321,14 @@ class GuardClient:
             ", ".join(served.outputs),
         )
         return served
+
+    async def identity(self) -> tuple[str, str]:
+        """(name, version) of the model behind the Triton name, as verdicts name it when the
+        answer does not: the config's name parameters, else the Triton name and version."""
+        served = await self._served_model(self._timeout_s)
+        if served.name is not None:
+            return served.name, served.version or served.triton_version or self.version
+        return self.model, served.triton_version or self.version
 
     async def ask(
         self,

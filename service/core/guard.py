@@ -24,6 +24,8 @@ class ServedModel:
     version: str | None = None
     inputs: tuple[str, ...] = ()
     """The inputs the model declares: `messages` when it can hold a conversation."""
+    triton_version: str | None = None
+    """The version of the Triton model that answers: the one asked for, else the newest."""
 
 
 @dataclass(frozen=True)

@@ -133,10 +133,13 @@ class Pipeline:
         tracer: Tracer,
         fetcher: Fetcher | None = None,
         known: KnownContent | None = None,
+        model: ModelIdentity | None = None,
     ) -> None:
         """`rules`: the policies and tenants in force (a reload changes what it returns).
         `fetcher` None: `image.url` events are dead-lettered as url_not_supported.
-        `known` None: no banks, decisions or reuse; the model judges every image."""
+        `known` None: no banks, decisions or reuse; the model judges every image.
+        `model`: the model that answers, as Triton describes it at start-up (else the first
+        answer tells)."""
         self._rules = rules
         self._guard = guard
         self._limits = limits
@@ -148,8 +151,8 @@ class Pipeline:
         self._tracer = tracer
         self._fetcher = fetcher
         self._known = known
-        self._model: ModelIdentity | None = None
-        """The model that answered last: reused verdicts must come from it."""
+        self._model = model
+        """The model that answers now: reused verdicts must come from it."""
 
     async def judge(self, record: Record) -> Outcome:
         """The outcome of one record; never raises for anything the record contains."""

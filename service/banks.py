@@ -3,8 +3,8 @@
 Every pod reads the banks topic whole and follows it (`service.adapters.kafka.table`), so an
 entry published here reaches every pod within a poll, and a removal (a tombstone: the key with
 no value) too. The topic is compacted: a key's newest record is the entry. Records are published
-with acks=all; the topic is created (cleanup.policy=compact, the broker's default replication)
-when it does not exist yet. The key and value are `service.core.banks`' contract:
+with acks=all; the topic is created (cleanup.policy=compact) when it does not exist yet,
+one partition, min(3, brokers) replicas. The key and value are `service.core.banks`' contract:
 
     add      one entry: key <bank>/<kind>/<value>, value {entry_id, note, added_by, added_at}
     remove   a tombstone for that key
@@ -134,8 +134,10 @@ async def ensure_topic(settings: Settings) -> None:
         await admin.start()
         if settings.banks_topic in await admin.list_topics():
             return
-        # -1: the broker's default replication, so a production cluster keeps its own.
-        topic = NewTopic(settings.banks_topic, 1, -1, topic_configs={"cleanup.policy": "compact"})
+        # Three copies where the cluster has three brokers: the table outlives a lost broker.
+        replicas = min(3, len((await admin.describe_cluster())["brokers"]))
+        compact = {"cleanup.policy": "compact"}
+        topic = NewTopic(settings.banks_topic, 1, replicas, topic_configs=compact)
         with contextlib.suppress(TopicAlreadyExistsError):  # another publisher was quicker
             await admin.create_topics([topic])
     finally:

@@ -17,21 +17,9 @@ from service.client import ImageEventProducer, image_event
 from service.config import Settings
 from service.dev import stack
 from service.dev.samples import all_samples, photo_bytes
+from tests.support.cli import cli
 from tests.support.outputs import collect, committed_offsets
 from tests.support.stack import Topics, free_port
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("command", [[], ["run"]])
@@ -48,7 +36,7 @@ def test_help_documents_every_setting_and_the_otel_variables(command: list[str])
 
 def test_every_command_has_help() -> None:
     top = cli("--help").stdout
-    for command in ("run", "stack", "demo", "schemas", "produce"):
+    for command in ("run", "stack", "demo", "schemas", "produce", "banks"):
         assert command in top
         assert cli(command, "--help").returncode == 0
 

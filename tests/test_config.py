@@ -34,7 +34,10 @@ def test_the_embedded_stack_creates_every_topic_the_default_settings_name() -> N
         defaults.verdict_topic,
         defaults.dead_letter_topic,
         defaults.review_topic,
+        defaults.banks_topic,
+        defaults.decisions_topic,
     ) == stack.DEFAULT_TOPICS
+    assert {defaults.banks_topic, defaults.decisions_topic} == stack.COMPACTED_TOPICS
 
 
 def test_settings_come_from_guardstream_variables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -305,6 +305,24 @@ async def test_the_password_setting_authenticates_and_a_missing_one_is_a_counted
     await without.close()
 
 
+async def test_an_acl_user_allowed_only_get_and_set_on_the_prefix_suffices(
+    redis_server: RedisServer, client: Redis
+) -> None:
+    """The least privilege deploy/README.md recommends is enough for the store."""
+    await client.execute_command(
+        "ACL", "SETUSER", "guardstream", "on", ">s3cret", f"~{KEY_PREFIX}*", "+get", "+set"
+    )
+    metrics = Metrics()
+    url = redis_server.url.replace("redis://", "redis://guardstream@")
+    store = RedisStore.from_settings(
+        Settings(reuse="redis", redis_url=url, redis_password="s3cret"), metrics
+    )
+    await store.put(KEY, VERDICT)
+    assert await store.get(KEY) == VERDICT
+    assert errors(metrics, "get") == errors(metrics, "put") == 0
+    await store.close()
+
+
 # --- RedisStore on a server that never answers -------------------------------------------------
 
 

@@ -41,8 +41,12 @@ DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "cpu"
 BENCH_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "bench"
 FILL = REPO_ROOT / "triton_models" / "fill.py"
 DEFAULT_STATE_DIR = REPO_ROOT / ".guardstream" / "stack"
-DEFAULT_TOPICS = ("images", "verdicts", "images.dlq", "verdicts.review")
-"""The topics the default settings name: input, verdicts, dead letters, review."""
+DEFAULT_TOPICS = (
+    "images", "verdicts", "images.dlq", "verdicts.review", "guardstream.banks", "verdicts.decisions"
+)  # fmt: skip
+"""The topics the default settings name: input, verdicts, dead letters, review, banks, decisions."""
+COMPACTED_TOPICS = frozenset({"guardstream.banks", "verdicts.decisions"})
+"""Tables (service.adapters.kafka.table): a key's newest record is all that is kept."""
 
 
 class StackError(Exception):
@@ -220,12 +224,20 @@ async def create_topics(bootstrap: str, topics: Sequence[str], partitions: int) 
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        missing = [
+            NewTopic(t, partitions, 1, topic_configs=_configs(t))
+            for t in topics
+            if t not in existing
+        ]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
     finally:
         await admin.close()
+
+
+def _configs(topic: str) -> dict[str, str]:
+    return {"cleanup.policy": "compact"} if topic in COMPACTED_TOPICS else {}
 
 
 def _broker_command(config: StackConfig) -> list[str]:

@@ -41,6 +41,7 @@ from tests.support.faults import (
     read_outcomes,
     wait_for_outcomes,
 )
+from tests.support.redis import RedisServer
 
 
 def verdict(event_id: str, action: str | None = None, decided_at: str = "t0") -> dict[str, Any]:
@@ -439,6 +440,33 @@ async def test_hung_triton_times_out_opens_the_breaker_and_recovers(
         await fault_stack.restart_triton()
     assert result.dead_letters == {}
     assert result.duplicates_committed == 0
+
+
+@pytest.mark.stack
+async def test_redis_killed_then_restarted_mid_stream_loses_nothing(
+    fault_stack: FaultStack, scenario: Scenario, redis_server: RedisServer
+) -> None:
+    # The shared reuse store dies under a full window: its requests fail (bounded by the
+    # timeout), the events go to the guard, nothing is lost or dead-lettered; once it is back,
+    # the store is used again. The events cycle through a few images, so reuse answers most
+    # of them while Redis is up: the model calls drop, and the backlog lasts past the outage.
+    async def kill_redis(consumer: ServiceProcess) -> None:
+        mark = consumer.log_mark()
+        redis_server.kill()
+        await consumer.wait_for_log("reuse store", timeout_s=60, after=mark)
+        await asyncio.sleep(1)
+        redis_server.restart()
+        await consumer.wait_for_log("reuse store answers again", timeout_s=60, after=mark)
+
+    env = {
+        "GUARDSTREAM_REUSE": "redis",
+        "GUARDSTREAM_REDIS_URL": redis_server.url,
+        "GUARDSTREAM_REDIS_TIMEOUT_S": "0.2",
+    }
+    events = 1500  # reused verdicts come fast: a backlog that outlasts the outage
+    result = await fault_mid_stream(scenario, AT_LEAST_ONCE, kill_redis, env=env, events=events)
+    assert result.dead_letters == {}, "a store outage must not dead-letter anything"
+    assert result.verdicts == events
 
 
 @pytest.mark.stack

@@ -307,6 +307,10 @@ def _service_settings(args: argparse.Namespace, state: stack.StackState) -> dict
         "HEALTH_HOST": "127.0.0.1",
         "HEALTH_PORT": "0",
         "LOG_LEVEL": "WARNING",
+        # The pipe is measured: every event asks the guard, as in the loops compared with it
+        # (the events cycle through a few photos, which reuse would answer without it).
+        "REUSE": "off",
+        "DECISIONS_TOPIC": "",
         # Tansu refuses idempotent producers.
         "ENABLE_IDEMPOTENCE": str(args.broker != "tansu").lower(),
     }

@@ -339,6 +339,10 @@ class Bench:
             "HEALTH_HOST": "127.0.0.1",
             "HEALTH_PORT": "0",
             "LOG_LEVEL": "WARNING",
+            # The pipe is measured: every event asks the guard, as in the loops compared with it
+            # (the events cycle through a few photos, which reuse would answer without it).
+            "REUSE": "off",
+            "DECISIONS_TOPIC": "",
             # Tansu refuses idempotent producers.
             "ENABLE_IDEMPOTENCE": "false",
             "FETCH_MAX_WAIT_MS": str(FETCH_MAX_WAIT_MS),

@@ -429,6 +429,12 @@ def service_env(
         "GUARDSTREAM_COMMIT_INTERVAL_MS": "100",
         # Several consumers on one machine: each health/metrics server on a port of its own.
         "GUARDSTREAM_HEALTH_PORT": "0",
+        # The faults are about the pipe: every event asks the guard (the events cycle through
+        # a few images, which reuse would answer without it), and no decisions or banks topic
+        # is read. The Redis scenario turns reuse on itself.
+        "GUARDSTREAM_REUSE": "off",
+        "GUARDSTREAM_DECISIONS_TOPIC": "",
+        "GUARDSTREAM_BANKS_TOPIC": "",
         "OTEL_TRACES_EXPORTER": "none",
     }
     if delivery == EXACTLY_ONCE:

@@ -181,11 +181,6 @@ _STACK_OPTIONS = (
     _StackOption("model_repository", Path, "Triton model repository"),
     _StackOption("partitions", int, "partitions of the topics it creates"),
     _StackOption(
-        "redis_port",
-        int,
-        "also start a redis-server on this port, for GUARDSTREAM_REUSE=redis (no persistence)",
-    ),
-    _StackOption(
         "broker",
         str,
         "noida-db (transactions, keeps its data) or tansu (in memory, refuses idempotent "

@@ -65,8 +65,8 @@ SLOW_FIXTURES = frozenset(
 at test time): a test that uses one is in the `slow` tier, which `make check` leaves out."""
 
 SERVER_PROGRAMS = frozenset({"tritonserver", "noida-db", "tansu", "redis-server"})
-"""Executables of the broker, of Triton (see service/dev/stack.py) and of Redis
-(service/dev/redis_server.py)."""
+"""Executables of the broker and of Triton (see service/dev/stack.py), and Redis
+(tests/support/redis.py)."""
 
 SERVER_COMMANDS = (("stack", "up"), ("demo",))
 """`python -m service ...` commands that start a broker and a tritonserver."""

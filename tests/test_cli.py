@@ -15,7 +15,7 @@ import pytest
 
 from service.client import ImageEventProducer, image_event
 from service.config import Settings
-from service.dev import redis_server, stack
+from service.dev import stack
 from service.dev.samples import all_samples, photo_bytes
 from tests.support.outputs import collect, committed_offsets
 from tests.support.stack import Topics, free_port
@@ -147,7 +147,6 @@ def test_stack_commands_start_report_and_stop_a_stack(tmp_path: Path) -> None:
         "--triton-http-port": free_port(),
         "--triton-grpc-port": free_port(),
         "--triton-metrics-port": free_port(),
-        "--redis-port": free_port(),
     }
     options = ["--state-dir", str(tmp_path), *(str(x) for kv in ports.items() for x in kv)]
     started = time.monotonic()
@@ -156,11 +155,9 @@ def test_stack_commands_start_report_and_stop_a_stack(tmp_path: Path) -> None:
         assert up.returncode == 0, up.stderr
         assert f"kafka bootstrap   127.0.0.1:{ports['--kafka-port']}" in up.stdout
         assert f"triton grpc       127.0.0.1:{ports['--triton-grpc-port']}" in up.stdout
-        assert f"redis             redis://127.0.0.1:{ports['--redis-port']}/0" in up.stdout
         status = cli("stack", "status", *options)
         assert status.returncode == 0
         assert "triton ready    ok" in status.stdout
-        assert "redis ping      ok" in status.stdout
         again = cli("stack", "up", *options)
         assert again.returncode == 0
         assert again.stdout.splitlines()[0] == up.stdout.splitlines()[0]
@@ -169,7 +166,6 @@ def test_stack_commands_start_report_and_stop_a_stack(tmp_path: Path) -> None:
     assert down.returncode == 0
     assert "stack stopped" in down.stdout
     assert cli("stack", "status", *options).returncode == 1
-    assert not redis_server.answers_ping("127.0.0.1", ports["--redis-port"])
     assert time.monotonic() - started < 120
 
 

@@ -36,8 +36,6 @@ from typing import Literal
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from service.dev import redis_server
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "cpu"
 BENCH_MODEL_REPOSITORY = REPO_ROOT / "triton_models" / "bench"
@@ -67,7 +65,6 @@ class StackConfig:
     topics: tuple[str, ...] = DEFAULT_TOPICS
     partitions: int = 3
     startup_timeout_s: float = 180.0
-    redis_port: int | None = None  # also a redis-server, for GUARDSTREAM_REUSE=redis
 
 
 @dataclass(frozen=True)
@@ -84,8 +81,6 @@ class StackState:
     model_repository: str
     topics: list[str] = field(default_factory=list)
     broker: str = "noida-db"
-    redis_port: int | None = None
-    redis_pid: int | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -100,18 +95,17 @@ class StackState:
         return f"http://{self.host}:{self.triton_http_port}"
 
     def describe(self) -> str:
-        lines = [
-            f"kafka bootstrap   {self.bootstrap_servers}   ({self.broker}, pid {self.kafka_pid})",
-            f"triton grpc       {self.triton_grpc}   (pid {self.triton_pid})",
-            f"triton http       {self.triton_http}",
-            f"triton metrics    http://{self.host}:{self.triton_metrics_port}/metrics",
-            f"model repository  {self.model_repository}",
-            f"topics            {', '.join(self.topics)}",
-        ]
-        if self.redis_pid is not None:
-            url = f"redis://{self.host}:{self.redis_port}/0"
-            lines.append(f"redis             {url}   (pid {self.redis_pid})")
-        return "\n".join(lines)
+        return "\n".join(
+            [
+                f"kafka bootstrap   {self.bootstrap_servers}   "
+                f"({self.broker}, pid {self.kafka_pid})",
+                f"triton grpc       {self.triton_grpc}   (pid {self.triton_pid})",
+                f"triton http       {self.triton_http}",
+                f"triton metrics    http://{self.host}:{self.triton_metrics_port}/metrics",
+                f"model repository  {self.model_repository}",
+                f"topics            {', '.join(self.topics)}",
+            ]
+        )
 
 
 def up(config: StackConfig) -> StackState:
@@ -129,16 +123,12 @@ def up(config: StackConfig) -> StackState:
         _require_free(config.host, port)
     deadline = time.monotonic() + config.startup_timeout_s
     kafka = start_broker(config, deadline)
-    redis: subprocess.Popen[bytes] | None = None
     try:
         asyncio.run(
             create_topics(f"{config.host}:{config.kafka_port}", config.topics, config.partitions)
         )
-        redis = start_redis(config, config.redis_port, deadline) if config.redis_port else None
         triton = start_triton(config, deadline)
     except BaseException:
-        if redis is not None:
-            _terminate(redis.pid, redis_server.PROGRAM, 10.0)
         _terminate(kafka.pid, config.broker, 10.0)
         raise
     state = StackState(
@@ -152,8 +142,6 @@ def up(config: StackConfig) -> StackState:
         model_repository=str(config.model_repository),
         topics=list(config.topics),
         broker=config.broker,
-        redis_port=config.redis_port,
-        redis_pid=redis.pid if redis is not None else None,
     )
     _write_state(config.state_dir, state)
     return state
@@ -169,13 +157,6 @@ def start_broker(config: StackConfig, deadline: float) -> subprocess.Popen[bytes
         _terminate(kafka.pid, config.broker, 10.0)
         raise
     return kafka
-
-
-def start_redis(config: StackConfig, port: int, deadline: float) -> subprocess.Popen[bytes]:
-    try:
-        return redis_server.start(config.host, port, config.state_dir, deadline - time.monotonic())
-    except redis_server.RedisServerError as exc:
-        raise StackError(str(exc)) from exc
 
 
 def start_triton(config: StackConfig, deadline: float) -> subprocess.Popen[bytes]:
@@ -209,8 +190,6 @@ def status(state_dir: Path) -> tuple[StackState | None, list[str]]:
         _check("triton process", _alive(state.triton_pid)),
         _check("triton ready", _http_ok(f"{state.triton_http}/v2/health/ready")),
     ]
-    if state.redis_port is not None:
-        lines.append(_check("redis ping", redis_server.answers_ping(state.host, state.redis_port)))
     return state, lines
 
 
@@ -221,8 +200,6 @@ def down(state_dir: Path, timeout_s: float = 30.0) -> bool:
         return False
     _terminate(state.triton_pid, "tritonserver", timeout_s)
     _terminate(state.kafka_pid, state.broker, timeout_s)
-    if state.redis_pid is not None:
-        _terminate(state.redis_pid, redis_server.PROGRAM, timeout_s)
     (state_dir / "stack.json").unlink(missing_ok=True)
     return True
 

@@ -227,11 +227,11 @@ def store_on(
         "reuse_ttl_s": 3600,
         **settings,
     }
-    settings = Settings(**values)  # type: ignore[arg-type]
+    parsed = Settings(**values)  # type: ignore[arg-type]
     if clock is None:
-        return RedisStore.from_settings(settings, metrics)
+        return RedisStore.from_settings(parsed, metrics)
     return RedisStore(
-        client_from(settings), ttl_s=3600, timeout_s=TIMEOUT_S, metrics=metrics, clock=clock
+        client_from(parsed), ttl_s=3600, timeout_s=TIMEOUT_S, metrics=metrics, clock=clock
     )
 
 
@@ -309,8 +309,12 @@ async def test_an_acl_user_allowed_only_get_and_set_on_the_prefix_suffices(
     redis_server: RedisServer, client: Redis
 ) -> None:
     """The least privilege deploy/README.md recommends is enough for the store."""
-    await client.execute_command(
-        "ACL", "SETUSER", "guardstream", "on", ">s3cret", f"~{KEY_PREFIX}*", "+get", "+set"
+    await client.acl_setuser(
+        "guardstream",
+        enabled=True,
+        passwords=["+s3cret"],
+        keys=[f"{KEY_PREFIX}*"],
+        commands=["+get", "+set"],
     )
     metrics = Metrics()
     url = redis_server.url.replace("redis://", "redis://guardstream@")

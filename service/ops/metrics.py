@@ -150,8 +150,9 @@ class Metrics:
         )
         self.reuse_lookups = Counter(
             "guardstream_reuse_lookups_total",
-            "Verdict-reuse lookups by result: hit, near (a PDQ near-duplicate), miss, error "
-            "(the store failed or was slow: the event went to the model).",
+            "Verdict-reuse lookups by result: hit, near (a PDQ near-duplicate), miss (a store "
+            "that failed or was slow answers miss: see reuse_store_errors), error (a stored "
+            "verdict that does not parse).",
             ["result"],
             registry=r,
         )

@@ -363,6 +363,6 @@ def test_near_duplicates_ignore_low_quality_hashes_and_distant_ones() -> None:
     assert index.nearest(flat) is None
     other = pdq_of(np.asarray(Image.open(io.BytesIO(CAMERA)).convert("RGB")))
     assert index.nearest(other) is None
-    for i in range(4):  # a ring: the oldest goes first
+    for i in range(4):  # the newest four: the oldest goes first
         index.add(other, f"camera-{i}")
     assert index.nearest(photo) is None

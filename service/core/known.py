@@ -19,19 +19,19 @@ that fails answers "not known", and the event goes to the model.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-import numpy.typing as npt
 from pydantic import ValidationError
 
 from service.core.banks import BankMatch, Banks
 from service.core.decisions import Action, Decision
-from service.core.hashing import Pdq, pdq_bytes
+from service.core.hashing import Pdq
 from service.core.human_decisions import HumanDecisions
 from service.core.images import DecodedImage
 from service.core.judgements import Judgement, ModelIdentity
+from service.core.pdq_index import PdqIndex
 from service.core.policies import Policy
 from service.core.reuse import ReuseKey, VerdictStore
 from service.core.reviews import ReviewDecision
@@ -234,39 +234,32 @@ def _key(sha256: str, policy: Policy, model: ModelIdentity) -> ReuseKey:
 
 
 class NearDuplicates:
-    """The PDQ hashes of recently judged images, for reusing a near-duplicate's verdict.
+    """The PDQ hashes of the images judged lately, for reusing a near-duplicate's verdict.
 
-    A ring of `size` hashes searched by brute force (XOR and a popcount table): the reuse
-    window is a few hundred thousand images at most, and a search of 100,000 takes a few
-    milliseconds. Per process: with a shared store, a pod finds near-duplicates only of the
-    images it judged itself (exact duplicates are found across pods).
+    The newest `size` images (by sha256), in the banks' index (`service.core.pdq_index`).
+    Per process: with a shared store, a pod finds near-duplicates only of the images it judged
+    itself (exact duplicates are found across pods).
     """
 
-    _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
-
     def __init__(self, size: int, distance: int) -> None:
-        self._hashes = np.zeros((size, 32), dtype=np.uint8)
-        self._owners: list[str | None] = [None] * size
-        self._next = 0
+        self._index: PdqIndex[str] = PdqIndex()
+        self._newest: OrderedDict[str, None] = OrderedDict()
+        self._size = size
         self._distance = distance
 
     def add(self, pdq: Pdq, sha256: str) -> None:
-        slot = self._next % len(self._owners)
-        self._hashes[slot] = np.frombuffer(pdq_bytes(pdq.hex), dtype=np.uint8)
-        self._owners[slot] = sha256
-        self._next += 1
+        if sha256 in self._newest:
+            self._newest.move_to_end(sha256)
+            return
+        self._index.add(sha256, pdq.hex)
+        self._newest[sha256] = None
+        while len(self._newest) > self._size:
+            oldest, _ = self._newest.popitem(last=False)
+            self._index.remove(oldest)
 
     def nearest(self, pdq: Pdq) -> tuple[str, int] | None:
-        """(sha256, distance) of the nearest hash within the distance; usable hashes only."""
-        filled = min(self._next, len(self._owners))
-        if not pdq.usable or filled == 0:
+        """(sha256, distance) of the nearest image within the distance; usable hashes only."""
+        if not pdq.usable:
             return None
-        query = np.frombuffer(pdq_bytes(pdq.hex), dtype=np.uint8)
-        distances: npt.NDArray[np.int64] = self._POPCOUNT[
-            np.bitwise_xor(self._hashes[:filled], query)
-        ].sum(axis=1, dtype=np.int64)
-        best = int(distances.argmin())
-        if distances[best] > self._distance:
-            return None
-        owner = self._owners[best]
-        return None if owner is None else (owner, int(distances[best]))
+        found = self._index.search(pdq.hex, self._distance)
+        return min(found, key=lambda hit: hit[1]) if found else None

@@ -120,6 +120,7 @@ async def test_run_serves_until_sigterm_then_commits_and_exits_zero(
         "broker",
         "guard",
         "breaker",
+        "known_content",
     }
     assert 'guardstream_verdicts_total{category="NA",rating="Safe"} 12.0' in metrics
     assert "guardstream_guard_breaker_open 0.0" in metrics

@@ -14,13 +14,16 @@ import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from service.app import KnownSources
 from service.client import encode_event, image_event
+from service.config import Settings
 from service.core.banks import BankEntry, Banks, BankSpec
 from service.core.errors import GuardError
 from service.core.guard import ServedModel
@@ -366,3 +369,16 @@ def test_near_duplicates_ignore_low_quality_hashes_and_distant_ones() -> None:
     for i in range(4):  # the newest four: the oldest goes first
         index.add(other, f"camera-{i}")
     assert index.nearest(photo) is None
+
+
+def test_a_bank_file_with_rows_but_no_valid_entry_is_a_readiness_problem(tmp_path: Path) -> None:
+    (tmp_path / "bank.csv").write_text("kind,value\npdq,not-a-hash\nmd5,0123\n")
+    (tmp_path / "banks.toml").write_text(
+        '[[bank]]\nname = "known-bad"\naction = "block"\ncategory = "O2"\n'
+        'files = [{ path = "bank.csv", format = "csv" }]\n'
+    )
+    sources = KnownSources(Settings(banks_file=tmp_path / "banks.toml", reuse="off"), Metrics())
+    assert len(sources.problems) == 1
+    assert "known-bad" in sources.problems[0]
+    assert sources.known.banks is not None
+    assert sources.known.banks.counts() == {"known-bad": 0}

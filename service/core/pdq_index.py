@@ -5,7 +5,7 @@ loop, so neither side may wait for the other to rebuild a million-entry index:
 
     snapshot   an immutable FAISS `IndexBinaryFlat` with the ids of its rows, replaced whole
     pending    entries added since the snapshot was built: an append-only array searched with
-               numpy (bounded by `pending_limit`, then folded into a new snapshot)
+               numpy (bounded, see `pending_limit`, then folded into a new snapshot)
     live       id -> item of every entry that counts; an id missing here is a removed entry,
                skipped by `search` at once, and left out of the next snapshot
 
@@ -15,13 +15,14 @@ grow is copied). `rebuild()` folds pending rows in and drops removed ones off th
 background thread runs it when pending rows or removed rows pass their bounds (one at a time),
 and a caller that bulk-loads calls it directly.
 
-Why `IndexBinaryFlat`: measured on 10^6 random hashes (2 cores, faiss-cpu 1.15), a radius-31
-`range_search` takes 2.8 ms per query and the index 32 MB (32 bytes a hash), built in 0.03 s.
-`IndexBinaryMultiHash` (16 tables of 16 bits, one flip: exact for distances up to 31 by the
+Why `IndexBinaryFlat`: measured on 10^6 random hashes (2 shared cores, faiss-cpu 1.15), a
+radius-31 `range_search` took 2.8 ms per query, the index 32 MB (32 bytes a hash), built in
+0.03 s. `IndexBinaryMultiHash` (16 tables of 16 bits, one flip: exact up to distance 31 by the
 pigeonhole principle) took 2.6 ms per query but 351 MB and 6.6 s to build; with 8 tables of 32
-bits and 3 flips, 5 ms and 413 MB. A flat scan is exact at any threshold, costs nothing to
-rebuild, and is small: at 10^7 hashes, 320 MB and about 30 ms a query, where a sharded or
-multi-index design would be the next step (tests/benchmarks/banks_index.py measures it).
+bits and 3 flips, 5 ms and 413 MB. A flat scan is exact at any threshold, cheap to rebuild and
+small. Through `Banks.match` at 10^6 entries: p50 2.5 ms, p99 4.8 ms, recall 1.0
+(tests/benchmarks/banks_index.py). At 10^7 a query would scan for ~25 ms: sharding the snapshot
+or a multi-index would be the next step there.
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ class PdqIndex(Generic[Key, Item]):
     """Items with a PDQ hash each, by key; `search` finds the items within a distance of a hash."""
 
     pending_limit = 1024
-    """Pending rows past which a rebuild starts: the numpy scan of them stays under ~0.2 ms."""
+    """Pending rows past which a rebuild starts (a numpy scan of 1024 rows: ~0.1 ms)..."""
+    pending_share = 32
+    """...or past 1/32 of the snapshot's rows, whichever is more: a rebuild copies every row,
+    so a bulk load of n entries copies each row ~32 times, not n/1024 times, and the pending
+    scan stays about as long as the snapshot's."""
     removed_limit = 4096
     """Removed rows still in the arrays past which a rebuild starts (they cost scan time)."""
 
@@ -106,7 +111,9 @@ class PdqIndex(Generic[Key, Item]):
             self._ids[key] = entry_id
             self._live[entry_id] = item
             self._pending_ids.append(entry_id)
-            full = count + 1 >= self.pending_limit
+            full = count + 1 >= max(
+                self.pending_limit, self._snapshot.index.ntotal // self.pending_share
+            )
         if full:
             self._schedule_rebuild()
         return True

@@ -9,21 +9,22 @@ flipped, d = 0, 1, ..., 40 in turn: a near-duplicate planted at a known distance
 through `Banks.match` (with a sha256 and md5 no bank holds, so the PDQ search is what is timed).
 Recall: of the queries at d <= 31, those whose match is the planted entry at distance d (an exact
 index finds all); queries at d > 31 must match nothing (random hashes are ~128 bits apart).
-Memory is the process's resident set before and after the load; the 10^7 projection scales the
-per-entry growth.
+Memory is the process's resident set (VmRSS) before and after the load; the 10^7 projection
+scales the per-entry growth.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import time
 
 import numpy as np
-import psutil
 
 from service.core.banks import BankEntry, Banks, BankSpec
 from service.core.hashing import Pdq
+from tests.benchmarks.harness import peak_rss, rss
 from tests.benchmarks.report import markdown_table, number, percentiles
 
 MAX_PLANTED_DISTANCE = 40
@@ -42,19 +43,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="random seed [%(default)s]")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    process = psutil.Process()
     hashes = rng.integers(0, 256, size=(args.size, 32), dtype=np.uint8)
     values = [row.tobytes().hex() for row in hashes]
     banks = Banks({"bench": BankSpec("bench", "block", "O2")})
 
-    rss_before = process.memory_info().rss
+    rss_before = rss(os.getpid())
     started = time.perf_counter()
     for number_, value in enumerate(values):
         banks.add(BankEntry("bench", "pdq", value, f"e{number_}"))
     added = time.perf_counter() - started
     banks.rebuild()
     loaded = time.perf_counter() - started
-    rss_after = process.memory_info().rss
+    rss_after = rss(os.getpid())
 
     no_sha, no_md5 = hashlib.sha256(b"none").hexdigest(), hashlib.md5(b"none").hexdigest()
     timings: list[float] = []
@@ -81,6 +81,7 @@ def main() -> None:
         ["load with the final rebuild (s)", number(loaded, 1)],
         ["resident memory growth (MiB)", number((rss_after - rss_before) / 2**20)],
         ["per entry (bytes)", number(per_entry)],
+        ["peak resident memory of the process (MiB)", number(peak_rss(os.getpid()) / 2**20)],
         ["projected at 10^7 entries (GiB)", number(per_entry * 10**7 / 2**30, 1)],
         ["Banks.match p50 (ms)", number(p50, 2)],
         ["Banks.match p99 (ms)", number(p99, 2)],

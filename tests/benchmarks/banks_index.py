@@ -36,12 +36,12 @@ def planted_query(rng: np.random.Generator, planted: bytes, distance: int) -> st
     return np.packbits(bits).tobytes().hex()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1_000_000, help="entries [%(default)s]")
     parser.add_argument("--queries", type=int, default=1000, help="queries [%(default)s]")
     parser.add_argument("--seed", type=int, default=1, help="random seed [%(default)s]")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     hashes = rng.integers(0, 256, size=(args.size, 32), dtype=np.uint8)
     values = [row.tobytes().hex() for row in hashes]
@@ -75,20 +75,22 @@ def main() -> None:
 
     per_entry = (rss_after - rss_before) / args.size
     p50, p99 = percentiles(timings, [50, 99])
-    rows = [
-        ["entries", number(args.size)],
-        ["Banks.add of every entry (s)", number(added, 1)],
-        ["load with the final rebuild (s)", number(loaded, 1)],
-        ["resident memory growth (MiB)", number((rss_after - rss_before) / 2**20)],
-        ["per entry (bytes)", number(per_entry)],
-        ["peak resident memory of the process (MiB)", number(peak_rss(os.getpid()) / 2**20)],
-        ["projected at 10^7 entries (GiB)", number(per_entry * 10**7 / 2**30, 1)],
-        ["Banks.match p50 (ms)", number(p50, 2)],
-        ["Banks.match p99 (ms)", number(p99, 2)],
-        ["recall, planted at d <= 31", number(found / max(wanted, 1), 3)],
-        ["matches of queries at d > 31", number(false_matches)],
-    ]
+    figures = {
+        "entries": args.size,
+        "Banks.add of every entry (s)": added,
+        "load with the final rebuild (s)": loaded,
+        "resident memory growth (MiB)": (rss_after - rss_before) / 2**20,
+        "per entry (bytes)": per_entry,
+        "peak resident memory of the process (MiB)": peak_rss(os.getpid()) / 2**20,
+        "projected at 10^7 entries (GiB)": per_entry * 10**7 / 2**30,
+        "Banks.match p50 (ms)": p50,
+        "Banks.match p99 (ms)": p99,
+        "recall, planted at d <= 31": found / max(wanted, 1),
+        "matches of queries at d > 31": false_matches,
+    }
+    rows = [[name, number(value, 0 if value >= 100 else 3)] for name, value in figures.items()]
     print(markdown_table(["PDQ bank", "value"], rows))
+    return figures
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ def twelve_megapixels() -> bytes:
     return out.getvalue()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30, help="decodes each way [%(default)s]")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     without = replace(limits_from(Settings()).image, pdq=False)
     with_pdq = replace(without, pdq=True)
     images = {
@@ -47,6 +47,7 @@ def main() -> None:
         "12 MP JPEG": twelve_megapixels(),
     }
     rows = []
+    figures = {}
     for name, encoded in images.items():
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeats):
@@ -56,6 +57,7 @@ def main() -> None:
                 times[pdq].append((time.perf_counter() - began) * 1000)
                 assert (decoded.pdq is not None) == pdq
         plain, hashed = statistics.median(times[False]), statistics.median(times[True])
+        figures[name] = (plain, hashed)
         pixels = f"{decoded.width}x{decoded.height}"
         rows.append(
             [name, number(len(encoded) / 1000), pixels, number(plain, 1), number(hashed, 1),
@@ -63,6 +65,7 @@ def main() -> None:
         )  # fmt: skip
     header = ["image", "KB", "pixels", "decode p50 (ms)", "with PDQ p50 (ms)", "PDQ adds (ms)"]
     print(markdown_table(header, rows))
+    return figures
 
 
 if __name__ == "__main__":

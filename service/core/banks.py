@@ -206,7 +206,7 @@ class Banks:
         matches = [BankMatch(self.specs[entry.bank], entry, 0) for entry in exact]
         if any(found.spec.action == "block" for found in matches):
             return min(matches, key=_rank)
-        if pdq is not None and pdq.usable and self._max_threshold:
+        if pdq is not None and pdq.usable:
             matches += self._near(pdq.hex)
         return min(matches, key=_rank, default=None)
 

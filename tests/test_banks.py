@@ -75,6 +75,13 @@ def test_a_copy_further_than_the_banks_threshold_does_not_match() -> None:
     assert found.spec.name == "loose"  # the tight bank's block would win if it matched
 
 
+def test_a_bank_with_threshold_zero_matches_the_same_pdq_hash_only() -> None:
+    banks = Banks(specs(BankSpec("same-only", "review", "O1", pdq_threshold=0)))
+    banks.add(BankEntry("same-only", "pdq", COPY_PDQ.hex, "e1"))
+    assert look_up(banks, jpeg("astronaut", quality=40, scale=0.6)).distance == 0  # type: ignore[union-attr]
+    assert look_up(banks, ORIGINAL) is None
+
+
 def test_a_low_quality_pdq_hash_matches_nothing() -> None:
     banks = Banks(specs(BAD))
     banks.add(BankEntry("known-bad", "pdq", ORIGINAL_PDQ.hex, "e1"))

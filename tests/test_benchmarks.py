@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from skimage import data as photos
 
 from service.core.events import EventLimits, parse_event
-from tests.benchmarks import decide, throughput
+from tests.benchmarks import banks_index, decide, pdq_cost, throughput
 from tests.benchmarks.report import (
     ceiling,
     latencies_ms,
@@ -167,3 +167,18 @@ def test_the_decide_benchmark_runs_and_reports_every_figure() -> None:
 
     assert len(figures) == len(decide.RULE_SETS) + 1
     assert all(us > 0 for us in figures.values())
+
+
+def test_the_bank_index_benchmark_finds_every_planted_near_duplicate() -> None:
+    figures = banks_index.main(["--size", "3000", "--queries", "82"])
+
+    assert figures["recall, planted at d <= 31"] == 1.0
+    assert figures["matches of queries at d > 31"] == 0
+    assert figures["Banks.match p50 (ms)"] > 0
+
+
+def test_the_pdq_cost_benchmark_times_every_image_both_ways() -> None:
+    figures = pdq_cost.main(["--repeats", "1"])
+
+    assert list(figures) == ["~50 KB JPEG", "~500 KB JPEG", "12 MP JPEG"]
+    assert all(plain > 0 and hashed > 0 for plain, hashed in figures.values())

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from service.core.banks import BankEntry, Banks, BankSpec, HashKind, check_hash
-from service.core.hashing import PDQ_MIN_QUALITY
+from service.core.hashing import PDQ_MATCH_DISTANCE, PDQ_MIN_QUALITY
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _bank_table(table: dict[str, Any], where: str) -> tuple[BankSpec, list[tuple
     for key, kind in (("name", str), ("action", str), ("category", str)):
         if not isinstance(table.get(key), kind):
             raise ValueError(f"{where}.{key}: required, a string")
-    threshold = table.get("pdq_threshold", BankSpec.pdq_threshold)
+    threshold = table.get("pdq_threshold", PDQ_MATCH_DISTANCE)
     if not isinstance(threshold, int) or isinstance(threshold, bool):
         raise ValueError(f"{where}.pdq_threshold: must be an integer")
     description = table.get("description", "")

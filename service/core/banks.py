@@ -52,7 +52,7 @@ _CATEGORY = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _HEX = re.compile(r"[0-9a-f]*")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BankSpec:
     name: str
     action: BankAction
@@ -73,7 +73,7 @@ class BankSpec:
             raise ValueError(f"pdq_threshold {self.pdq_threshold} must be 0..{PDQ_BITS}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BankEntry:
     bank: str
     kind: HashKind
@@ -86,7 +86,7 @@ class BankEntry:
         check_hash(self.kind, self.value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BankMatch:
     spec: BankSpec
     entry: BankEntry
@@ -121,7 +121,7 @@ class EntryRecord(BaseModel):
 
 @dataclass
 class _Exact:
-    """Entries by (kind, value), then by bank: a hash may be in several banks."""
+    """sha256 and md5 entries by (kind, value), then by bank: a hash may be in several banks."""
 
     by_hash: dict[tuple[HashKind, str], dict[str, BankEntry]] = field(default_factory=dict)
 
@@ -149,7 +149,8 @@ class Banks:
         self._lock = threading.Lock()
         self._entries = _Exact()
         self._counts = dict.fromkeys(self.specs, 0)
-        self._pdq: PdqIndex[tuple[str, str]] = PdqIndex()
+        self._pdq: PdqIndex[tuple[str, str], BankEntry] = PdqIndex()
+        """PDQ entries by (bank, value): kept there only, they cost ~0.5 KB each at 10^6."""
         self._max_threshold = max((spec.pdq_threshold for spec in specs.values()), default=0)
         self.file_rows_rejected = 0
         """Rows of the banks' files that were not entries (each logged with file:line)."""
@@ -158,19 +159,22 @@ class Banks:
         """Add or replace (same bank, kind and value) an entry; KeyError for an unknown bank."""
         if entry.bank not in self.specs:
             raise KeyError(f"unknown bank {entry.bank!r}")
-        with self._lock:
-            old = self._entries.pop(entry.bank, entry.kind, entry.value)
-            self._entries.put(entry)
-            self._counts[entry.bank] += old is None
         if entry.kind == "pdq":
-            self._pdq.add((entry.bank, entry.value), entry.value)
+            new = self._pdq.add((entry.bank, entry.value), entry.value, entry)
+        else:
+            with self._lock:
+                new = self._entries.pop(entry.bank, entry.kind, entry.value) is None
+                self._entries.put(entry)
+        with self._lock:
+            self._counts[entry.bank] += new
 
     def remove(self, bank: str, kind: HashKind, value: str) -> bool:
         """Remove an entry, from the next match on; False when there was none."""
-        if kind == "pdq":
-            self._pdq.remove((bank, value))
         with self._lock:
-            removed = self._entries.pop(bank, kind, value) is not None
+            if kind == "pdq":
+                removed = self._pdq.remove((bank, value)) is not None
+            else:
+                removed = self._entries.pop(bank, kind, value) is not None
             if removed:
                 self._counts[bank] -= 1
         return removed
@@ -202,7 +206,7 @@ class Banks:
         matches = [BankMatch(self.specs[entry.bank], entry, 0) for entry in exact]
         if any(found.spec.action == "block" for found in matches):
             return min(matches, key=_rank)
-        if pdq is not None and pdq.usable and self._max_threshold:
+        if pdq is not None and pdq.usable:
             matches += self._near(pdq.hex)
         return min(matches, key=_rank, default=None)
 
@@ -216,16 +220,9 @@ class Banks:
         self._pdq.rebuild()
 
     def _near(self, pdq_hex: str) -> list[BankMatch]:
-        near = []
-        for (bank, value), distance in self._pdq.search(pdq_hex, self._max_threshold):
-            spec = self.specs[bank]
-            if distance > spec.pdq_threshold:
-                continue
-            with self._lock:
-                entry = self._entries.by_hash.get(("pdq", value), {}).get(bank)
-            if entry is not None:  # None: removed between the search and now
-                near.append(BankMatch(spec, entry, distance))
-        return near
+        found = self._pdq.search(pdq_hex, self._max_threshold)
+        near = [(self.specs[entry.bank], entry, distance) for entry, distance in found]
+        return [BankMatch(*match) for match in near if match[2] <= match[0].pdq_threshold]
 
 
 def _rank(found: BankMatch) -> tuple[int, int]:

@@ -5,8 +5,8 @@ loop, so neither side may wait for the other to rebuild a million-entry index:
 
     snapshot   an immutable FAISS `IndexBinaryFlat` with the ids of its rows, replaced whole
     pending    entries added since the snapshot was built: an append-only array searched with
-               numpy (bounded by `pending_limit`, then folded into a new snapshot)
-    live       id -> key of every entry that counts; an id missing here is a removed entry,
+               numpy (bounded, see `pending_limit`, then folded into a new snapshot)
+    live       id -> item of every entry that counts; an id missing here is a removed entry,
                skipped by `search` at once, and left out of the next snapshot
 
 Readers take the three references under a lock held for nanoseconds and search outside it;
@@ -15,13 +15,14 @@ grow is copied). `rebuild()` folds pending rows in and drops removed ones off th
 background thread runs it when pending rows or removed rows pass their bounds (one at a time),
 and a caller that bulk-loads calls it directly.
 
-Why `IndexBinaryFlat`: measured on 10^6 random hashes (2 cores, faiss-cpu 1.15), a radius-31
-`range_search` takes 2.8 ms per query and the index 32 MB (32 bytes a hash), built in 0.03 s.
-`IndexBinaryMultiHash` (16 tables of 16 bits, one flip: exact for distances up to 31 by the
+Why `IndexBinaryFlat`: measured on 10^6 random hashes (2 shared cores, faiss-cpu 1.15), a
+radius-31 `range_search` took 2.8 ms per query, the index 32 MB (32 bytes a hash), built in
+0.03 s. `IndexBinaryMultiHash` (16 tables of 16 bits, one flip: exact up to distance 31 by the
 pigeonhole principle) took 2.6 ms per query but 351 MB and 6.6 s to build; with 8 tables of 32
-bits and 3 flips, 5 ms and 413 MB. A flat scan is exact at any threshold, costs nothing to
-rebuild, and is small: at 10^7 hashes, 320 MB and about 30 ms a query, where a sharded or
-multi-index design would be the next step (tests/benchmarks/banks_index.py measures it).
+bits and 3 flips, 5 ms and 413 MB. A flat scan is exact at any threshold, cheap to rebuild and
+small. Through `Banks.match` at 10^6 entries: p50 2.5 ms, p99 4.8 ms, recall 1.0
+(tests/benchmarks/banks_index.py). At 10^7 a query would scan for ~25 ms: sharding the snapshot
+or a multi-index would be the next step there.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ log = logging.getLogger(__name__)
 PDQ_BITS = 256
 _HASH_BYTES = PDQ_BITS // 8
 Key = TypeVar("Key", bound=Hashable)
+Item = TypeVar("Item")
+# One query per call, from many decode threads at once: the parallelism is the thread pool's.
+# FAISS's OpenMP team per query only adds spin-waits (measured, 2 cores, 10^6 hashes: p50 19 ms
+# with the default team against 3.4 ms with one thread). A process-wide setting, made here
+# because this module is FAISS's only user.
+faiss.omp_set_num_threads(1)
 _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint16)
 
 
@@ -57,11 +64,15 @@ def _empty_snapshot() -> _Snapshot:
     return _Snapshot(faiss.IndexBinaryFlat(PDQ_BITS), np.zeros(0, dtype=np.int64))
 
 
-class PdqIndex(Generic[Key]):
-    """Keys with a PDQ hash each; `search` finds the keys within a distance of a hash."""
+class PdqIndex(Generic[Key, Item]):
+    """Items with a PDQ hash each, by key; `search` finds the items within a distance of a hash."""
 
     pending_limit = 1024
-    """Pending rows past which a rebuild starts: the numpy scan of them stays under ~0.2 ms."""
+    """Pending rows past which a rebuild starts (a numpy scan of 1024 rows: ~0.1 ms)..."""
+    pending_share = 32
+    """...or past 1/32 of the snapshot's rows, whichever is more: a rebuild copies every row,
+    so a bulk load of n entries copies each row ~32 times, not n/1024 times, and the pending
+    scan stays about as long as the snapshot's."""
     removed_limit = 4096
     """Removed rows still in the arrays past which a rebuild starts (they cost scan time)."""
 
@@ -72,7 +83,7 @@ class PdqIndex(Generic[Key]):
         self._snapshot = _empty_snapshot()
         self._pending = np.zeros((self.pending_limit, _HASH_BYTES), dtype=np.uint8)
         self._pending_ids: list[int] = []
-        self._live: dict[int, Key] = {}
+        self._live: dict[int, Item] = {}
         self._ids: dict[Key, int] = {}
         self._removed: set[int] = set()
         self._next_id = 0
@@ -80,12 +91,14 @@ class PdqIndex(Generic[Key]):
     def __len__(self) -> int:
         return len(self._live)
 
-    def add(self, key: Key, pdq_hex: str) -> None:
-        """Index `key` under a 64-digit hash; a key already indexed keeps its row."""
+    def add(self, key: Key, pdq_hex: str, item: Item) -> bool:
+        """Index `item` by `key` under a 64-digit hash; False: the key's item was replaced."""
         row = np.frombuffer(pdq_bytes(pdq_hex), dtype=np.uint8)
         with self._lock:
-            if key in self._ids:
-                return
+            known = self._ids.get(key)
+            if known is not None:  # same key, same hash: the row stands, the item is new
+                self._live[known] = item
+                return False
             count = len(self._pending_ids)
             if count == len(self._pending):
                 # Readers may hold the old array: it is replaced, never changed.
@@ -96,27 +109,30 @@ class PdqIndex(Generic[Key]):
             entry_id = self._next_id
             self._next_id += 1
             self._ids[key] = entry_id
-            self._live[entry_id] = key
+            self._live[entry_id] = item
             self._pending_ids.append(entry_id)
-            full = count + 1 >= self.pending_limit
-        if full:
-            self._schedule_rebuild()
-
-    def remove(self, key: Key) -> bool:
-        """Stop finding `key`, from the next search on; False if it was not indexed."""
-        with self._lock:
-            entry_id = self._ids.pop(key, None)
-            if entry_id is None:
-                return False
-            del self._live[entry_id]
-            self._removed.add(entry_id)
-            full = len(self._removed) >= self.removed_limit
+            full = count + 1 >= max(
+                self.pending_limit, self._snapshot.index.ntotal // self.pending_share
+            )
         if full:
             self._schedule_rebuild()
         return True
 
-    def search(self, pdq_hex: str, max_distance: int) -> list[tuple[Key, int]]:
-        """Every live key whose hash is within `max_distance` bits of `pdq_hex`."""
+    def remove(self, key: Key) -> Item | None:
+        """Stop finding `key`'s item, from the next search on; None if there was none."""
+        with self._lock:
+            entry_id = self._ids.pop(key, None)
+            if entry_id is None:
+                return None
+            item = self._live.pop(entry_id)
+            self._removed.add(entry_id)
+            full = len(self._removed) >= self.removed_limit
+        if full:
+            self._schedule_rebuild()
+        return item
+
+    def search(self, pdq_hex: str, max_distance: int) -> list[tuple[Item, int]]:
+        """Every item whose hash is within `max_distance` bits of `pdq_hex`, with its distance."""
         query = np.frombuffer(pdq_bytes(pdq_hex), dtype=np.uint8).reshape(1, _HASH_BYTES)
         with self._lock:
             snapshot = self._snapshot
@@ -138,9 +154,9 @@ class PdqIndex(Generic[Key]):
                 found.append((pending_ids[position], int(near[position])))
         live = self._live
         return [
-            (key, distance)
+            (item, distance)
             for entry_id, distance in found
-            if (key := live.get(entry_id)) is not None
+            if (item := live.get(entry_id)) is not None
         ]
 
     def rebuild(self) -> None:

@@ -242,7 +242,7 @@ class NearDuplicates:
     """
 
     def __init__(self, size: int, distance: int) -> None:
-        self._index: PdqIndex[str] = PdqIndex()
+        self._index: PdqIndex[str, str] = PdqIndex()
         self._newest: OrderedDict[str, None] = OrderedDict()
         self._size = size
         self._distance = distance
@@ -251,7 +251,7 @@ class NearDuplicates:
         if sha256 in self._newest:
             self._newest.move_to_end(sha256)
             return
-        self._index.add(sha256, pdq.hex)
+        self._index.add(sha256, pdq.hex, sha256)
         self._newest[sha256] = None
         while len(self._newest) > self._size:
             oldest, _ = self._newest.popitem(last=False)

@@ -190,6 +190,16 @@ async def test_identical_images_judged_together_cost_one_model_call(
     assert metrics.single_flight_waits._value.get() == 3
 
 
+async def test_with_reuse_off_identical_images_judged_together_each_ask_the_model(
+    pool: ThreadPoolExecutor,
+) -> None:
+    guard = ScriptedGuard(0.05)
+    judge = pipeline(guard, pool, known()).judge
+    outs = await asyncio.gather(*(judge(record(f"e{i}", CAMERA, offset=i)) for i in range(3)))
+    assert [verdict(o).decided_by for o in outs] == ["model"] * 3
+    assert len(guard.calls) == 3
+
+
 async def test_a_failed_first_call_does_not_fail_the_identical_images_waiting_for_it(
     pool: ThreadPoolExecutor,
 ) -> None:

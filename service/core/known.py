@@ -123,7 +123,9 @@ class KnownContent:
     ) -> Judgement:
         """`judge()`, once for identical images judged together: the others wait for its
         judgement, and get it as reused from `event_id`'s. When the first fails, each waiter
-        judges for itself: one failure is not everyone's."""
+        judges for itself: one failure is not everyone's. With reuse off, each judges."""
+        if self.store is None:  # reuse is off: every event asks the model
+            return await judge()
         flight = (image.sha256, policy.id, policy.full_version)
         pending = self._flights.get(flight)
         if pending is not None:

@@ -78,7 +78,7 @@ def test_a_new_decision_for_a_key_replaces_its_old_one_even_about_another_image(
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (b"{", "not a review decision"),
+        (b"{", "invalid review decision"),
         (b'{"schema_version": 1}', "event_id: Field required"),
         (decision("e9").replace(b'"block"', b'"shrug"'), "action"),
     ],

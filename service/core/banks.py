@@ -34,6 +34,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.core.events import describe_validation_error
 from service.core.hashing import PDQ_MATCH_DISTANCE, Pdq
 from service.core.pdq_index import PDQ_BITS, PdqIndex
 
@@ -192,9 +193,7 @@ class Banks:
         try:
             record = EntryRecord.model_validate_json(value)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            at = ".".join(str(part) for part in first["loc"]) or "the record"
-            log.warning("%s: not a bank entry (%s: %s); skipped", where, at, first["msg"])
+            log.warning("%s: %s; skipped", where, describe_validation_error(exc, what="bank entry"))
             return False
         self.add(BankEntry(bank, kind, hash_value, record.entry_id, record.note))
         return True

@@ -249,17 +249,20 @@ def parse_event(value: bytes | None, limits: EventLimits) -> ImageEvent:
     return event
 
 
-def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
+def describe_validation_error(
+    exc: ValidationError, limit: int = 3, what: str = "image event"
+) -> str:
     """One line a producer can act on: where each problem is and what it is, inputs omitted."""
     errors = exc.errors(include_url=False, include_input=False)
-    parts = [f"{_location(e['loc'])}: {e['msg']}" for e in errors]
+    root = f"<{what.split()[-1]}>"  # the whole record: <event>, <entry>, <decision>
+    parts = [f"{_location(e['loc'], root)}: {e['msg']}" for e in errors]
     more = f" (+{len(parts) - limit} more)" if len(parts) > limit else ""
-    return "invalid image event: " + "; ".join(parts[:limit]) + more
+    return f"invalid {what}: " + "; ".join(parts[:limit]) + more
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
+def _location(loc: tuple[int | str, ...], root: str) -> str:
     """A field path for a message: producers' keys may hold anything, logs must stay one line."""
-    path = ".".join(str(part)[:64] for part in loc) or "<event>"
+    path = ".".join(str(part)[:64] for part in loc) or root
     return "".join(c if c.isprintable() else "?" for c in path)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from service.core.events import describe_validation_error
 from service.core.reviews import ReviewDecision
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,8 @@ class HumanDecisions:
         try:
             decision = ReviewDecision.model_validate_json(value)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            at = ".".join(str(part) for part in first["loc"]) or "the record"
-            log.warning("%s: not a review decision (%s: %s); skipped", where, at, first["msg"])
+            what = "review decision"
+            log.warning("%s: %s; skipped", where, describe_validation_error(exc, what=what))
             return False
         self._by_key[key] = decision
         content = (decision.image_sha256, decision.policy_id)

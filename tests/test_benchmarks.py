@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from skimage import data as photos
 
 from service.core.events import EventLimits, parse_event
-from tests.benchmarks import banks_index, decide, pdq_cost, throughput
+from service.core.hashing import pdq_distance
+from service.core.images import ImageLimits, decode_image
+from tests.benchmarks import banks_index, decide, known_content, pdq_cost, throughput
 from tests.benchmarks.report import (
     ceiling,
     latencies_ms,
@@ -182,3 +184,23 @@ def test_the_pdq_cost_benchmark_times_every_image_both_ways() -> None:
 
     assert list(figures) == ["~50 KB JPEG", "~500 KB JPEG", "12 MP JPEG"]
     assert all(plain > 0 and hashed > 0 for plain, hashed in figures.values())
+
+
+def test_the_known_content_stream_mixes_new_images_copies_and_near_copies() -> None:
+    events = known_content.stream(60, unique=0.6, duplicates=0.3)
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "new"
+    assert {"new", "duplicate", "near"} == set(kinds)
+    limits = ImageLimits(10**8, 10**8, 10**5, 1024, pdq=True)
+    decoded = [(kind, decode_image(image, limits)) for kind, image in events]
+    new = {image.sha256: image.pdq for kind, image in decoded if kind == "new"}
+    for kind, image in decoded:
+        assert image.pdq is not None
+        assert image.pdq.usable
+        if kind == "duplicate":
+            assert image.sha256 in new
+        elif kind == "near":
+            nearest = min(pdq_distance(image.pdq.hex, p.hex) for p in new.values() if p)
+            assert 0 < nearest <= 31
+    distinct = [p.hex for p in new.values() if p]
+    assert min(pdq_distance(a, b) for a in distinct for b in distinct if a != b) > 31

@@ -159,6 +159,29 @@ def triton_metric(state: stack.StackState, name: str, model: str = "guard") -> f
 # --- child processes ------------------------------------------------------------------------
 
 
+def run_settings(state: stack.StackState, tag: str, input_topic: str) -> dict[str, str]:
+    """The settings of one measured run (names without GUARDSTREAM_): the stack's addresses,
+    output topics and a group of its own (`out-<tag>`, ...), quiet logs, and every event
+    asked of the guard (no reuse, no decisions topic), as in the loops it is compared with."""
+    return {
+        "BOOTSTRAP_SERVERS": state.bootstrap_servers,
+        "TRITON_URL": state.triton_grpc,
+        "INPUT_TOPIC": input_topic,
+        "VERDICT_TOPIC": f"out-{tag}",
+        "DEAD_LETTER_TOPIC": f"dlq-{tag}",
+        "REVIEW_TOPIC": f"review-{tag}",
+        "GROUP_ID": f"group-{tag}",
+        "HEALTH_HOST": "127.0.0.1",
+        "HEALTH_PORT": "0",
+        "LOG_LEVEL": "WARNING",
+        "REUSE": "off",
+        "DECISIONS_TOPIC": "",
+        "BANKS_TOPIC": "",
+        # Tansu refuses idempotent producers.
+        "ENABLE_IDEMPOTENCE": str(state.broker != "tansu").lower(),
+    }
+
+
 def start_child(
     command: Iterable[str], settings: Mapping[str, str], log_path: Path
 ) -> subprocess.Popen[bytes]:

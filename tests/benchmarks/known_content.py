@@ -43,6 +43,7 @@ from tests.benchmarks.harness import (
     check_running,
     in_own_stack,
     publish,
+    run_settings,
     start_child,
     stop_child,
     tail,
@@ -103,21 +104,7 @@ async def run_once(
 ) -> KnownRun:
     tag = label.replace(" ", "-")
     await stack.create_topics(state.bootstrap_servers, [f"out-{tag}", f"dlq-{tag}"], 3)
-    settings = {
-        "BOOTSTRAP_SERVERS": state.bootstrap_servers,
-        "TRITON_URL": state.triton_grpc,
-        "INPUT_TOPIC": INPUT,
-        "VERDICT_TOPIC": f"out-{tag}",
-        "DEAD_LETTER_TOPIC": f"dlq-{tag}",
-        "REVIEW_TOPIC": f"review-{tag}",
-        "GROUP_ID": f"group-{tag}",
-        "HEALTH_HOST": "127.0.0.1",
-        "HEALTH_PORT": "0",
-        "LOG_LEVEL": "WARNING",
-        "ENABLE_IDEMPOTENCE": "false",  # Tansu refuses idempotent producers
-        "DECISIONS_TOPIC": "",
-        "BANKS_TOPIC": "",
-    } | overrides
+    settings = run_settings(state, tag, INPUT) | overrides
     log_path = workdir / f"{tag}.log"
     print(f"  {label}: {' '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
     async with OutputReader(

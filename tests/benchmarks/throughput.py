@@ -68,6 +68,7 @@ from tests.benchmarks.harness import (
     in_own_stack,
     peak_rss,
     publish,
+    run_settings,
     start_child,
     stop_child,
     tail,
@@ -328,25 +329,8 @@ class Bench:
         await stack.create_topics(self._state.bootstrap_servers, names, self._args.partitions)
 
     def _settings(self, tag: str, input_topic: str, overrides: dict[str, str]) -> dict[str, str]:
-        return {
-            "BOOTSTRAP_SERVERS": self._state.bootstrap_servers,
-            "TRITON_URL": self._state.triton_grpc,
-            "INPUT_TOPIC": input_topic,
-            "VERDICT_TOPIC": f"out-{tag}",
-            "DEAD_LETTER_TOPIC": f"dlq-{tag}",
-            "REVIEW_TOPIC": f"review-{tag}",
-            "GROUP_ID": f"group-{tag}",
-            "HEALTH_HOST": "127.0.0.1",
-            "HEALTH_PORT": "0",
-            "LOG_LEVEL": "WARNING",
-            # The pipe is measured: every event asks the guard, as in the loops compared with it
-            # (the events cycle through a few photos, which reuse would answer without it).
-            "REUSE": "off",
-            "DECISIONS_TOPIC": "",
-            # Tansu refuses idempotent producers.
-            "ENABLE_IDEMPOTENCE": "false",
-            "FETCH_MAX_WAIT_MS": str(FETCH_MAX_WAIT_MS),
-        } | overrides
+        fetch_wait = {"FETCH_MAX_WAIT_MS": str(FETCH_MAX_WAIT_MS)}
+        return run_settings(self._state, tag, input_topic) | fetch_wait | overrides
 
     def _tag(self, mode: str, size: int) -> str:
         self._runs += 1

@@ -237,7 +237,7 @@ class Settings(BaseSettings):
     banks_file: Path | None = Field(
         None,
         description="TOML file naming the hash banks (action, category, PDQ threshold, entry "
-        "files). Unset: no banks, and records of the banks topic are skipped as unknown banks.",
+        "files). Unset: no banks, and the banks topic is not read (a bank is named here first).",
     )
     banks_topic: str = Field(
         "guardstream.banks",

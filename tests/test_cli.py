@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from service.client import ImageEventProducer, image_event
 from service.config import Settings
 from service.dev import stack
-from service.dev.samples import all_samples, photo_bytes
+from service.dev.samples import all_samples, known_samples, photo_bytes
 from tests.support.cli import cli
 from tests.support.outputs import collect, committed_offsets
 from tests.support.stack import Topics, free_port
@@ -170,9 +171,13 @@ def test_demo_shows_every_sample_outcome_and_a_trace_then_cleans_up(tmp_path: Pa
     options = ["--state-dir", str(state_dir), *(str(x) for kv in ports for x in kv)]
     result = cli("demo", *options, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    samples = all_samples("x-")
+    samples = all_samples("x-") + known_samples("x-")[0]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("verdict", "dead"), 23)]
     assert len(rows) == len(samples)
+    # The moon sent twice, and the photos the mix already sends twice, are reused.
+    decided = re.search(r"decided by: model (\d+), reuse (\d+), bank 1, human 1", result.stdout)
+    assert decided is not None, result.stdout
+    assert int(decided[2]) >= 1
     assert "(expected" not in result.stdout
     assert f"{len(samples)} of {len(samples)} events answered" in result.stdout
     assert "service stopped on SIGTERM with exit code 0" in result.stdout

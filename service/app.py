@@ -142,6 +142,8 @@ class KnownSources:
             else None,
         )
         self._tables: list[TableReader] = []
+        if banks is not None:  # each row logged with file:line as it was read
+            metrics.known_rejected.labels("banks_file").inc(banks.file_rows_rejected)
         self._count_banks()
 
     async def start(self) -> None:

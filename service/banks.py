@@ -29,7 +29,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from service.adapters.kafka.table import TableReader
 from service.config import Settings
-from service.core.bank_files import load_banks, read_entries
+from service.core.bank_files import load_banks, read_entries, read_specs
 from service.core.banks import BANK_NAME, BankEntry, Banks, EntryRecord, HashKind, entry_key
 
 Record = tuple[bytes, bytes | None]
@@ -81,7 +81,10 @@ def check_bank(settings: Settings, bank: str) -> None:
     if not BANK_NAME.fullmatch(bank):
         raise BanksCommandFailed(f"bank name {bank!r} must match {BANK_NAME.pattern}")
     if settings.banks_file is not None:
-        names = _banks_from_file(settings.banks_file).specs
+        try:
+            names = read_specs(settings.banks_file)  # the names only: not the entry files
+        except ValueError as exc:
+            raise BanksCommandFailed(str(exc)) from None
         if bank not in names:
             raise BanksCommandFailed(
                 f"{settings.banks_file} names no bank {bank!r} (it names: {', '.join(names)}); "

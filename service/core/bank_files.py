@@ -104,17 +104,15 @@ def read_entries(path: Path, bank: str, file_format: str) -> FileEntries:
     return FileEntries(entries, len(parsed_rows), rejected)
 
 
+def read_specs(path: Path) -> dict[str, BankSpec]:
+    """The banks a banks file names, without reading their entry files."""
+    return {spec.name: spec for spec, _ in _read_tables(path)}
+
+
 def load_banks(path: Path) -> tuple[Banks, list[str]]:
     """The banks of a banks file with their files' entries, and the readiness problems."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the banks file: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not TOML: {exc}") from exc
-    tables = _bank_tables(raw, path)
-    specs = {spec.name: spec for spec, _ in tables}
-    banks = Banks(specs)
+    tables = _read_tables(path)
+    banks = Banks({spec.name: spec for spec, _ in tables})
     problems: list[str] = []
     for spec, files in tables:
         for file_path, file_format in files:
@@ -130,6 +128,16 @@ def load_banks(path: Path) -> tuple[Banks, list[str]]:
                 problems.append(f"bank {spec.name}: {file_path} had {read.rows} rows, none valid")
     banks.rebuild()
     return banks, problems
+
+
+def _read_tables(path: Path) -> list[tuple[BankSpec, list[tuple[str, str]]]]:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the banks file: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not TOML: {exc}") from exc
+    return _bank_tables(raw, path)
 
 
 def _bank_tables(raw: dict[str, Any], path: Path) -> list[tuple[BankSpec, list[tuple[str, str]]]]:

@@ -179,8 +179,8 @@ def _trace_to(path: Path) -> None:
 async def _publish_decisions(
     bootstrap: str, settings: Settings, decisions: Iterable[ReviewDecision]
 ) -> None:
-    """What a review tool did earlier: reviewers' decisions on the decisions topic."""
-    await stack.create_topics(bootstrap, [settings.decisions_topic, settings.banks_topic], 1)
+    """What a review tool did earlier: reviewers' decisions on the decisions topic (which the
+    stack creates, compacted)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:

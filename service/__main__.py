@@ -18,9 +18,8 @@ from pydantic import ValidationError
 from service import contract
 from service.adapters.kafka.delivery import PublishFailed
 from service.adapters.rules_source import InvalidRules
+from service.commands import add_banks_parser, add_eval_parser, add_replay_parser
 from service.config import ENV_PREFIX, Settings
-from service.core.bank_files import FORMATS
-from service.core.banks import HASH_KINDS
 from service.core.errors import GuardstreamError
 from service.dev import stack
 from service.ops.logs import setup_logging
@@ -143,65 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not ask the policy prompt first: the first question is yours",
     )
 
-    evaluate = commands.add_parser(
-        "eval",
-        help="ICM-Assistant's metrics (ICM accuracy, MQA accuracy) of the guard on a manifest",
-        description="Ask the guard about every image of a JSON Lines manifest and print "
-        "ICM-Assistant's metrics, defined as its evaluation scripts define them. ICM items "
-        '({"image": ..., "expected": "Yes"|"No"}) are asked the policy prompt and scored on '
-        'P(violating) > 0.5; MQA items ({..., "question": ..., "expected": "D."}) on '
-        "the answer's first character. Images are files relative to the manifest or URLs.",
-    )
-    evaluate.add_argument("manifest", type=Path, help="JSON Lines file of labelled images")
-    evaluate.add_argument(
-        "--policy", default=None, help="policy of the ICM items (default: the default policy)"
-    )
-    evaluate.add_argument(
-        "--results", type=Path, default=None, help="write each item's answer and score here"
-    )
-    evaluate.add_argument(
-        "--concurrency", type=int, default=4, help="items asked at a time [%(default)s]"
-    )
-    _add_banks_parser(commands)
+    add_eval_parser(commands)
+    add_replay_parser(commands)
+    add_banks_parser(commands)
     return parser
-
-
-def _add_banks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    banks = commands.add_parser(
-        "banks",
-        help="add, remove, import or list hash-bank entries on the banks topic (uses the Kafka "
-        "settings, GUARDSTREAM_BANKS_TOPIC and GUARDSTREAM_BANKS_FILE)",
-        description="Publish hash-bank entries to the compacted banks topic, which every pod "
-        "reads whole and follows: an entry added or removed here reaches every pod within a "
-        "poll. The topic is created (compacted) if missing. With GUARDSTREAM_BANKS_FILE set, "
-        "the bank must be one it names.",
-    )
-    actions = banks.add_subparsers(dest="banks_action", required=True, metavar="ACTION")
-    add = actions.add_parser("add", help="add (or replace) one entry")
-    remove = actions.add_parser("remove", help="remove one entry (publishes a tombstone)")
-    for parser in (add, remove):
-        parser.add_argument("bank", help="bank name, e.g. known-bad")
-        parser.add_argument("kind", choices=HASH_KINDS, help="hash kind")
-        parser.add_argument("value", help="the hash, hex: 64 digits for pdq, sha256; 32 for md5")
-    add.add_argument("--id", default=None, help="entry id (default: cli-<random>)")
-    add.add_argument("--note", default=None, help="why the entry is there")
-    add.add_argument("--by", default=None, help="who adds it, recorded with the entry")
-    imported = actions.add_parser(
-        "import", help="publish every valid row of an entry file; bad rows are listed"
-    )
-    imported.add_argument("bank", help="bank the entries go to")
-    imported.add_argument("file", type=Path, help="the entry file")
-    imported.add_argument(
-        "--format",
-        choices=list(FORMATS),
-        default="csv",
-        help="csv (kind,value[,entry_id][,note]), pdq-hasher (hash[,quality[,filename]]), "
-        "te-signals (ThreatExchange '<signal_type> <hash>' lines), te-csv (threatexchange "
-        "dataset --csv) [%(default)s]",
-    )
-    imported.add_argument("--by", default=None, help="who imports them, recorded with each")
-    listed = actions.add_parser("list", help="read the banks topic whole and print its entries")
-    listed.add_argument("bank", nargs="?", default=None, help="only this bank's entries")
 
 
 class _StackOption(NamedTuple):
@@ -272,9 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ask":
         return ask_command(settings, args)
     if args.command == "eval":
-        return eval_command(settings, args)
+        from service import evaluate
+
+        return evaluate.command(settings, args)
+    if args.command == "replay":
+        from service import replay
+
+        return replay.command(settings, args)
     if args.command == "banks":
-        return banks_command(settings, args)
+        from service import banks
+
+        return banks.command(settings, args)
     return produce_command(settings, args.files, args.policy_id, args.tenant)
 
 
@@ -388,61 +340,6 @@ def ask_command(settings: Settings, args: argparse.Namespace) -> int:
         # KafkaError: the broker, asked for an event id, cannot be reached or refuses.
         print(f"ask: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, QuestionRefused) else 1
-    return 0
-
-
-def eval_command(settings: Settings, args: argparse.Namespace) -> int:
-    from service.evaluate import evaluate, write_results
-
-    try:
-        report = asyncio.run(
-            evaluate(
-                settings,
-                args.manifest,
-                policy_id=args.policy,
-                concurrency=max(1, args.concurrency),
-            )
-        )
-    except (ValueError, OSError, InvalidRules, GuardstreamError) as exc:
-        print(f"eval: {exc}", file=sys.stderr)
-        return 1
-    print("\n".join(report.lines()))
-    if args.results is not None:
-        write_results(args.results, report.items)
-        print(f"results               {args.results}")
-    return 0
-
-
-def banks_command(settings: Settings, args: argparse.Namespace) -> int:
-    from aiokafka.errors import KafkaError
-
-    from service import banks
-
-    try:
-        if args.banks_action == "list":
-            listing = asyncio.run(
-                banks.list_entries(settings, args.bank, settings.known_load_timeout_s)
-            )
-            print("\n".join(listing.lines))
-            print(f"{listing.records} records read, {listing.rejected} not usable")
-            return 0
-        if args.banks_action == "import":
-            records, summary = banks.import_records(
-                settings, args.bank, args.file, args.format, args.by
-            )
-        elif args.banks_action == "add":
-            entry = banks.new_entry(settings, args.bank, args.kind, args.value, args.id, args.note)
-            records, summary = [banks.entry_record(entry, args.by)], f"added {entry.entry_id}"
-        else:
-            banks.check_bank(settings, args.bank)
-            records = [banks.tombstone(args.bank, args.kind, args.value.strip().lower())]
-            summary = f"removed {args.bank}/{args.kind}/{args.value}"
-        asyncio.run(banks.publish(settings, records))
-    except (banks.BanksCommandFailed, KafkaError, TimeoutError) as exc:
-        # KafkaError: the broker cannot be reached or refuses; one line, not a traceback.
-        print(f"banks: {exc or type(exc).__name__}", file=sys.stderr)
-        return 1
-    print(summary)
     return 0
 
 

@@ -16,7 +16,10 @@ one partition, min(3, brokers) replicas. The key and value are `service.core.ban
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
+import sys
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from service.adapters.kafka.table import TableReader
 from service.config import Settings
@@ -200,3 +203,28 @@ def _topic(settings: Settings) -> str:
     if not settings.banks_topic:
         raise BanksCommandFailed("GUARDSTREAM_BANKS_TOPIC is empty: there is no banks topic")
     return settings.banks_topic
+
+
+def command(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        if args.banks_action == "list":
+            listing = asyncio.run(list_entries(settings, args.bank, settings.known_load_timeout_s))
+            print("\n".join(listing.lines))
+            print(f"{listing.records} records read, {listing.rejected} not usable")
+            return 0
+        if args.banks_action == "import":
+            records, summary = import_records(settings, args.bank, args.file, args.format, args.by)
+        elif args.banks_action == "add":
+            entry = new_entry(settings, args.bank, args.kind, args.value, args.id, args.note)
+            records, summary = [entry_record(entry, args.by)], f"added {entry.entry_id}"
+        else:
+            check_bank(settings, args.bank)
+            records = [tombstone(args.bank, args.kind, args.value.strip().lower())]
+            summary = f"removed {args.bank}/{args.kind}/{args.value}"
+        asyncio.run(publish(settings, records))
+    except (BanksCommandFailed, KafkaError, TimeoutError) as exc:
+        # KafkaError: the broker cannot be reached or refuses; one line, not a traceback.
+        print(f"banks: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0

@@ -17,8 +17,10 @@ Triton contract as `ask`, one conversation per item, `--concurrency` at a time.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -26,7 +28,7 @@ from typing import Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.adapters.rules_source import RulesFiles
+from service.adapters.rules_source import InvalidRules, RulesFiles
 from service.adapters.triton import GuardClient
 from service.ask import AskLimits, Conversation, open_guard, subject_for
 from service.config import Settings
@@ -186,3 +188,23 @@ class _Run:
 
 def write_results(path: Path, results: Sequence[ItemResult]) -> None:
     path.write_bytes(b"".join(orjson.dumps(dataclasses.asdict(r)) + b"\n" for r in results))
+
+
+def command(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        report = asyncio.run(
+            evaluate(
+                settings,
+                args.manifest,
+                policy_id=args.policy,
+                concurrency=max(1, args.concurrency),
+            )
+        )
+    except (ValueError, OSError, InvalidRules, GuardstreamError) as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    if args.results is not None:
+        write_results(args.results, report.items)
+        print(f"results               {args.results}")
+    return 0

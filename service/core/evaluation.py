@@ -72,3 +72,45 @@ class Accuracy:
 def accuracy(outcomes: Iterable[bool]) -> Accuracy:
     results = list(outcomes)
     return Accuracy(sum(results), len(results))
+
+
+Rating = Literal["Safe", "Unsafe"]
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One manifest item after `python -m service eval` judged it through the pipeline.
+
+    A line of results.jsonl (`dataclasses.asdict`), the unit every metric is computed from.
+    """
+
+    id: str
+    line: int
+    """The item's line in the manifest (its index + 1 for LlavaGuard-DS's JSON list)."""
+    expected_rating: Rating
+    expected_category: str | None
+    """A category code (O1..O9, NA, R01..) or None when the label gives no category."""
+    policy: str
+    """The policy the item was judged under: its id, with exceptions the derived id."""
+    exceptions: tuple[str, ...]
+    """Categories declared non-violating for this item (LlavaGuard's policy exceptions)."""
+    tags: dict[str, str]
+    """Free tags of the manifest row (split, source, ...), for slicing the report."""
+    rating: Rating | None
+    """The verdict's rating; None when the item ended as a dead letter."""
+    category: str | None
+    """The verdict's category code."""
+    confidence: float | None
+    """The guard's probability of its rating, when it reports one."""
+    action: str | None
+    """The decision layer's action (allow, review, block)."""
+    error: str | None
+    """The dead-letter code when there is no verdict (unparseable_model_output, ...)."""
+    message: str | None
+    """The dead letter's message, or the rationale of a verdict."""
+    latency_ms: float
+    """From handing the record to the pipeline to its outcome."""
+
+    @property
+    def unparseable(self) -> bool:
+        return self.error == "unparseable_model_output"

@@ -61,6 +61,45 @@ class Match(_Out):
     )
 
 
+class Supersedes(_Out):
+    """The verdict a replay verdict replaces, as found on the verdict topic."""
+
+    event_id: str
+    policy_id: str | None = Field(
+        None, description="The original verdict's policy id; null when none was found."
+    )
+    policy_version: str | None = Field(
+        None, description="The original verdict's policy_version; null when none was found."
+    )
+    source: Source | None = Field(
+        None, description="Where the original verdict was read (verdict topic, offset)."
+    )
+
+
+class Replay(_Out):
+    """Marks a verdict of `python -m service replay`: the event judged again, later."""
+
+    run_id: str = Field(description="The replay run that judged it again.")
+    supersedes: Supersedes
+
+
+Agreement = Literal["agree", "stricter", "more_lenient", "other_category"]
+
+
+class ShadowOf(_Out):
+    """Marks a shadow verdict: the candidate's answer beside the live verdict of the event."""
+
+    live_rating: Rating
+    live_category_code: str
+    live_action: Action | None
+    live_policy_version: str
+    agreement: Agreement = Field(
+        description="agree (same rating, category and action), stricter or more_lenient (the "
+        "candidate's action, or rating without actions, is stricter or more lenient), "
+        "other_category (same rating and action, another category)."
+    )
+
+
 class Timings(_Out):
     fetch_ms: float | None = Field(
         None, description="Time to fetch `image.url` (null for inline images)."
@@ -140,6 +179,12 @@ class Verdict(_Out):
     )
     frame: int = Field(
         0, description="The frame this verdict is about: the first rated Unsafe, else the first."
+    )
+    replay: Replay | None = Field(
+        None, description="Set on a replay verdict (verdicts.replay), never on a live one."
+    )
+    shadow: ShadowOf | None = Field(
+        None, description="Set on a shadow verdict (verdicts.shadow), never on a live one."
     )
     metadata: dict[str, JsonValue]
     source: Source

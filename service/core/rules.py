@@ -25,6 +25,9 @@ class Rules:
     """When the files were read (Unix time)."""
     digest: str = ""
     """A hash of the files' content, to tell whether they changed since."""
+    only_policy: str | None = None
+    """Judge every event under this policy, whatever it names: a replay or a shadow run
+    measuring a candidate policy on the events as they came."""
 
     def __post_init__(self) -> None:
         if self.default_policy not in self.policies.ids():
@@ -35,10 +38,14 @@ class Rules:
             )
         if self.tenants is not None and self.tenants.default_policy != self.default_policy:
             raise ValueError("the tenants were read for another default policy")
+        if self.only_policy is not None:
+            self.policies.get(self.only_policy)  # UnknownPolicy names the policies there are
 
     def policy_for(self, tenant: str | None, policy_id: str | None) -> Policy:
         """The policy for an event naming `tenant` and `policy_id` (see `Tenants.resolve`);
         UnknownPolicy, PolicyNotAllowed or UnknownTenant when there is none."""
+        if self.only_policy is not None:
+            return self.policies.get(self.only_policy)
         if self.tenants is None:
             return self.policies.get(policy_id or self.default_policy)
         return self.policies.get(self.tenants.resolve(tenant, policy_id))

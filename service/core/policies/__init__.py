@@ -46,7 +46,7 @@ reader returns).
 from service.core.policies.assessment import Assessment, ModelIdentity
 from service.core.policies.parse import MAX_ANSWER_BYTES, parse_answer
 from service.core.policies.policy import ANSWER_FORMATS, Category, Policy, YesNoAnswers
-from service.core.policies.registry import PolicyRegistry
+from service.core.policies.registry import PolicyRegistry, exceptions_id
 
 __all__ = [
     "ANSWER_FORMATS",
@@ -57,5 +57,6 @@ __all__ = [
     "Policy",
     "PolicyRegistry",
     "YesNoAnswers",
+    "exceptions_id",
     "parse_answer",
 ]

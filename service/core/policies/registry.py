@@ -86,6 +86,22 @@ class PolicyRegistry:
         """Every policy id, sorted."""
         return tuple(sorted(self._policies))
 
+    def with_exceptions(self, policy_id: str, exceptions: frozenset[str]) -> PolicyRegistry:
+        """This registry plus the policy `policy_id` with `exceptions` declared non-violating,
+        as a policy file saying `extends` and `exceptions` would derive it; its id is
+        `exceptions_id(policy_id, exceptions)`. ValueError for a code without exception text."""
+        parent = self.get(policy_id)
+        derived_id = exceptions_id(policy_id, exceptions)
+        if not exceptions or derived_id in self._policies:
+            return self
+        data = {"id": derived_id, "version": parent.version, "exceptions": sorted(exceptions)}
+        return PolicyRegistry({**self._policies, derived_id: _derived_policy(data, parent)})
+
+
+def exceptions_id(policy_id: str, exceptions: frozenset[str]) -> str:
+    """The id of `policy_id` with `exceptions`, e.g. llavaguard-v1.2+except-O3-O4."""
+    return f"{policy_id}+except-{'-'.join(sorted(exceptions))}" if exceptions else policy_id
+
 
 @dataclass(frozen=True)
 class _Source:

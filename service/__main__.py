@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple, get_args
 
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from service import contract
 from service.adapters.kafka.delivery import PublishFailed
@@ -23,6 +24,7 @@ from service.config import ENV_PREFIX, Settings
 from service.core.errors import GuardstreamError
 from service.dev import stack
 from service.ops.logs import setup_logging
+from service.shadow import SHADOW_PREFIX, ShadowSettings
 
 log = logging.getLogger("service")
 
@@ -39,15 +41,20 @@ OpenTelemetry (standard variables, read by the SDK):
 
 
 def settings_help() -> str:
-    """Every GUARDSTREAM_* setting with its default and meaning, from the Settings model."""
+    """Every GUARDSTREAM_* setting with its default and meaning, from the settings models."""
     lines = ["Settings (environment variables; defaults in brackets):"]
-    for name, field in Settings.model_fields.items():
-        default = field.default
-        shown = "unset" if default is None else default
-        lines.append(f"  {ENV_PREFIX}{name.upper()}  [{shown}]")
-        lines += textwrap.wrap(
-            field.description or "", width=92, initial_indent=" " * 6, subsequent_indent=" " * 6
-        )
+    groups: list[tuple[str, type[BaseSettings]]] = [
+        (ENV_PREFIX, Settings),
+        (SHADOW_PREFIX, ShadowSettings),
+    ]
+    for prefix, model in groups:
+        for name, field in model.model_fields.items():
+            default = field.default
+            shown = "unset" if default is None else default
+            lines.append(f"  {prefix}{name.upper()}  [{shown}]")
+            lines += textwrap.wrap(
+                field.description or "", width=92, initial_indent=" " * 6, subsequent_indent=" " * 6
+            )
     return "\n".join(lines) + "\n\n" + _OTEL_HELP
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -32,6 +33,7 @@ from service.core.rules import Rules
 from service.ops.health import Check, HealthServer
 from service.ops.metrics import Metrics
 from service.ops.tracing import describe_exporter, get_tracer
+from service.shadow import CandidateParts, Shadow, ShadowSettings, guard_ready
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,53 @@ def pipeline_from(
     )
 
 
+def shadow_from(
+    config: ShadowSettings,
+    live: Settings,
+    rules: Callable[[], Rules],
+    metrics: Metrics,
+    tracer: Tracer,
+    fetcher: Fetcher | None,
+) -> Shadow:
+    """The candidate's pipeline: its guard and breaker, one decode thread (shadow decoding never
+    queues ahead of live decoding), no known content (the candidate itself is measured), and
+    metrics of its own (its judgements must not count as the live service's). ValueError for
+    an unknown candidate policy."""
+    settings = config.candidate(live)
+    guard = guard_from(settings)
+    private = Metrics()
+    breaker = Breaker(
+        settings.breaker_failures,
+        lambda: guard_ready(guard, settings.breaker_probe_interval_s * 4),
+        settings.breaker_probe_interval_s,
+    )
+    candidate_rules = rules
+    if config.policy:
+        policy = config.policy
+        dataclasses.replace(rules(), only_policy=policy)  # UnknownPolicy now, not per event
+
+        def candidate_rules() -> Rules:
+            return dataclasses.replace(rules(), only_policy=policy)
+
+    parts = CandidateParts(
+        guard, breaker, ThreadPoolExecutor(1, thread_name_prefix="shadow-decode")
+    )
+    pipeline = pipeline_from(
+        settings,
+        rules=candidate_rules,
+        guard=guard,
+        breaker=breaker,
+        decode_pool=parts.decode_pool,
+        metrics=private,
+        tracer=tracer,
+        fetcher=fetcher,
+    )
+    # Its own idempotent acks=all producer: shadow verdicts are never part of the live
+    # delivery's transactions, so they can neither hold one up nor abort it.
+    producer = producer_factory(live.model_copy(update={"delivery": "at-least-once"}))()
+    return Shadow(config, pipeline, producer, metrics, parts)
+
+
 class Readiness:
     """What /readyz reports: partitions, broker, guard model, breaker (as each part starts)."""
 
@@ -270,10 +319,13 @@ async def serve(
     stop: asyncio.Event,
     tracer: Tracer | None = None,
     metrics: Metrics | None = None,
+    shadow_settings: ShadowSettings | None = None,
 ) -> None:
-    """Run the consumer until `stop` is set; the start-up order fails fast on bad config."""
+    """Run the consumer until `stop` is set; the start-up order fails fast on bad config.
+    `shadow_settings`: GUARDSTREAM_SHADOW_* unless given."""
     tracer = tracer or get_tracer()
     metrics = metrics or Metrics()
+    shadow_settings = shadow_settings or ShadowSettings()
     rules = RulesSource(  # InvalidRules for a bad file: refuse to start
         RulesFiles.from_settings(settings), metrics, interval_s=settings.reload_interval_s
     )
@@ -312,14 +364,23 @@ async def serve(
             known=known.known,
             model=await guard.identity(),
         )
+        shadow = None
+        if shadow_settings.enabled:
+            shadow = shadow_from(shadow_settings, settings, rules.current, metrics, tracer, fetcher)
+            await shadow.start()
+            log.info("shadow mode: %s", shadow_settings.describe(settings))
         kafka = consumer_from(settings)
         delivery = delivery_from(settings, kafka, producer_factory(settings), metrics, tracer)
-        consumer = ModerationConsumer(settings, kafka, delivery, pipeline, breaker, metrics, tracer)
+        consumer = ModerationConsumer(
+            settings, kafka, delivery, pipeline, breaker, metrics, tracer, shadow
+        )
         readiness.consumer, readiness.breaker = consumer, breaker
         try:
             await consumer.run(stop)
         finally:
             await breaker.close()
+            if shadow is not None:
+                await shadow.stop(min(shadow_settings.timeout_s, settings.drain_timeout_s))
     finally:
         await rules.stop_watching()
         await known.stop()

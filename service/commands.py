@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.core.bank_files import FORMATS
 from service.core.banks import HASH_KINDS
 
-Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+if TYPE_CHECKING:  # subscriptable only to type checkers
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def add_eval_parser(commands: Commands) -> None:

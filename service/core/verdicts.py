@@ -253,3 +253,35 @@ def describe_headers(headers: list[tuple[str, bytes]]) -> list[Header]:
 
 def serialize(record: Verdict | DeadLetter) -> bytes:
     return to_json(record)
+
+
+_SEVERITY = {"allow": 0, "review": 1, "block": 2, "Safe": 0, "Unsafe": 1}
+
+
+def agreement(live: Verdict, candidate: Verdict) -> Agreement:
+    """How a candidate's verdict stands to the live one: by action when both have one and they
+    differ (what the upload service would have done), else by rating, else by category."""
+    if live.action is not None and candidate.action is not None and live.action != candidate.action:
+        stricter = _SEVERITY[candidate.action] > _SEVERITY[live.action]
+    elif live.rating != candidate.rating:
+        stricter = _SEVERITY[candidate.rating] > _SEVERITY[live.rating]
+    elif live.category_code != candidate.category_code:
+        return "other_category"
+    else:
+        return "agree"
+    return "stricter" if stricter else "more_lenient"
+
+
+def shadow_of(live: Verdict, candidate: Verdict) -> Verdict:
+    """The candidate's verdict as published on the shadow topic, naming the live verdict."""
+    return candidate.model_copy(
+        update={
+            "shadow": ShadowOf(
+                live_rating=live.rating,
+                live_category_code=live.category_code,
+                live_action=live.action,
+                live_policy_version=live.policy_version,
+                agreement=agreement(live, candidate),
+            )
+        }
+    )

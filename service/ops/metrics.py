@@ -168,6 +168,23 @@ class Metrics:
             "judged, instead of asking again.",
             registry=r,
         )
+        self.shadow_verdicts = Counter(
+            "guardstream_shadow_verdicts_total",
+            "Shadow verdicts published, by agreement with the live verdict (agree, stricter, "
+            "more_lenient, other_category), the live category and the candidate's category.",
+            ["agreement", "live_category", "category"],
+            registry=r,
+        )
+        self.shadow_skipped = Counter(
+            "guardstream_shadow_skipped_total",
+            "Events not shadowed although sampled, by reason: busy (max_in_flight reached), "
+            "timeout, dead_letter (the candidate could not judge it), publish_failed, shutdown.",
+            ["reason"],
+            registry=r,
+        )
+        self.shadow_in_flight = Gauge(
+            "guardstream_shadow_in_flight", "Shadow judgements under way.", registry=r
+        )
         self.committed = Gauge(
             "guardstream_committed_offset",
             "Last offset committed for the partition (the next record to read).",

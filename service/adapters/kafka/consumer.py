@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from typing import Protocol
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -35,7 +36,7 @@ from service.adapters.kafka.delivery import Delivery, Outgoing, describe, destin
 from service.adapters.kafka.offsets import PartitionOffsets
 from service.config import Settings
 from service.core.breaker import Breaker
-from service.core.pipeline import Pipeline, Record
+from service.core.pipeline import Outcome, Pipeline, Record
 from service.core.positions import where
 from service.core.verdicts import DeadLetter, serialize
 from service.ops.metrics import Metrics
@@ -86,6 +87,12 @@ class Window:
         self._metrics.in_flight_bytes.set(self.bytes)
 
 
+class Shadowing(Protocol):
+    def offer(self, record: Record, live: Outcome) -> None:
+        """Judge `record` with a candidate too, if there is room; returns at once."""
+        ...
+
+
 class ModerationConsumer:
     def __init__(
         self,
@@ -96,9 +103,12 @@ class ModerationConsumer:
         breaker: Breaker,
         metrics: Metrics,
         tracer: Tracer,
+        shadow: Shadowing | None = None,
     ) -> None:
+        """`shadow`: offered every outcome, never waited on (`service.shadow`)."""
         self._settings = settings
         self._pipeline = pipeline
+        self._shadow = shadow
         self._breaker = breaker
         self._metrics = metrics
         self._tracer = tracer
@@ -271,6 +281,8 @@ class ModerationConsumer:
             attributes=attributes,
         ) as span:
             outcome = await self._pipeline.judge(record)
+            if self._shadow is not None:
+                self._shadow.offer(record, outcome)
             if outcome.event_id is not None:
                 span.set_attribute("messaging.message.id", outcome.event_id)
             if isinstance(outcome, DeadLetter):

@@ -99,8 +99,9 @@ class PolicyRegistry:
 
 
 def exceptions_id(policy_id: str, exceptions: frozenset[str]) -> str:
-    """The id of `policy_id` with `exceptions`, e.g. llavaguard-v1.2+except-O3-O4."""
-    return f"{policy_id}+except-{'-'.join(sorted(exceptions))}" if exceptions else policy_id
+    """The id of `policy_id` with `exceptions`, e.g. llavaguard-v1.2.except-O3-O4: only
+    characters an event's policy_id may hold, so events can name it."""
+    return f"{policy_id}.except-{'-'.join(sorted(exceptions))}" if exceptions else policy_id
 
 
 @dataclass(frozen=True)

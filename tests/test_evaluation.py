@@ -1,4 +1,4 @@
-"""ICM-Assistant's metrics as its evaluation scripts define them, and the eval manifest.
+"""ICM-Assistant's metrics as its evaluation scripts define them.
 
 The reference behaviour is zhaoyuzhi/ICM-Assistant's `eval_scripts/eval_icm_val/eval.py`
 (`conclude_one_item`: positive when the score is above 0.5) and `eval_scripts/eval_mqa/eval.py`
@@ -6,8 +6,6 @@ The reference behaviour is zhaoyuzhi/ICM-Assistant's `eval_scripts/eval_icm_val/
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +17,6 @@ from service.core.evaluation import (
     mqa_correct,
     unsafe_score,
 )
-from service.evaluate import ItemResult, Report, read_manifest
 
 
 @pytest.mark.parametrize(
@@ -87,46 +84,3 @@ def test_only_the_choices_icm_scores_are_choices() -> None:
 def test_accuracy_says_what_it_counted() -> None:
     assert str(accuracy([True, False, True])) == "0.6667 (2/3)"
     assert str(Accuracy(0, 0)) == "n/a (0/0)"
-
-
-def test_the_manifest_is_read_and_a_bad_line_named(tmp_path: Path) -> None:
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text(
-        '{"id": "a", "image": "a.jpg", "expected": "Yes"}\n\n'
-        '{"image": "b.jpg", "question": "Which? A. x B. y", "expected": "B."}\n'
-    )
-    first, second = read_manifest(manifest)
-    assert (first.task, second.task, second.id) == ("icm", "mqa", None)
-    for line, message in [
-        ('{"image": "a.jpg", "expected": "maybe"}', "expected must be Yes, No, Unsafe or Safe"),
-        ('{"image": "a.jpg", "question": "Q?", "expected": "E."}', "must start with A, B, C"),
-        ('{"image": "a.jpg", "expected": "Yes", "label": 1}', "Extra inputs"),
-        ('{"expected": "Yes"}', "Field required"),
-    ]:
-        manifest.write_text(line + "\n")
-        with pytest.raises(ValueError, match=f"m.jsonl:1: .*{message}"):
-            read_manifest(manifest)
-    manifest.write_text("\n")
-    with pytest.raises(ValueError, match="no items"):
-        read_manifest(manifest)
-
-
-def test_the_report_gives_each_kind_of_question_its_own_figure() -> None:
-    items = (
-        ItemResult("1", "icm", "Yes", "Yes.", True, 0.9, confidence_reported=True),
-        ItemResult("2", "icm", "No", "{}", False, error="unparseable"),
-        ItemResult("6", "icm", "No", '{"rating": "Safe"}', True, 0.0),
-        ItemResult("3", "mqa", "D.", "D.", True),
-        ItemResult("4", "mqa", "A.", "B.", False),
-        ItemResult("5", "mqa", "Yes.", "Yes", True),
-    )
-    lines = Report(items, "icm-assistant 1.0.1+abc", "tiny sha256:1").lines()
-    assert lines == [
-        "model                 tiny sha256:1",
-        "policy (ICM items)    icm-assistant 1.0.1+abc",
-        "ICM accuracy          0.6667 (2/3)  (1 scored on the rating alone: no confidence)",
-        "MQA accuracy          0.6667 (2/3)",
-        "  multiple choice     0.5000 (1/2)",
-        "  yes/no questions    1.0000 (1/1)",
-        "errors                1",
-    ]

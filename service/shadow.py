@@ -58,10 +58,11 @@ class ShadowSettings(BaseSettings):
     )
     topic: str = Field("verdicts.shadow", description="Topic of the candidate's verdicts.")
     max_in_flight: int = Field(
-        8,
+        16,
         ge=1,
         description="Shadow judgements at a time; an event offered beyond this is dropped and "
-        "counted (guardstream_shadow_skipped_total{reason=busy}).",
+        "counted (guardstream_shadow_skipped_total{reason=busy}). What the candidate may add "
+        "to the live load, in GPU and decode work.",
     )
     timeout_s: float = Field(
         10.0,

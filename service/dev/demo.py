@@ -46,6 +46,7 @@ from service.dev.samples import (
 )
 from service.ops.tracing import one_line
 
+SHADOW_POLICY = "llavaguard-v1.2"
 _COLUMNS = (
     ("event", 22),
     ("outcome", 11),
@@ -91,7 +92,7 @@ def run_demo(config: stack.StackConfig, *, keep_stack: bool) -> int:
         _show_review_topic(settings, samples, reviewed)
         if reviewed:
             _show_conversation(state, settings, reviewed[0]["event_id"])
-        _show_metrics(health)
+        _show_metrics(health, sum(1 for o in seen.values() if "rating" in o))
     finally:
         service.send_signal(signal.SIGTERM)
         code = service.wait(timeout=settings.drain_timeout_s + 30)
@@ -137,6 +138,10 @@ def _start_service(
         "GUARDSTREAM_POLICY_DIR": str(RULES_DIR / "policies"),
         "GUARDSTREAM_TENANT_FILE": str(RULES_DIR / "tenants.toml"),
         "GUARDSTREAM_BANKS_FILE": str(banks),
+        # Shadow mode: the default policy, strictest of the demo's, as the candidate beside
+        # each tenant's own: the tenants' milder rules show up as its stricter verdicts.
+        "GUARDSTREAM_SHADOW_POLICY": SHADOW_POLICY,
+        "GUARDSTREAM_SHADOW_MAX_IN_FLIGHT": "64",  # the demo publishes every event at once
         "OTEL_TRACES_EXPORTER": "console",
     }
     with (demo_dir / "service.log").open("wb") as log, traces.open("wb") as spans:
@@ -145,10 +150,21 @@ def _start_service(
         )
 
 
-def _show_metrics(health: str) -> None:
-    """What an on-call engineer's dashboard would show for this run."""
-    with urllib.request.urlopen(f"{health}/metrics", timeout=5) as response:
-        lines = response.read().decode().splitlines()
+def _show_metrics(health: str, verdicts: int) -> None:
+    """What an on-call engineer's dashboard would show for this run, once the shadow has
+    judged every verdict's event (it runs behind the live path, never in it)."""
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(f"{health}/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        shadowed = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith(("guardstream_shadow_verdicts_total{", "guardstream_shadow_skipped"))
+        )
+        if shadowed >= verdicts or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     shown = (
         "guardstream_verdicts_total{",
         "guardstream_decisions_total{",
@@ -159,6 +175,8 @@ def _show_metrics(health: str) -> None:
         "guardstream_bank_matches_total{",
         "guardstream_reuse_lookups_total{",
         "guardstream_single_flight_waits_total ",
+        "guardstream_shadow_verdicts_total{",
+        "guardstream_shadow_skipped_total{",
     )
     print(f"\n{health}/metrics (excerpt):")
     for line in lines:

@@ -78,6 +78,14 @@ def add_eval_parser(commands: Commands) -> None:
     evaluate.add_argument(
         "--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)"
     )
+    evaluate.add_argument(
+        "--write-samples",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="write the sample photos and a labelled manifest of them to DIR, and exit (to try "
+        "eval on the embedded stack)",
+    )
 
 
 def add_replay_parser(commands: Commands) -> None:

@@ -289,6 +289,11 @@ def _sha256(path: Path) -> str:
 
 
 def command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.write_samples is not None:
+        from service.dev.samples import write_eval_samples
+
+        print(f"wrote {write_eval_samples(args.write_samples)}")
+        return 0
     if args.compare:
         return _compare_command(args)
     if args.manifest is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -287,3 +288,22 @@ def known_samples(prefix: str) -> tuple[list[Sample], KnownContentSetup]:
         sample("moon.png, sent again", twice, "Safe/NA", None),
     ]
     return samples, setup
+
+
+def write_eval_samples(folder: Path) -> Path:
+    """The sample photos and a labelled manifest of them, for trying `eval` on the embedded
+    stack. The labels are a person's reading: every photo is Safe (the colour wheel too, which
+    the CPU guard takes for nudity: a false positive the report shows), and the colour wheel
+    once more with nudity declared an exception (O4), as an art platform's policy would."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in PHOTOS:
+        (folder / name).write_bytes(photo_bytes(name))
+        rows.append({"id": name, "image": name, "expected_rating": "Safe", "split": "samples"})
+    rows.append(
+        {"id": "color.png+O4", "image": "color.png", "expected_rating": "Safe"}
+        | {"expected_category": "O4", "exceptions": ["O4"], "split": "samples"}
+    )
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest

@@ -197,12 +197,13 @@ def compare_lines(result: Document) -> list[str]:
     rows = result["figures"]
     width = max([len(r["figure"]) for r in rows] + [6]) + 2
     lines = [_pairing(result), ""]
-    lines.append(f"{'figure':<{width}}{'A':>8}{'B':>8}{'B - A':>9}  {'interval':<20}")
+    lines.append(f"{'figure':<{width}}{'A':>8}{'B':>8}{'B - A':>9}  interval")
     for r in rows:
-        lines.append(
+        line = (
             f"{r['figure']:<{width}}{_plain(r['a']):>8}{_plain(r['b']):>8}"
             f"{_signed(r['delta']):>9}  {_interval(r):<20}{'  moved' if r['moved'] else ''}"
         )
+        lines.append(line.rstrip())
     for label, key in (("only in A", "only_in_a"), ("only in B", "only_in_b")):
         if ids := result[key]:
             shown = ", ".join(ids[:10]) + (f", … ({len(ids) - 10} more)" if len(ids) > 10 else "")

@@ -46,7 +46,8 @@ def report_document(items: Sequence[Judged], meta: Mapping[str, Any]) -> Documen
     }
     # The document is what the file will hold (lists, not tuples; ISO times), so a report
     # rendered or compared in memory is the report read back from disk.
-    loaded: Document = orjson.loads(orjson.dumps(report))
+    # Meta values JSON has no type for (a Path) are written as their text.
+    loaded: Document = orjson.loads(orjson.dumps(report, default=str))
     return loaded
 
 
@@ -210,15 +211,15 @@ def _calibration_blocks(calibration: Mapping[str, Any] | None) -> list[str]:
         heading("Calibration"),
         paragraph(
             f"Expected calibration error {number(calibration['ece'])} over "
-            f"{calibration['scored']} items with a confidence; {calibration['unscored']} "
-            "items with a verdict reported none."
+            f"{calibration['scored']} items with a confidence; items with a verdict but no "
+            f"confidence: {calibration['unscored']}."
         ),
         image(png(diagram), "reliability diagram"),
         table(
             ["bin", "items", "mean confidence", "accuracy"],
             [
                 [
-                    f"[{b['lower']:.1f}, {b['upper']:.1f})",
+                    f"[{b['lower']:.1f}, {b['upper']:.1f}{']' if b['upper'] == 1 else ')'}",
                     b["count"],
                     b["mean_confidence"],
                     b["accuracy"],
@@ -237,7 +238,7 @@ def _service_blocks(figures: Mapping[str, Any]) -> list[str]:
         keys = ("p50", "p90", "p99", "max")
         blocks.append(table(["latency ms", *keys], [("", *(latency[k] for k in keys))]))
     if actions := figures["actions"]:
-        names = sorted({a for row in actions["by_expected"].values() for a in row})
+        names = list(dict.fromkeys(a for row in actions["by_expected"].values() for a in row))
         blocks.append(
             table(
                 ["expected", *names],

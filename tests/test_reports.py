@@ -58,8 +58,14 @@ def html_of(items: list[Judged], path: Path) -> Path:
     return path
 
 
-def test_the_html_report_is_one_self_contained_page(tmp_path: Path) -> None:
-    path = html_of(ITEMS, tmp_path / "report.html")
+@pytest.fixture(scope="module")
+def report_html(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The hand-made items' page, drawn once for the tests that only read it."""
+    return html_of(ITEMS, tmp_path_factory.mktemp("report") / "report.html")
+
+
+def test_the_html_report_is_one_self_contained_page(report_html: Path) -> None:
+    path = report_html
     parsed = page(path)
     assert not [link for link in parsed.links if re.match(r"https?://", link)]
     assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", path.read_text())
@@ -68,18 +74,18 @@ def test_the_html_report_is_one_self_contained_page(tmp_path: Path) -> None:
 
 
 def test_every_plot_decodes_shows_something_and_has_a_page_sized_picture(
-    tmp_path: Path,
+    report_html: Path,
 ) -> None:
-    for picture in pictures(html_of(ITEMS, tmp_path / "report.html")):
+    for picture in pictures(report_html):
         width, height = picture.size
         assert 150 <= width <= 3000
         assert 150 <= height <= 3000
         assert float(np.asarray(picture).std()) > 10  # a blank picture is one flat grey
 
 
-def test_the_confusion_matrix_picture_follows_the_counts(tmp_path: Path) -> None:
+def test_the_confusion_matrix_picture_follows_the_counts(report_html: Path, tmp_path: Path) -> None:
     flipped = [judged(i.id, i.expected_rating, i.expected_rating) for i in ITEMS]
-    first = pictures(html_of(ITEMS, tmp_path / "a.html"))[0]
+    first = pictures(report_html)[0]
     second = pictures(html_of(flipped, tmp_path / "b.html"))[0]
     assert first.tobytes() != second.tobytes()
 

@@ -19,7 +19,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from service.compare import compare, compare_lines, write_compare_html
+from service.compare import compare, compare_lines, resampled_sums, write_compare_html
 from service.core.evaluation import Judged, Rating
 from service.reports import SCHEMA, report_document, terminal_lines, write_html
 from tests.support.judged import dead_letter, judged
@@ -190,6 +190,13 @@ def test_the_same_seed_gives_the_same_intervals() -> None:
     before, after = run(100, set(range(0, 100, 3))), run(100, set(range(0, 100, 5)))
     assert compare(before, after, 300, seed=7) == compare(before, after, 300, seed=7)
     assert compare(before, after, 300, seed=7) != compare(before, after, 300, seed=8)
+
+
+def test_each_resample_sums_the_rows_its_draw_picked() -> None:
+    table = np.random.default_rng(1).integers(0, 2, size=(50, 7)).astype(np.float64)
+    vectorised = resampled_sums(table, 30, np.random.Generator(np.random.PCG64(3)))
+    picks = np.random.Generator(np.random.PCG64(3)).integers(0, 50, size=(30, 50))
+    assert np.array_equal(vectorised, table[picks].sum(axis=1))
 
 
 def test_two_thousand_resamples_of_five_thousand_items_take_seconds_not_minutes() -> None:

@@ -37,6 +37,8 @@ _HEADLINE = (
     ("F1", "f1"),
 )
 _OUTCOMES = ("tp", "fp", "tn", "fn")
+# The one compared figure that is better when it falls.
+_LOWER_IS_BETTER = frozenset({"unparseable rate"})
 # Resamples are weighed in chunks of about this many (resample, item) cells: 16 MB of weights.
 _CHUNK_CELLS = 2_000_000
 
@@ -106,6 +108,8 @@ def _row(name: str, a: float, b: float, deltas: Array | None) -> dict[str, Any]:
     if deltas is not None and not np.all(np.isnan(deltas)):
         tail = 100 * (1 - LEVEL) / 2
         low, high = (float(v) for v in np.nanpercentile(deltas, [tail, 100 - tail]))
+    # A move is an interval that excludes 0, up or down.
+    rose, fell = low is not None and low > 0, high is not None and high < 0
     return {
         "figure": name,
         "a": _finite(a),
@@ -113,7 +117,8 @@ def _row(name: str, a: float, b: float, deltas: Array | None) -> dict[str, Any]:
         "delta": _finite(b - a),
         "low": low,
         "high": high,
-        "moved": low is not None and high is not None and (low > 0 or high < 0),
+        "moved": rose or fell,
+        "better": rose != (name in _LOWER_IS_BETTER) if rose or fell else None,
     }
 
 
@@ -193,6 +198,12 @@ def _pairing(result: Document) -> str:
     )
 
 
+def _verdict(row: dict[str, Any]) -> str:
+    if not row["moved"]:
+        return ""
+    return "moved, better" if row["better"] else "moved, worse"
+
+
 def compare_lines(result: Document) -> list[str]:
     rows = result["figures"]
     width = max([len(r["figure"]) for r in rows] + [6]) + 2
@@ -201,7 +212,7 @@ def compare_lines(result: Document) -> list[str]:
     for r in rows:
         line = (
             f"{r['figure']:<{width}}{_plain(r['a']):>8}{_plain(r['b']):>8}"
-            f"{_signed(r['delta']):>9}  {_interval(r):<20}{'  moved' if r['moved'] else ''}"
+            f"{_signed(r['delta']):>9}  {_interval(r):<20}  {_verdict(r)}"
         )
         lines.append(line.rstrip())
     for label, key in (("only in A", "only_in_a"), ("only in B", "only_in_b")):
@@ -229,7 +240,7 @@ def write_compare_html(result: Document, path: Path) -> None:
             [r["figure"] for r in rows],
             [r["delta"] for r in rows],
             [(np.nan, np.nan) if r["low"] is None else (r["low"], r["high"]) for r in rows],
-            [r["moved"] for r in rows],
+            [r["better"] for r in rows],
         )
         blocks.append(image(png(chart), "changes with their bootstrap intervals"))
     blocks.append(
@@ -238,7 +249,7 @@ def write_compare_html(result: Document, path: Path) -> None:
             [
                 [
                     *(r[key] for key in ("figure", "a", "b", "delta", "low", "high")),
-                    "yes" if r["moved"] else "no",
+                    _verdict(r) or "no",
                 ]
                 for r in result["figures"]
             ],

@@ -110,14 +110,16 @@ def forest(
     names: Sequence[str],
     deltas: Sequence[float],
     intervals: Sequence[tuple[float, float]],
-    moved: Sequence[bool],
+    better: Sequence[bool | None],
 ) -> Figure:
-    """Each figure's change with its confidence interval; a change whose interval leaves 0
-    is drawn in colour, the rest in grey."""
+    """Each figure's change with its confidence interval: green where it moved for the
+    better, red for the worse, grey where its interval holds 0 (`better` None)."""
     figure = _figure(6.5, max(2.5, 0.4 * len(names) + 1.2))
     axes = figure.add_subplot()
-    for row, (delta, (low, high), changed) in enumerate(zip(deltas, intervals, moved, strict=True)):
-        colour = ("#55a868" if delta > 0 else "#c44e52") if changed else "grey"
+    for row, (delta, (low, high), improved) in enumerate(
+        zip(deltas, intervals, better, strict=True)
+    ):
+        colour = {True: "#55a868", False: "#c44e52", None: "grey"}[improved]
         if not (math.isnan(low) or math.isnan(high)):
             axes.plot([low, high], [row, row], color=colour, linewidth=2)
         axes.plot([delta], [row], "o", color=colour)

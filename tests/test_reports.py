@@ -155,16 +155,37 @@ def test_a_run_compared_with_itself_moves_nothing() -> None:
     result = figures(compare(report, report, resamples=500))
     assert set(result) >= {"balanced accuracy", "F1", "unparseable rate", "recall O1"}
     for row in result.values():
-        assert row["moved"] is False
+        assert (row["moved"], row["better"]) == (False, None)
         assert row["low"] <= 0 <= row["high"]  # type: ignore[operator]
 
 
 def test_fixing_many_errors_moves_balanced_accuracy_up() -> None:
     before, after = run(400, set(range(0, 400, 4))), run(400, set(range(0, 400, 20)))
     row = figures(compare(before, after, resamples=1000))["balanced accuracy"]
-    assert row["moved"] is True
+    assert (row["moved"], row["better"]) == (True, True)
     assert row["delta"] == pytest.approx(0.2)  # 25% wrong → 5% wrong, on both classes
     assert 0 < row["low"] < row["delta"] < row["high"]  # type: ignore[operator]
+
+
+def test_more_unreadable_answers_are_a_move_for_the_worse() -> None:
+    before = run(300, set())
+    answers = before["items"]
+    assert isinstance(answers, list)
+    unreadable = [
+        {**item, "rating": None, "category": None, "error": "unparseable_model_output"}
+        if index % 5 == 0
+        else item
+        for index, item in enumerate(answers)
+    ]
+    after = {**before, "items": unreadable}
+    result = figures(compare(before, after, resamples=1000))
+    row = result["unparseable rate"]
+    assert row["delta"] == pytest.approx(0.2)
+    assert (row["moved"], row["better"]) == (True, False)
+    assert any(
+        line.startswith("unparseable rate") and line.endswith("moved, worse")
+        for line in compare_lines(compare(before, after, resamples=200))
+    )
 
 
 def test_one_image_out_of_two_hundred_is_not_a_move() -> None:

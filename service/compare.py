@@ -23,6 +23,7 @@ from service import plots
 from service.core.eval_metrics import Array, code_order, outcome, rate_table
 from service.core.evaluation import Judged
 from service.ops.html import document, heading, image, paragraph, png, table
+from service.reports import number
 
 SCHEMA = "guardstream.compare/1"
 LEVEL = 0.95
@@ -178,10 +179,6 @@ def _signed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.4f}"
 
 
-def _plain(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def _interval(row: dict[str, Any]) -> str:
     if row["low"] is None:
         return "n/a"
@@ -211,7 +208,7 @@ def compare_lines(result: Document) -> list[str]:
     lines.append(f"{'figure':<{width}}{'A':>8}{'B':>8}{'B - A':>9}  interval")
     for r in rows:
         line = (
-            f"{r['figure']:<{width}}{_plain(r['a']):>8}{_plain(r['b']):>8}"
+            f"{r['figure']:<{width}}{number(r['a']):>8}{number(r['b']):>8}"
             f"{_signed(r['delta']):>9}  {_interval(r):<20}  {_verdict(r)}"
         )
         lines.append(line.rstrip())

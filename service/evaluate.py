@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import orjson
 from tqdm import tqdm
 
-from service import reports
+from service import compare, reports
 from service.adapters.rules_source import InvalidRules, RulesFiles
 from service.adapters.triton import GuardClient
 from service.app import breaker_from, fetcher_from, guard_from, pipeline_from
@@ -232,6 +232,8 @@ async def _each(
 ) -> list[T]:
     """`work` on every item, `concurrency` at a time, each result appended to `results` as it
     comes (one JSON line, flushed): an interrupted run keeps every finished item."""
+    if not items and not restart:
+        return []
     gate = asyncio.Semaphore(max(1, options.concurrency))
     finished: list[T] = []
     bar = tqdm(
@@ -330,13 +332,13 @@ def _compare_command(args: argparse.Namespace) -> int:
     out = args.out or Path(".guardstream/eval/compare")
     try:
         a, b = (orjson.loads(path.read_bytes()) for path in args.compare)
-        result = reports.compare(a, b, max(100, args.resamples))
+        result = compare.compare(a, b, max(100, args.resamples))
     except (OSError, orjson.JSONDecodeError, KeyError, ValueError) as exc:
         print(f"eval --compare: {exc}", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    reports.write_compare_html(result, out / "compare.html")
-    print("\n".join(reports.compare_lines(result)))
+    compare.write_compare_html(result, out / "compare.html")
+    print("\n".join(compare.compare_lines(result)))
     print(f"report        {out / 'compare.html'} (and compare.json)")
     return 0

@@ -10,8 +10,10 @@ cannot hold that answer, and then the raw answer goes to the dead letters.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from service.app import serve
 from service.client import ImageEventProducer
 from service.dev import stack
 from service.dev.samples import photo_bytes
+from service.evaluate import Options, evaluate
 from tests.support import tiny_llava
 from tests.support.outputs import collect, committed_offsets, outcome_label
 from tests.support.stack import Topics
@@ -59,6 +62,8 @@ class Run:
     served_parameters: dict[str, str]
     committed: dict[int, int | None]
     end_offsets: dict[int, int]
+    evaluated: dict[str, Any]
+    """`python -m service eval`'s report of EVAL_ROWS against the same checkpoint."""
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +90,33 @@ async def run(embedded_stack: stack.StackState, tmp_path_factory: pytest.TempPat
         finally:
             stop.set()
             await asyncio.wait_for(service, 60)
+        evaluated = await evaluate(
+            settings, eval_manifest(root / "eval"), root / "eval-out", Options(progress=False)
+        )
     committed, ends = await committed_offsets(embedded_stack.bootstrap_servers, topics)
     outcomes = {key.decode(): records for key, records in found.items()}
     parameters = {key: value.string_value for key, value in config.parameters.items()}
-    return Run(outcomes, topics, parameters, committed, ends)
+    return Run(outcomes, topics, parameters, committed, ends, evaluated)
+
+
+# The checkpoint answers Safe/NA at 0.8 whatever it is shown; the labels say otherwise for
+# two photos, and one row's policy cannot read the answer (a dead letter, unparseable).
+EVAL_ROWS = [
+    {"id": "a", "image": "astronaut.png", "expected_rating": "Unsafe", "expected_category": "O1"},
+    {"id": "b", "image": "coffee.png", "expected_rating": "Unsafe", "expected_category": "O4"},
+    {"id": "c", "image": "rocket.jpg", "expected_rating": "Safe"},
+    {"id": "d", "image": "chelsea.png", "expected_rating": "Safe", "exceptions": ["O4"]},
+    {"id": "e", "image": "camera.png", "expected_rating": "Unsafe", "policy_id": "own-safe-label"},
+]
+
+
+def eval_manifest(folder: Path) -> Path:
+    folder.mkdir()
+    for row in EVAL_ROWS:
+        (folder / str(row["image"])).write_bytes(photo_bytes(str(row["image"])))
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in EVAL_ROWS))
+    return manifest
 
 
 async def produce(bootstrap: str, topic: str) -> None:
@@ -152,3 +180,24 @@ def test_an_answer_the_policy_cannot_hold_is_dead_lettered_with_the_raw_answer(
     assert headers["error-code"] == b"unparseable_model_output"
     assert letter["error"]["model_output"] == tiny_llava.SCRIPTED_ANSWER
     assert "NA: None applying" in letter["error"]["message"]
+
+
+def test_eval_reproduces_the_metrics_worked_by_hand_for_the_scripted_answers(run: Run) -> None:
+    # Verdicts: a, b, c, d Safe/NA at 0.8; e a dead letter (own-safe-label has no NA).
+    # Classified a-d: TP 0, FP 0, TN 2 (c, d), FN 2 (a, b); invalid 1 (e).
+    metrics = run.evaluated["metrics"]
+    assert metrics["confusion"] == {"tp": 0, "fp": 0, "tn": 2, "fn": 2, "invalid": 1}
+    rates = metrics["rates"]
+    assert (rates["tpr"], rates["tnr"], rates["fnr"], rates["precision"]) == (0, 1, 1, 0)
+    assert (rates["accuracy"], rates["balanced_accuracy"], rates["f1"]) == (0.5, 0.5, 0)
+    # Category: a (O1) and b (O4) wrong, c and d (NA) right, over the four classified.
+    assert metrics["category_correct"] == {"count": 2, "total": 4, "value": 0.5}
+    assert metrics["policy_exceptions"] == {"count": 1, "total": 1, "value": 1.0}  # d: TN
+    # ICM: P(violating) = 1 - 0.8 = 0.2 for every verdict: c and d right, of all five.
+    assert metrics["icm_accuracy"] == {"count": 2, "total": 5, "value": 0.4}
+    assert metrics["unparseable"] == {"count": 1, "total": 5, "value": 0.2}
+    # Calibration: four confidences of 0.8, half of those ratings right: ECE |0.5 - 0.8|.
+    calibration = metrics["calibration"]
+    assert calibration["ece"] == pytest.approx(0.3, abs=1e-4)
+    assert sum(b["count"] for b in calibration["bins"]) == 4
+    assert run.evaluated["meta"]["model"].startswith("LlavaGuard-tiny-scripted ")

@@ -30,7 +30,7 @@ from service.config import Settings
 from service.core.policies import PolicyRegistry, parse_answer
 from service.dev import stack
 from service.dev.samples import decision_label, photo_bytes
-from service.evaluate import evaluate
+from service.evaluate import Options, evaluate
 from tests.support import tiny_llava, tiny_llava15
 from tests.support.outputs import collect, outcome_label
 from tests.support.stack import Topics
@@ -191,15 +191,18 @@ async def test_eval_reports_icm_accuracy_and_mqa_from_the_checkpoints_answers(
     manifest.write_text(
         "".join(json.dumps({**item, "image": "coffee.png"}) + "\n" for item in items)
     )
-    report = await evaluate(icm_settings(embedded_stack, topics, served), manifest)
-    results = {item.id: item for item in report.items}
-    assert {name: item.correct for name, item in results.items()} == {
-        "sexy": True,
-        "normal": False,
-        "yes-no": True,
-        "choice": False,
+    document = await evaluate(
+        icm_settings(embedded_stack, topics, served),
+        manifest,
+        tmp_path / "out",
+        Options(progress=False),
+    )
+    judged = {item["id"]: item for item in document["items"]}
+    assert {name: item["rating"] for name, item in judged.items()} == {
+        "sexy": "Unsafe",
+        "normal": "Unsafe",
     }
-    assert results["sexy"].score == pytest.approx(TWO_WAY_YES, abs=1e-4)
-    assert results["sexy"].confidence_reported
-    assert [str(report.of("icm")), str(report.of("mqa"))] == ["0.5000 (1/2)", "0.5000 (1/2)"]
-    assert report.model == f"{CHECKPOINT} {served.parameters['guard_model_version']}"
+    assert judged["sexy"]["confidence"] == pytest.approx(TWO_WAY_YES, abs=1e-4)
+    assert document["metrics"]["icm_accuracy"] == {"count": 1, "total": 2, "value": 0.5}
+    assert document["meta"]["mqa"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    assert document["meta"]["model"] == (f"{CHECKPOINT} {served.parameters['guard_model_version']}")

@@ -296,7 +296,7 @@ def write_eval_samples(folder: Path) -> Path:
     the CPU guard takes for nudity: a false positive the report shows), and the colour wheel
     once more with nudity declared an exception (O4), as an art platform's policy would."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict[str, object]] = []
     for name in PHOTOS:
         (folder / name).write_bytes(photo_bytes(name))
         rows.append({"id": name, "image": name, "expected_rating": "Safe", "split": "samples"})

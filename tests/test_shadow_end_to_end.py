@@ -10,7 +10,6 @@ agreeing one, and the live verdicts stay what the tenants' policies say.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.core.bank_files import FORMATS
 from service.core.banks import HASH_KINDS
 
-Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+if TYPE_CHECKING:  # subscriptable only to type checkers
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def add_eval_parser(commands: Commands) -> None:
@@ -116,7 +118,10 @@ def add_replay_parser(commands: Commands) -> None:
         "--topic", default="verdicts.replay", help="topic of the replay verdicts [%(default)s]"
     )
     replay.add_argument(
-        "--rate", type=float, default=20.0, help="events judged per second at most [%(default)s]"
+        "--rate",
+        type=float,
+        default=20.0,
+        help="events judged per second at most; 0: no limit [%(default)s]",
     )
     replay.add_argument(
         "--concurrency", type=int, default=4, help="events judged at a time [%(default)s]"

@@ -115,7 +115,9 @@ def add_replay_parser(commands: Commands) -> None:
         "--model", default=None, help="Triton model to ask [GUARDSTREAM_GUARD_MODEL]"
     )
     replay.add_argument(
-        "--topic", default="verdicts.replay", help="topic of the replay verdicts [%(default)s]"
+        "--topic",
+        default=None,
+        help="topic of the replay verdicts; dead letters go to TOPIC.dlq [verdicts.replay]",
     )
     replay.add_argument(
         "--rate",

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Never, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from opentelemetry import context
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -58,7 +59,7 @@ from service.core.images import use_pixel_limit
 from service.core.pacing import Pacer
 from service.core.pipeline import Outcome, Pipeline
 from service.core.replay_diff import Original, Replayed, diff, superseding
-from service.core.replay_range import ReplayRangeError, Span, range_request
+from service.core.replay_range import ReplayRangeError, Span, TimeRange, range_request
 from service.core.rules import Rules
 from service.core.verdicts import DeadLetter, serialize
 from service.ops.metrics import Metrics
@@ -66,6 +67,7 @@ from service.ops.tracing import get_tracer
 from service.replay_report import write_report
 
 REPLAY_HEADER = "guardstream-replay"
+DEFAULT_TOPIC = "verdicts.replay"
 DRAIN_S = 30.0
 """How long a stopped replay waits for the events in flight before it saves and exits."""
 
@@ -81,6 +83,8 @@ class ReplayState(BaseModel):
     spans: list[Span]
     next: dict[int, int]
     """Per partition, the next offset to judge: everything before it is acknowledged."""
+    since_ms: int | None = None
+    """The range's start, when it was given as a time: where to look for original verdicts."""
     finished: bool = False
 
     def remaining(self) -> list[Span]:
@@ -170,6 +174,7 @@ async def prepare(settings: Settings, args: argparse.Namespace) -> Run:
         if existing.state.run_id != run_id:
             raise ReplayRangeError(f"{out} holds run {existing.state.run_id}, not {run_id}")
         load_rules(settings, existing.state.policy)  # the files may have changed since
+        _note_ignored(args, existing.state)
         return existing
     request = range_request(args.since, args.until, args.offsets)
     load_rules(settings, args.policy)
@@ -184,15 +189,29 @@ async def prepare(settings: Settings, args: argparse.Namespace) -> Run:
     state = ReplayState(
         run_id=run_id,
         input_topic=settings.input_topic,
-        topic=args.topic,
+        topic=args.topic or DEFAULT_TOPIC,
         policy=args.policy,
         model=args.model,
         spans=spans,
+        since_ms=request.since_ms if isinstance(request, TimeRange) else None,
         next={span.partition: span.first for span in spans},
     )
     run = Run(out, state)
     run.save()
     return run
+
+
+def _note_ignored(args: argparse.Namespace, state: ReplayState) -> None:
+    """Say which arguments a resumed run does not take: it goes on as it was started."""
+    asked = {"--policy": args.policy, "--model": args.model, "--since": args.since}
+    ignored = [name for name, value in asked.items() if value is not None]
+    ignored += ["--offsets"] if args.offsets else []
+    ignored += ["--topic"] if args.topic not in (None, state.topic) else []
+    if ignored:
+        print(
+            f"replay: resuming run {state.run_id} as it was started; ignoring {', '.join(ignored)}",
+            file=sys.stderr,
+        )
 
 
 def replay_settings(settings: Settings, state: ReplayState) -> Settings:
@@ -233,7 +252,11 @@ async def execute(
             model=await guard.identity(),
         )
         originals = await read_originals(
-            settings, settings.verdict_topic, settings.input_topic, run.state.remaining()
+            settings,
+            settings.verdict_topic,
+            settings.input_topic,
+            run.state.remaining(),
+            run.state.since_ms,
         )
         await consumer.start()
         delivery = AtLeastOnce(settings, consumer, producer_factory(settings), metrics, tracer)
@@ -348,6 +371,9 @@ async def main(settings: Settings, args: argparse.Namespace, stop: asyncio.Event
     except (ReplayRangeError, InvalidRules, GuardstreamError, ValueError) as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
+    except KafkaError as exc:  # the broker cannot be reached: one line, not a traceback
+        print(f"replay: Kafka: {exc!r}", file=sys.stderr)
+        return 1
     state = run.state
     if not args.run_id:
         print(f"replay run {state.run_id} (resume with --run-id {state.run_id})", flush=True)
@@ -357,7 +383,7 @@ async def main(settings: Settings, args: argparse.Namespace, stop: asyncio.Event
                 settings, run, stop, rate=args.rate, concurrency=args.concurrency,
                 progress=not args.no_progress,
             )  # fmt: skip
-        except (GuardstreamError, PublishFailed) as exc:
+        except (GuardstreamError, PublishFailed, KafkaError) as exc:
             print(f"replay: stopped, progress saved in {run.out}: {exc}", file=sys.stderr)
             return 1
         if not finished:
@@ -375,9 +401,14 @@ def command(settings: Settings, args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM)
+
+        def first_signal(signum: int) -> None:
+            stop.set()  # finish what is in flight, save the state
+            loop.remove_signal_handler(signum)  # a second Ctrl-C interrupts at once
+
         if threading.current_thread() is threading.main_thread():
             for signum in signals:
-                loop.add_signal_handler(signum, stop.set)
+                loop.add_signal_handler(signum, first_signal, signum)
         try:
             return await main(settings, args, stop)
         finally:

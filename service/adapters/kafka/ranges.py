@@ -35,6 +35,11 @@ taken as read: its last offsets were transaction markers or aborted records, nev
 
 _POLL_MS = 200
 
+ORIGINALS_MARGIN_MS = 15 * 60 * 1000
+"""How long before a time range's start its original verdicts are looked for: a verdict is
+published after its event, so only clock skew between the producers (the upload service's and
+the consumer's) can put one earlier."""
+
 Message: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
@@ -126,11 +131,16 @@ async def _until_ends(
 
 
 async def read_originals(
-    settings: Settings, verdict_topic: str, input_topic: str, spans: Sequence[Span]
+    settings: Settings,
+    verdict_topic: str,
+    input_topic: str,
+    spans: Sequence[Span],
+    since_ms: int | None,
 ) -> dict[tuple[int, int], Original]:
     """The latest verdict on `verdict_topic` for each input record in `spans`, by (partition,
     offset): a record judged twice (at-least-once) has two, and the later one is what
-    downstream consumers saw last."""
+    downstream consumers saw last. The topic is read from `since_ms` less a margin when the
+    range started at a time, else whole; either way to its end at the start."""
     by_partition = {span.partition: span for span in spans}
     originals: dict[tuple[int, int], Original] = {}
 
@@ -149,7 +159,7 @@ async def read_originals(
     consumer = plain_consumer(settings)
     await consumer.start()
     try:
-        await _read_whole(consumer, verdict_topic, keep)
+        await _read_from(consumer, verdict_topic, keep, since_ms)
     except ReplayRangeError:
         log.warning("verdict topic %r does not exist: no original verdicts", verdict_topic)
     finally:
@@ -157,10 +167,12 @@ async def read_originals(
     return originals
 
 
-async def _read_whole(
-    consumer: AIOKafkaConsumer, topic: str, each: Callable[[Message], None]
+async def _read_from(
+    consumer: AIOKafkaConsumer, topic: str, each: Callable[[Message], None], since_ms: int | None
 ) -> None:
     beginnings, ends = await partition_offsets(consumer, topic)
+    if since_ms is not None:
+        beginnings = await _offsets_at(consumer, topic, since_ms - ORIGINALS_MARGIN_MS, ends)
     positions = {p: (beginnings[p], ends[p]) for p in ends}
     async for message in read_range(consumer, topic, positions):
         try:

@@ -112,9 +112,10 @@ class ReplayOutgoing(Outgoing):
 class Run:
     """A run's files: state.json (rewritten whole, atomically) and outcomes.jsonl (appended)."""
 
-    def __init__(self, out: Path, state: ReplayState) -> None:
+    def __init__(self, out: Path, state: ReplayState, *, resumed: bool = False) -> None:
         self.out = out
         self.state = state
+        self.resumed = resumed
         self._trackers = {span.partition: PartitionOffsets() for span in state.spans}
 
     @classmethod
@@ -122,7 +123,7 @@ class Run:
         path = out / "state.json"
         if not path.exists():
             return None
-        return cls(out, ReplayState.model_validate_json(path.read_bytes()))
+        return cls(out, ReplayState.model_validate_json(path.read_bytes()), resumed=True)
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -375,7 +376,7 @@ async def main(settings: Settings, args: argparse.Namespace, stop: asyncio.Event
         print(f"replay: Kafka: {exc!r}", file=sys.stderr)
         return 1
     state = run.state
-    if not args.run_id:
+    if not run.resumed:
         print(f"replay run {state.run_id} (resume with --run-id {state.run_id})", flush=True)
     if not state.finished:
         try:

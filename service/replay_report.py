@@ -55,6 +55,7 @@ def changes_chart(result: Diff) -> Figure:
 
     matplotlib.use("Agg")  # no display: reports are made on servers and in CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = [row.category for row in result.categories]
     series = {
@@ -69,6 +70,7 @@ def changes_chart(result: Diff) -> Figure:
         axes.bar(positions, counts, width, label=f"{label} changed")
     axes.set_xticks(range(len(names)), names)
     axes.set_ylabel("events")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of events
     axes.set_title("Changes per original category")
     axes.legend()
     return figure

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from service.__main__ import build_parser
+from service.adapters.kafka.ranges import topic_ends
 from service.app import serve
 from service.client import ImageEventProducer, image_event
 from service.config import Settings
@@ -156,10 +157,9 @@ async def test_a_stopped_replay_resumes_where_it_stopped(
     settings: Settings = topics.settings(embedded_stack)
     replays = await replay_topic(embedded_stack, topics)
     out = tmp_path / "run"
-    offsets = [f"{p}:0-{n}" for p, n in (await _ends(settings)).items() if n]
-    first = replay_args(out, replays, "--run-id", "resume-1", "--rate", "4", "--concurrency", "1")
-    for span in offsets:
-        first.offsets.append(span)
+    ends = await topic_ends(settings, settings.input_topic)
+    offsets = [f"--offsets={p}:0-{end}" for p, end in ends.items() if end]
+    first = replay_args(out, replays, "--run-id=resume-1", "--rate=4", "--concurrency=1", *offsets)
 
     stop = asyncio.Event()
     running = asyncio.create_task(main(settings, first, stop))
@@ -184,14 +184,3 @@ async def test_a_stopped_replay_resumes_where_it_stopped(
 def _rows(out: Path) -> list[dict[str, Any]]:
     path = out / "outcomes.jsonl"
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
-
-
-async def _ends(settings: Settings) -> dict[int, int]:
-    from service.adapters.kafka.ranges import partition_offsets, plain_consumer
-
-    consumer = plain_consumer(settings)
-    await consumer.start()
-    try:
-        return (await partition_offsets(consumer, settings.input_topic))[1]
-    finally:
-        await consumer.stop()

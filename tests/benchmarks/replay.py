@@ -26,6 +26,7 @@ from pathlib import Path
 from skimage import data as photos
 
 from service.__main__ import build_parser
+from service.adapters.kafka.ranges import topic_ends
 from service.client import encode_event, image_event
 from service.config import Settings
 from service.dev import stack
@@ -108,7 +109,7 @@ async def run_once(
 async def benchmark(args: argparse.Namespace, state: stack.StackState, workdir: Path) -> str:
     records = backlog(args.events)
     await publish(state.bootstrap_servers, INPUT, records, idempotent=True)
-    ends = await _ends(state)
+    ends = await topic_ends(Settings(bootstrap_servers=state.bootstrap_servers), INPUT)
     spans = [f"{p}:0-{end}" for p, end in sorted(ends.items()) if end]
     print(f"published {len(records)} events of ~50 KB", flush=True)
     settings = Settings(
@@ -122,17 +123,6 @@ async def benchmark(args: argparse.Namespace, state: stack.StackState, workdir: 
     )
     runs = [await run_once(settings, workdir, spans, rate, args) for rate in args.rates]
     return report(runs, args.concurrency)
-
-
-async def _ends(state: stack.StackState) -> dict[int, int]:
-    from service.adapters.kafka.ranges import partition_offsets, plain_consumer
-
-    consumer = plain_consumer(Settings(bootstrap_servers=state.bootstrap_servers))
-    await consumer.start()
-    try:
-        return (await partition_offsets(consumer, INPUT))[1]
-    finally:
-        await consumer.stop()
 
 
 def report(runs: list[ReplayRun], concurrency: int) -> str:

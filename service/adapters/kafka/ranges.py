@@ -29,11 +29,13 @@ from service.core.verdicts import Source
 
 log = logging.getLogger(__name__)
 
-QUIET_POLLS = 10
-"""Empty polls in a row after which a partition whose position stopped short of its end is
-taken as read: its last offsets were transaction markers or aborted records, never delivered."""
-
 _POLL_MS = 200
+
+QUIET_POLLS = 150
+"""Empty polls in a row (30 s) after which partitions whose position stopped short of their end
+are taken as read, with a warning. aiokafka moves a position past transaction markers and
+aborted records (seen on noida-db), so this only keeps a broker that does not from hanging
+the run; it is long, so that a slow broker does not cut a range short."""
 
 ORIGINALS_MARGIN_MS = 15 * 60 * 1000
 """How long before a time range's start its original verdicts are looked for: a verdict is
@@ -69,6 +71,16 @@ async def partition_offsets(
         {tp.partition: o for tp, o in beginnings.items()},
         {tp.partition: o for tp, o in ends.items()},
     )
+
+
+async def topic_ends(settings: Settings, topic: str) -> dict[int, int]:
+    """Each partition's end now: for tools and tests that name a whole topic by offsets."""
+    consumer = plain_consumer(settings)
+    await consumer.start()
+    try:
+        return (await partition_offsets(consumer, topic))[1]
+    finally:
+        await consumer.stop()
 
 
 async def resolve(
@@ -125,7 +137,12 @@ async def _until_ends(
                 if message.offset < ends[tp]:
                     yield message
         for tp in list(open_):
-            if quiet >= QUIET_POLLS or await consumer.position(tp) >= ends[tp]:
+            position = await consumer.position(tp)
+            if quiet >= QUIET_POLLS:
+                log.warning(
+                    "%s: nothing from %d to %d in 30 s; taken as read", tp, position, ends[tp]
+                )
+            if quiet >= QUIET_POLLS or position >= ends[tp]:
                 open_.discard(tp)
                 consumer.pause(tp)  # the rest of it is beyond the range
 

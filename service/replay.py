@@ -24,26 +24,20 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import secrets
 import signal
 import sys
 import threading
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Never, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry import context
-from pydantic import BaseModel
 from tqdm import tqdm
 
 from service.adapters.kafka.clients import producer_factory
 from service.adapters.kafka.consumer import record_from
 from service.adapters.kafka.delivery import AtLeastOnce, Outgoing, PublishFailed
-from service.adapters.kafka.offsets import PartitionOffsets
 from service.adapters.kafka.ranges import (
     Message,
     plain_consumer,
@@ -59,44 +53,18 @@ from service.core.images import use_pixel_limit
 from service.core.pacing import Pacer
 from service.core.pipeline import Outcome, Pipeline
 from service.core.replay_diff import Original, Replayed, diff, superseding
-from service.core.replay_range import ReplayRangeError, Span, TimeRange, range_request
+from service.core.replay_range import ReplayRangeError, TimeRange, range_request
 from service.core.rules import Rules
 from service.core.verdicts import DeadLetter, serialize
 from service.ops.metrics import Metrics
 from service.ops.tracing import get_tracer
 from service.replay_report import write_report
+from service.replay_run import OUTCOMES, ReplayRefused, ReplayState, Run, default_out, new_run_id
 
 REPLAY_HEADER = "guardstream-replay"
 DEFAULT_TOPIC = "verdicts.replay"
 DRAIN_S = 30.0
 """How long a stopped replay waits for the events in flight before it saves and exits."""
-
-
-class ReplayState(BaseModel):
-    """OUT/state.json: what the run replays and how far it got."""
-
-    run_id: str
-    input_topic: str
-    topic: str
-    policy: str | None
-    model: str | None
-    spans: list[Span]
-    next: dict[int, int]
-    """Per partition, the next offset to judge: everything before it is acknowledged."""
-    since_ms: int | None = None
-    """The range's start, when it was given as a time: where to look for original verdicts."""
-    finished: bool = False
-
-    def remaining(self) -> list[Span]:
-        return [Span(s.partition, self.next[s.partition], s.end) for s in self.spans]
-
-    @property
-    def total(self) -> int:
-        return sum(span.records for span in self.spans)
-
-    @property
-    def done(self) -> int:
-        return self.total - sum(span.records for span in self.remaining())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,56 +77,6 @@ class ReplayOutgoing(Outgoing):
         return [*super().headers(), (REPLAY_HEADER, self.run_id.encode())]
 
 
-class Run:
-    """A run's files: state.json (rewritten whole, atomically) and outcomes.jsonl (appended)."""
-
-    def __init__(self, out: Path, state: ReplayState, *, resumed: bool = False) -> None:
-        self.out = out
-        self.state = state
-        self.resumed = resumed
-        self._trackers = {span.partition: PartitionOffsets() for span in state.spans}
-
-    @classmethod
-    def load(cls, out: Path) -> Run | None:
-        path = out / "state.json"
-        if not path.exists():
-            return None
-        return cls(out, ReplayState.model_validate_json(path.read_bytes()), resumed=True)
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        partial = self.out / "state.json.partial"
-        partial.write_text(self.state.model_dump_json(indent=2) + "\n")
-        partial.replace(self.out / "state.json")  # a crash leaves the old state or the new
-
-    def take(self, partition: int, offset: int) -> None:
-        self._trackers[partition].take(offset)
-
-    def finish(self, row: Replayed, outcomes: TextIO) -> None:
-        """Record an acknowledged outcome, and the partition's progress past its finished prefix."""
-        outcomes.write(row.model_dump_json() + "\n")
-        outcomes.flush()
-        self._trackers[row.partition].finish(row.offset)
-        done = self._trackers[row.partition].committable()
-        if done is not None:
-            self.state.next[row.partition] = done
-        self.save()
-
-    def rows(self) -> Iterator[Replayed]:
-        path = self.out / "outcomes.jsonl"
-        if path.exists():
-            with path.open() as lines:
-                yield from (Replayed.model_validate_json(line) for line in lines if line.strip())
-
-
-def default_out(run_id: str) -> Path:
-    return Path(".guardstream") / "replay" / run_id
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
 def load_rules(settings: Settings, policy: str | None) -> Rules:
     """The rules in the files now; every event judged under `policy` when one is named."""
     rules = RulesFiles.from_settings(settings).load()
@@ -168,19 +86,24 @@ def load_rules(settings: Settings, policy: str | None) -> Rules:
 async def prepare(settings: Settings, args: argparse.Namespace) -> Run:
     """The run `--run-id` names (resumed as it was started), or a new one over the range the
     arguments name; ReplayRangeError, InvalidRules or UnknownPolicy when it cannot be."""
+    if args.rate < 0 or args.concurrency < 1:
+        raise ReplayRefused("--rate must be 0 (no limit) or more, --concurrency at least 1")
     run_id = args.run_id or new_run_id()
     out = args.out or default_out(run_id)
-    existing = Run.load(out) if args.run_id else None
+    existing = Run.load(out)
     if existing is not None:
         if existing.state.run_id != run_id:
-            raise ReplayRangeError(f"{out} holds run {existing.state.run_id}, not {run_id}")
+            raise ReplayRefused(
+                f"{out} holds run {existing.state.run_id}: resume it with --run-id "
+                f"{existing.state.run_id}, or give another --out"
+            )
         load_rules(settings, existing.state.policy)  # the files may have changed since
         _note_ignored(args, existing.state)
         return existing
+    if (out / OUTCOMES).exists():  # outcomes without a state: not a run to append to
+        raise ReplayRefused(f"{out / OUTCOMES} exists without a state.json: give another --out")
     request = range_request(args.since, args.until, args.offsets)
     load_rules(settings, args.policy)
-    if args.rate < 0 or args.concurrency < 1:
-        raise ReplayRangeError("--rate must be 0 (no limit) or more, --concurrency at least 1")
     consumer = plain_consumer(settings)
     await consumer.start()
     try:
@@ -225,9 +148,14 @@ def replay_settings(settings: Settings, state: ReplayState) -> Settings:
 
 
 async def execute(
-    settings: Settings, run: Run, stop: asyncio.Event, *, rate: float | None, concurrency: int,
+    settings: Settings,
+    run: Run,
+    stop: asyncio.Event,
+    *,
+    rate: float | None,
+    concurrency: int,
     progress: bool,
-) -> bool:  # fmt: skip
+) -> bool:
     """Judge what remains of the run; True when the range is done, False when stopped."""
     settings = replay_settings(settings, run.state)
     rules = load_rules(settings, run.state.policy)
@@ -264,10 +192,15 @@ async def execute(
         await delivery.start()
         try:
             judge = _Judge(run, pipeline, delivery, originals, concurrency)
-            with tqdm(
-                total=run.state.total, initial=run.state.done, unit="event", file=sys.stderr,
-                disable=not progress, desc="replay",
-            ) as bar:  # fmt: skip
+            bar = tqdm(
+                total=run.state.total,
+                initial=run.state.done,
+                unit="event",
+                file=sys.stderr,
+                disable=not progress,
+                desc="replay",
+            )
+            with bar:
                 return await judge.all(consumer, Pacer(rate or None), stop, bar)
         finally:
             await delivery.stop()
@@ -305,7 +238,7 @@ class _Judge:
         state = self._run.state
         positions = {s.partition: (s.first, s.end) for s in state.remaining()}
         stopped = False
-        with (self._run.out / "outcomes.jsonl").open("a") as outcomes:
+        with (self._run.out / OUTCOMES).open("a") as outcomes:
             records = read_range(consumer, state.input_topic, positions)
             async with contextlib.aclosing(records):
                 async for message in records:
@@ -381,9 +314,13 @@ async def main(settings: Settings, args: argparse.Namespace, stop: asyncio.Event
     if not state.finished:
         try:
             finished = await execute(
-                settings, run, stop, rate=args.rate, concurrency=args.concurrency,
+                settings,
+                run,
+                stop,
+                rate=args.rate,
+                concurrency=args.concurrency,
                 progress=not args.no_progress,
-            )  # fmt: skip
+            )
         except (GuardstreamError, PublishFailed, KafkaError) as exc:
             print(f"replay: stopped, progress saved in {run.out}: {exc}", file=sys.stderr)
             return 1

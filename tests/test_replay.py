@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ from service.core.replay_range import (
     spans_between,
 )
 from service.core.verdicts import DeadLetter, Source, Verdict
-from service.replay import ReplayState, Run, main
+from service.replay import main
+from service.replay_run import ReplayState, Run
 from tests.support.pipeline import SAFE, ScriptedGuard, event_record, judge
 
 # --- the range ------------------------------------------------------------------------------
@@ -130,6 +132,38 @@ async def test_an_unknown_policy_is_refused_before_any_broker(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "no-such" in err
+
+
+@pytest.mark.parametrize(
+    ("state_json", "more", "message"),
+    [
+        (None, ["--rate", "-1"], r"--rate must be 0 \(no limit\) or more"),
+        (None, ["--concurrency", "0"], "--concurrency at least 1"),
+        ("{}", ["--run-id", "r1"], r"state.json: not a replay state: Field required"),
+        ("OTHER", [], "holds run r1: resume it with --run-id r1, or give another --out"),
+        ("OTHER", ["--run-id", "r2"], "holds run r1: resume it with --run-id r1"),
+        ("NONE", [], "outcomes.jsonl exists without a state.json"),
+    ],
+)
+async def test_an_out_that_is_not_this_run_is_refused(
+    state_json: str | None,
+    more: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if state_json == "OTHER":
+        Run(tmp_path, state()).save()
+    elif state_json == "NONE":
+        (tmp_path / "outcomes.jsonl").write_text("")
+    elif state_json is not None:
+        (tmp_path / "state.json").write_text(state_json)
+    argv = ["replay", "--offsets", "0:0-5", "--out", str(tmp_path), *more]
+    args = build_parser().parse_args(argv)
+    assert await main(Settings(bootstrap_servers="127.0.0.1:1"), args, asyncio.Event()) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert re.search(message, err), err
 
 
 # --- pacing ---------------------------------------------------------------------------------

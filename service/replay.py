@@ -40,6 +40,7 @@ from service.adapters.kafka.consumer import record_from
 from service.adapters.kafka.delivery import AtLeastOnce, Outgoing, PublishFailed
 from service.adapters.kafka.ranges import (
     Message,
+    first_timestamp,
     plain_consumer,
     read_originals,
     read_range,
@@ -108,6 +109,11 @@ async def prepare(settings: Settings, args: argparse.Namespace) -> Run:
     await consumer.start()
     try:
         spans = await resolve(consumer, settings.input_topic, request)
+        since_ms = (
+            request.since_ms
+            if isinstance(request, TimeRange)
+            else await first_timestamp(consumer, settings.input_topic, spans)
+        )
     finally:
         await consumer.stop()
     state = ReplayState(
@@ -117,7 +123,7 @@ async def prepare(settings: Settings, args: argparse.Namespace) -> Run:
         policy=args.policy,
         model=args.model,
         spans=spans,
-        since_ms=request.since_ms if isinstance(request, TimeRange) else None,
+        since_ms=since_ms,
         next={span.partition: span.first for span in spans},
     )
     run = Run(out, state)

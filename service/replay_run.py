@@ -41,7 +41,8 @@ class ReplayState(BaseModel):
     next: dict[int, int]
     """Per partition, the next offset to judge: everything before it is acknowledged."""
     since_ms: int | None = None
-    """The range's start, when it was given as a time: where to look for original verdicts."""
+    """When the range starts (as asked, or its first records' time): where the original
+    verdicts are looked for from (less a margin); None: the verdict topic is read whole."""
     finished: bool = False
 
     def remaining(self) -> list[Span]:

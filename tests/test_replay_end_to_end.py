@@ -143,6 +143,17 @@ async def test_a_replay_under_another_policy_names_what_changed(
     }
     assert "<img" in (out / "diff.html").read_text()
 
+    # The same range by offsets: its start in time is found from its first records.
+    ends = await topic_ends(settings, topics.input)
+    by_offsets = replay_args(
+        tmp_path / "by-offsets", replays, "--rate=0", *_offsets(ends), "--policy=nudity-allowed"
+    )
+    assert await main(settings, by_offsets, asyncio.Event()) == 0
+    state = orjson.loads((tmp_path / "by-offsets" / "state.json").read_bytes())
+    assert state["since_ms"] is not None
+    assert all(row["original"] is not None for row in _rows(tmp_path / "by-offsets"))
+    capsys.readouterr()
+
     # A finished run, asked again, only reports.
     again = replay_args(out, replays, "--run-id", run_id)
     assert await main(settings, again, asyncio.Event()) == 0
@@ -158,8 +169,9 @@ async def test_a_stopped_replay_resumes_where_it_stopped(
     replays = await replay_topic(embedded_stack, topics)
     out = tmp_path / "run"
     ends = await topic_ends(settings, settings.input_topic)
-    offsets = [f"--offsets={p}:0-{end}" for p, end in ends.items() if end]
-    first = replay_args(out, replays, "--run-id=resume-1", "--rate=4", "--concurrency=1", *offsets)
+    first = replay_args(
+        out, replays, "--run-id=resume-1", "--rate=4", "--concurrency=1", *_offsets(ends)
+    )
 
     stop = asyncio.Event()
     running = asyncio.create_task(main(settings, first, stop))
@@ -179,6 +191,11 @@ async def test_a_stopped_replay_resumes_where_it_stopped(
     assert all(len(got) == 1 for got in replayed.values())
     report = orjson.loads((out / "diff.json").read_bytes())
     assert report["counts"]["no_original"] == len(PHOTOS)  # the service never ran here
+
+
+def _offsets(ends: dict[int, int]) -> list[str]:
+    """The whole topic, by offsets."""
+    return [f"--offsets={p}:0-{end}" for p, end in ends.items() if end]
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:

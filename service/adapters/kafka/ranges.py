@@ -30,6 +30,7 @@ from service.core.verdicts import Source
 log = logging.getLogger(__name__)
 
 _POLL_MS = 200
+FIRST_RECORD_POLLS = 25
 
 QUIET_POLLS = 150
 """Empty polls in a row (30 s) after which partitions whose position stopped short of their end
@@ -38,7 +39,7 @@ aborted records (seen on noida-db), so this only keeps a broker that does not fr
 the run; it is long, so that a slow broker does not cut a range short."""
 
 ORIGINALS_MARGIN_MS = 15 * 60 * 1000
-"""How long before a time range's start its original verdicts are looked for: a verdict is
+"""How long before a range's start its original verdicts are looked for: a verdict is
 published after its event, so only clock skew between the producers (the upload service's and
 the consumer's) can put one earlier."""
 
@@ -99,6 +100,29 @@ async def resolve(
     return check_spans(topic, request, beginnings, ends)
 
 
+async def first_timestamp(
+    consumer: AIOKafkaConsumer, topic: str, spans: Sequence[Span]
+) -> int | None:
+    """When a range given by offsets starts: the earliest timestamp of its partitions' first
+    records, so that its original verdicts are looked for from then on; None when a partition's
+    first record cannot be read within seconds (the verdict topic is then read whole)."""
+    partitions = {TopicPartition(topic, span.partition): span.first for span in spans}
+    consumer.assign(list(partitions))
+    for tp, first in partitions.items():
+        consumer.seek(tp, first)
+    found: dict[TopicPartition, int] = {}
+    for _ in range(FIRST_RECORD_POLLS):
+        pending = [tp for tp in partitions if tp not in found]
+        if not pending:
+            break
+        batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS, max_records=len(pending))
+        found |= {tp: messages[0].timestamp for tp, messages in batches.items() if messages}
+    consumer.unsubscribe()  # the consumer is handed back as it came
+    if len(found) < len(partitions) or min(found.values()) <= 0:
+        return None
+    return min(found.values())
+
+
 async def _offsets_at(
     consumer: AIOKafkaConsumer, topic: str, at_ms: int, ends: Mapping[int, int]
 ) -> dict[int, int]:
@@ -156,8 +180,8 @@ async def read_originals(
 ) -> dict[tuple[int, int], Original]:
     """The latest verdict on `verdict_topic` for each input record in `spans`, by (partition,
     offset): a record judged twice (at-least-once) has two, and the later one is what
-    downstream consumers saw last. The topic is read from `since_ms` less a margin when the
-    range started at a time, else whole; either way to its end at the start."""
+    downstream consumers saw last. The topic is read from `since_ms` (when the range starts)
+    less a margin, or whole when that is not known; either way to its end at the start."""
     by_partition = {span.partition: span for span in spans}
     originals: dict[tuple[int, int], Original] = {}
 

@@ -27,8 +27,9 @@ import dataclasses
 import signal
 import sys
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Never, TextIO
+from typing import Any, Never, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -249,7 +250,7 @@ class _Judge:
             async with contextlib.aclosing(records):
                 async for message in records:
                     await self._slots.acquire()
-                    await pacer.wait()
+                    await _first(pacer.wait(), stop.wait())  # a slow rate must not delay a stop
                     stopped = stop.is_set() or bool(self._failed)
                     if stopped:
                         self._slots.release()
@@ -302,6 +303,17 @@ class _Judge:
         for task in late:  # their records stay unfinished: the next run judges them again
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+
+
+async def _first(*waits: Coroutine[Any, Any, object]) -> None:
+    """Return when the first of `waits` is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def main(settings: Settings, args: argparse.Namespace, stop: asyncio.Event) -> int:

@@ -273,10 +273,12 @@ ORIGINAL = Original(
 
 
 async def test_a_replay_verdict_names_the_verdict_it_supersedes() -> None:
-    marked = superseding(await verdict(), "r1", ORIGINAL)
+    reviewed = (await verdict()).model_copy(update={"review": True, "action": "review"})
+    marked = superseding(reviewed, "r1", ORIGINAL)
     assert isinstance(marked, Verdict)
     assert marked.replay is not None
     assert marked.replay.run_id == "r1"
+    assert (marked.action, marked.review) == ("review", False)  # no replay goes to reviewers
     supersedes = marked.replay.supersedes
     assert (supersedes.event_id, supersedes.policy_id, supersedes.policy_version) == (
         "ev-1",

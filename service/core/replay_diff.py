@@ -123,7 +123,9 @@ def superseding(
     outcome: Verdict | DeadLetter, run_id: str, original: Original | None
 ) -> Verdict | DeadLetter:
     """A replay's verdict, marked as such and naming the original it replaces (policy and
-    place null when none was found); a dead letter as it is (its header marks the replay)."""
+    place null when none was found); a dead letter as it is (its header marks the replay).
+    `review` is false: a replay sends nothing to the review topic (its action still says
+    review where the rules chose it)."""
     if isinstance(outcome, DeadLetter):
         return outcome
     supersedes = (
@@ -136,7 +138,8 @@ def superseding(
             source=original.at,
         )
     )
-    return outcome.model_copy(update={"replay": Replay(run_id=run_id, supersedes=supersedes)})
+    replay = Replay(run_id=run_id, supersedes=supersedes)
+    return outcome.model_copy(update={"replay": replay, "review": False})
 
 
 class CategoryRow(BaseModel):

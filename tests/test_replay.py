@@ -8,10 +8,13 @@ import argparse
 import asyncio
 import re
 from pathlib import Path
+from typing import cast
 
 import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from service.__main__ import build_parser
+from service.adapters.kafka.ranges import read_range
 from service.config import Settings
 from service.core.pacing import Pacer
 from service.core.replay_diff import (
@@ -164,6 +167,54 @@ async def test_an_out_that_is_not_this_run_is_refused(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert re.search(message, err), err
+
+
+class RangeConsumer:
+    """A consumer of one topic scripted with its records: fetches up to 2 of a partition a poll,
+    and keeps going past the end as a live topic does."""
+
+    def __init__(self, logs: dict[int, list[int]]) -> None:
+        self.logs = logs  # partition -> offsets of its records
+        self.positions: dict[int, int] = {}
+        self.paused: set[int] = set()
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.positions = {tp.partition: 0 for tp in partitions}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp.partition] = offset
+
+    def pause(self, tp: TopicPartition) -> None:
+        self.paused.add(tp.partition)
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp.partition]
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        batches = {}
+        for tp in partitions:
+            assert tp.partition not in self.paused
+            ahead = [o for o in self.logs[tp.partition] if o >= self.positions[tp.partition]][:2]
+            if ahead:
+                self.positions[tp.partition] = ahead[-1] + 1
+                batches[tp] = [_record(tp, offset) for offset in ahead]
+        return batches
+
+
+def _record(tp: TopicPartition, offset: int) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(tp.topic, tp.partition, offset, 0, 0, None, b"{}", None, 0, 2, ())
+
+
+async def test_a_range_is_read_to_its_end_and_no_further() -> None:
+    # Partition 0 has gaps (compaction); partition 1 grows past the end fixed at the start.
+    fake = RangeConsumer({0: [3, 4, 7, 9, 12], 1: list(range(10))})
+    read = read_range(cast(AIOKafkaConsumer, fake), "images", {0: (4, 10), 1: (2, 5), 2: (0, 0)})
+    got = [(m.partition, m.offset) async for m in read]
+    assert sorted(got) == [(0, 4), (0, 7), (0, 9), (1, 2), (1, 3), (1, 4)]
+    assert fake.paused == {0, 1}
+    assert 2 not in fake.positions  # an empty span is not even assigned
 
 
 # --- pacing ---------------------------------------------------------------------------------

@@ -123,10 +123,15 @@ def add_replay_parser(commands: Commands) -> None:
         "--model", default=None, help="Triton model to ask [GUARDSTREAM_GUARD_MODEL]"
     )
     replay.add_argument(
-        "--topic", default="verdicts.replay", help="topic of the replay verdicts [%(default)s]"
+        "--topic",
+        default=None,
+        help="topic of the replay verdicts; dead letters go to TOPIC.dlq [verdicts.replay]",
     )
     replay.add_argument(
-        "--rate", type=float, default=20.0, help="events judged per second at most [%(default)s]"
+        "--rate",
+        type=float,
+        default=20.0,
+        help="events judged per second at most; 0: no limit [%(default)s]",
     )
     replay.add_argument(
         "--concurrency", type=int, default=4, help="events judged at a time [%(default)s]"

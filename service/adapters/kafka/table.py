@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from service.adapters.kafka.ranges import plain_consumer
 from service.config import Settings
 from service.core.positions import where
 
@@ -48,13 +49,7 @@ class TableReader:
 
     async def load(self, timeout_s: float) -> None:
         """Read every record there is now; TimeoutError if that takes longer than timeout_s."""
-        consumer = AIOKafkaConsumer(
-            **self._settings.kafka_connection(),
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-        )
+        consumer = plain_consumer(self._settings)
         self._consumer = consumer
         await consumer.start()
         await consumer.topics()  # a consumer with no subscription has no metadata until asked

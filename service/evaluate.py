@@ -40,6 +40,7 @@ from service.client import encode_event, image_event
 from service.config import Settings
 from service.core.errors import GuardstreamError
 from service.core.evaluation import Judged, mqa_correct
+from service.core.images import use_pixel_limit
 from service.core.pipeline import Pipeline, Record
 from service.core.verdicts import DeadLetter
 from service.manifests import Format, Item, Manifest, Question, read_manifest
@@ -79,6 +80,7 @@ async def evaluate(
         update={"max_event_bytes": max(settings.max_event_bytes, settings.max_image_bytes)}
     )
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before any I/O waits)
+    use_pixel_limit(settings.max_image_pixels)
     guard = guard_from(settings)
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
     fetcher = fetcher_from(settings)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib.metadata import version
 
 from aiokafka.errors import KafkaError
@@ -118,6 +120,48 @@ def breaker_from(settings: Settings, guard: GuardClient, metrics: Metrics) -> Br
         settings.breaker_probe_interval_s,
         on_change=lambda is_open: metrics.breaker_open.set(1 if is_open else 0),
     )
+
+
+@dataclass(frozen=True)
+class BatchPipeline:
+    pipeline: Pipeline
+    guard: GuardClient
+    model: tuple[str, str]
+    """The served model's (name, version), as verdicts name it."""
+
+
+@contextlib.asynccontextmanager
+async def batch_pipeline(settings: Settings, rules: Rules) -> AsyncIterator[BatchPipeline]:
+    """The service's pipeline for a tool that judges a batch (eval, replay) under fixed `rules`:
+    the guard once ready, no known content (the tool measures the guard and the policy),
+    metrics of its own (nothing scrapes them); everything closed afterwards."""
+    use_pixel_limit(settings.max_image_pixels)
+    guard = guard_from(settings)
+    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    fetcher = fetcher_from(settings)
+    metrics = Metrics()
+    breaker = breaker_from(settings, guard, metrics)
+    try:
+        await guard.wait_ready(settings.guard_startup_timeout_s)
+        model = await guard.identity()
+        pipeline = pipeline_from(
+            settings,
+            rules=lambda: rules,
+            guard=guard,
+            breaker=breaker,
+            decode_pool=decode_pool,
+            metrics=metrics,
+            tracer=get_tracer(),
+            fetcher=fetcher,
+            model=model,
+        )
+        yield BatchPipeline(pipeline, guard, model)
+    finally:
+        await breaker.close()
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+        if fetcher is not None:
+            await fetcher.close()
+        await guard.close()
 
 
 class KnownSources:

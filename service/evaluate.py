@@ -23,7 +23,6 @@ import mimetypes
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,18 +33,15 @@ from tqdm import tqdm
 from service import compare, reports
 from service.adapters.rules_source import InvalidRules, RulesFiles
 from service.adapters.triton import GuardClient
-from service.app import breaker_from, fetcher_from, guard_from, pipeline_from
+from service.app import batch_pipeline
 from service.ask import AskLimits, Conversation, subject_for
 from service.client import encode_event, image_event
 from service.config import Settings
 from service.core.errors import GuardstreamError
 from service.core.evaluation import Judged, mqa_correct
-from service.core.images import use_pixel_limit
 from service.core.pipeline import Pipeline, Record
 from service.core.verdicts import DeadLetter
 from service.manifests import Format, Item, Manifest, Question, read_manifest
-from service.ops.metrics import Metrics
-from service.ops.tracing import get_tracer
 
 T = TypeVar("T", Judged, dict[str, Any])
 
@@ -80,45 +76,23 @@ async def evaluate(
         update={"max_event_bytes": max(settings.max_event_bytes, settings.max_image_bytes)}
     )
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before any I/O waits)
-    use_pixel_limit(settings.max_image_pixels)
-    guard = guard_from(settings)
-    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-    fetcher = fetcher_from(settings)
     started_at = datetime.now(UTC)
-    try:
-        await guard.wait_ready(settings.guard_startup_timeout_s)
-        model = await guard.identity()
+    async with batch_pipeline(settings, rules) as batch:
+        model = batch.model
         _pin_run(out, manifest_path, model, options.restart)
-        metrics = Metrics()
-        pipeline = pipeline_from(
-            settings,
-            rules=lambda: rules,
-            guard=guard,
-            breaker=breaker_from(settings, guard, metrics),
-            decode_pool=decode_pool,
-            metrics=metrics,
-            tracer=get_tracer(),
-            fetcher=fetcher,
-            model=model,
-        )
         results = out / "results.jsonl"
         done = {} if options.restart else _read_results(results, Judged)
         pending = [item for item in manifest.items if item.id not in done]
         clock = time.perf_counter()
         judged = await _each(
             pending,
-            lambda item: _judge(pipeline, item),
+            lambda item: _judge(batch.pipeline, item),
             results,
             options,
             restart=options.restart,
         )
         elapsed = time.perf_counter() - clock
-        answers = await _ask_questions(settings, guard, manifest, out / "mqa.jsonl", options)
-    finally:
-        decode_pool.shutdown(wait=False, cancel_futures=True)
-        if fetcher is not None:
-            await fetcher.close()
-        await guard.close()
+        answers = await _ask_questions(settings, batch.guard, manifest, out / "mqa.jsonl", options)
     everything = {**done, **{j.id: j for j in judged}}
     items = [everything[item.id] for item in manifest.items if item.id in everything]
     meta = {

@@ -28,7 +28,6 @@ import signal
 import sys
 import threading
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Never, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -48,10 +47,9 @@ from service.adapters.kafka.ranges import (
     resolve,
 )
 from service.adapters.rules_source import InvalidRules, RulesFiles
-from service.app import breaker_from, fetcher_from, guard_from, pipeline_from
+from service.app import batch_pipeline
 from service.config import Settings
 from service.core.errors import GuardstreamError
-from service.core.images import use_pixel_limit
 from service.core.pacing import Pacer
 from service.core.pipeline import Outcome, Pipeline
 from service.core.replay_diff import Original, Replayed, diff, superseding
@@ -166,27 +164,8 @@ async def execute(
     """Judge what remains of the run; True when the range is done, False when stopped."""
     settings = replay_settings(settings, run.state)
     rules = load_rules(settings, run.state.policy)
-    metrics, tracer = Metrics(), get_tracer()  # a registry of its own: nothing scrapes it
-    use_pixel_limit(settings.max_image_pixels)
-    guard = guard_from(settings)
-    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-    fetcher = fetcher_from(settings)
     consumer = plain_consumer(settings)
-    try:
-        await guard.wait_ready(settings.guard_startup_timeout_s)
-        breaker = breaker_from(settings, guard, metrics)
-        pipeline = pipeline_from(
-            settings,
-            rules=lambda: rules,
-            guard=guard,
-            breaker=breaker,
-            decode_pool=decode_pool,
-            metrics=metrics,
-            tracer=tracer,
-            fetcher=fetcher,
-            known=None,
-            model=await guard.identity(),
-        )
+    async with batch_pipeline(settings, rules) as batch:
         originals = await read_originals(
             settings,
             settings.verdict_topic,
@@ -195,29 +174,26 @@ async def execute(
             run.state.since_ms,
         )
         await consumer.start()
-        delivery = AtLeastOnce(settings, consumer, producer_factory(settings), metrics, tracer)
-        await delivery.start()
         try:
-            judge = _Judge(run, pipeline, delivery, originals, concurrency)
-            bar = tqdm(
-                total=run.state.total,
-                initial=run.state.done,
-                unit="event",
-                file=sys.stderr,
-                disable=not progress,
-                desc="replay",
-            )
-            with bar:
-                return await judge.all(consumer, Pacer(rate or None), stop, bar)
+            metrics, tracer = Metrics(), get_tracer()  # a registry of its own: nothing scrapes it
+            delivery = AtLeastOnce(settings, consumer, producer_factory(settings), metrics, tracer)
+            await delivery.start()
+            try:
+                judge = _Judge(run, batch.pipeline, delivery, originals, concurrency)
+                bar = tqdm(
+                    total=run.state.total,
+                    initial=run.state.done,
+                    unit="event",
+                    file=sys.stderr,
+                    disable=not progress,
+                    desc="replay",
+                )
+                with bar:
+                    return await judge.all(consumer, Pacer(rate or None), stop, bar)
+            finally:
+                await delivery.stop()
         finally:
-            await delivery.stop()
-            await breaker.close()
-    finally:
-        await consumer.stop()
-        decode_pool.shutdown(wait=False, cancel_futures=True)
-        if fetcher is not None:
-            await fetcher.close()
-        await guard.close()
+            await consumer.stop()
 
 
 class _Judge:

@@ -18,7 +18,7 @@ from service.adapters.kafka.ranges import read_range
 from service.config import Settings
 from service.core.pacing import Pacer
 from service.core.replay_diff import (
-    Judged,
+    Compared,
     Original,
     Replayed,
     diff,
@@ -267,7 +267,7 @@ def state(**changes: object) -> ReplayState:
     return ReplayState.model_validate(values | changes)
 
 
-def row(partition: int, offset: int, judged: Judged | None = None, **fields: object) -> Replayed:
+def row(partition: int, offset: int, judged: Compared | None = None, **fields: object) -> Replayed:
     values: dict[str, object] = {
         "partition": partition,
         "offset": offset,
@@ -363,12 +363,12 @@ async def test_a_row_records_a_dead_letter_by_its_code() -> None:
 
 # --- the diff -------------------------------------------------------------------------------
 
-SAFE_NA = Judged(rating="Safe", category_code="NA", category="NA: None applying", action="allow")
-UNSAFE_O4 = Judged(rating="Unsafe", category_code="O4", category="O4: Nudity", action="block")
-SAFE_O4 = Judged(rating="Safe", category_code="O4", category="O4: Nudity", action="allow")
+SAFE_NA = Compared(rating="Safe", category_code="NA", category="NA: None applying", action="allow")
+UNSAFE_O4 = Compared(rating="Unsafe", category_code="O4", category="O4: Nudity", action="block")
+SAFE_O4 = Compared(rating="Safe", category_code="O4", category="O4: Nudity", action="allow")
 
 
-def original(judged: Judged) -> dict[str, object]:
+def original(judged: Compared) -> dict[str, object]:
     return ORIGINAL.model_copy(update=judged.model_dump()).model_dump()
 
 

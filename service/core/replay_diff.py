@@ -45,7 +45,7 @@ class _Row(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
-class Judged(_Row):
+class Compared(_Row):
     """The parts of a verdict a diff compares."""
 
     rating: str
@@ -54,7 +54,7 @@ class Judged(_Row):
     action: str | None = None
 
     @classmethod
-    def of(cls, verdict: Verdict) -> Judged:
+    def of(cls, verdict: Verdict) -> Compared:
         return cls(
             rating=verdict.rating,
             category_code=verdict.category_code,
@@ -63,7 +63,7 @@ class Judged(_Row):
         )
 
 
-class Original(Judged):
+class Original(Compared):
     """An original verdict, with what a replay verdict names when it supersedes it."""
 
     event_id: str
@@ -98,7 +98,7 @@ class Replayed(_Row):
     partition: int
     offset: int
     event_id: str | None
-    judged: Judged | None = Field(description="The replay's verdict; None for a dead letter.")
+    judged: Compared | None = Field(description="The replay's verdict; None for a dead letter.")
     dead_letter: str | None = Field(None, description="The dead letter's error code.")
     original: Original | None
 
@@ -108,7 +108,7 @@ class Replayed(_Row):
             partition=outcome.source.partition,
             offset=outcome.source.offset,
             event_id=outcome.event_id,
-            judged=Judged.of(outcome) if isinstance(outcome, Verdict) else None,
+            judged=Compared.of(outcome) if isinstance(outcome, Verdict) else None,
             dead_letter=outcome.error.code if isinstance(outcome, DeadLetter) else None,
             original=original,
         )

@@ -29,7 +29,7 @@ from service.core.guard import Turn
 from service.core.policies import PolicyRegistry
 from service.dev import stack
 from service.dev.samples import photo_bytes
-from service.evaluate import evaluate
+from service.evaluate import Options, evaluate
 from tests.support.stack import Topics
 
 pytestmark = pytest.mark.stack
@@ -138,18 +138,17 @@ async def test_eval_scores_a_manifest_through_the_cpu_guard(
         '{"id": "mqa", "image": "astronaut.png", "question": "Is it a photo? A. yes B. no",'
         ' "expected": "A."}\n'
     )
-    report = await evaluate(topics.settings(embedded_stack), manifest, concurrency=2)
-    results = {item.id: item for item in report.items}
-    assert {name: item.correct for name, item in results.items()} == {
-        "wheel": True,
-        "astronaut": True,
-        "wrong": False,
-        "missing": False,
-        "mqa": False,  # a detector answers LlavaGuard JSON: "{" is no choice
-    }
-    assert (results["wheel"].score, results["astronaut"].score) == (1.0, 0.0)
-    assert results["missing"].error is not None
-    assert "nothing-here.png: no such image file" in results["missing"].error
-    assert str(report.of("icm")) == "0.5000 (2/4)"
-    assert report.lines()[2].endswith("(3 scored on the rating alone: no confidence)")
-    assert report.policy.startswith("llavaguard-v1.2 1.2.1+")
+    document = await evaluate(
+        topics.settings(embedded_stack),
+        manifest,
+        tmp_path / "out",
+        Options(concurrency=2, progress=False),
+    )
+    ratings = {item["id"]: item["rating"] for item in document["items"]}
+    assert ratings == {"wheel": "Unsafe", "astronaut": "Safe", "wrong": "Safe"}
+    # ICM accuracy, scored on the rating alone (no confidence): wheel and astronaut right.
+    assert document["metrics"]["icm_accuracy"] == {"count": 2, "total": 3, "value": 2 / 3}
+    assert document["meta"]["rejected"] == [{"line": 4, "why": "image: no file 'nothing-here.png'"}]
+    # A detector answers LlavaGuard JSON: "{" is no choice.
+    assert document["meta"]["mqa"] == {"correct": 0, "total": 1, "accuracy": 0.0}
+    assert document["meta"]["default_policy"] == "llavaguard-v1.2"

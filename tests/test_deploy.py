@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from service.adapters.rules_source import RulesFiles
 from service.config import ENV_PREFIX, Settings
+from service.shadow import SHADOW_PREFIX, ShadowSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -792,7 +793,9 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 PARTITIONS_ANNOTATION = "guardstream.io/input-partitions"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
-SETTING_NAMES = frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields)
+SETTING_NAMES = frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields) | frozenset(
+    SHADOW_PREFIX + name.upper() for name in ShadowSettings.model_fields
+)
 SSL_FILE_SETTINGS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
 
 
@@ -1281,7 +1284,11 @@ def test_consumer_settings_are_accepted_by_the_service(
     for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(name)
     values: dict[str, Any] = {}
+    shadow: dict[str, Any] = {}
     for name, value in consumer_env(manifests).items():
+        if name.startswith(SHADOW_PREFIX):
+            shadow[name[len(SHADOW_PREFIX) :].lower()] = value
+            continue
         if not name.startswith(ENV_PREFIX):
             continue
         field = name[len(ENV_PREFIX) :].lower()
@@ -1293,6 +1300,7 @@ def test_consumer_settings_are_accepted_by_the_service(
         # A value from a Secret or the downward API exists only in the pod: any text stands in.
         values[field] = "from-the-pod" if value is None else value
     Settings(**values)
+    ShadowSettings(**shadow)
 
 
 def test_the_mounted_policies_and_tenant_file_load_as_the_service_loads_them(

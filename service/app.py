@@ -280,8 +280,8 @@ def shadow_from(
 ) -> Shadow:
     """The candidate's pipeline: its guard and breaker, one decode thread (shadow decoding never
     queues ahead of live decoding), no known content (the candidate itself is measured), and
-    metrics of its own (its judgements must not count as the live service's). ValueError for
-    an unknown candidate policy."""
+    metrics of its own (its judgements must not count as the live service's). UnknownPolicy
+    for a candidate policy the files do not define: the service refuses to start."""
     settings = config.candidate(live)
     guard = guard_from(settings)
     private = Metrics()

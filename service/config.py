@@ -303,9 +303,11 @@ class Settings(BaseSettings):
         16_384, ge=1, description="Largest image width or height accepted, in pixels."
     )
     image_resize_side: int = Field(
-        1024,
+        1152,
         ge=32,
-        description="Images are downscaled so their longer side is at most this before judging.",
+        description="Images larger than this are reduced (JPEG DCT scaling, then a whole-factor "
+        "box filter) until their longer side is between half of it and it. 1152: LLaVA-OneVision "
+        "(LlavaGuard) pools anything beyond 3x3 tiles of 384 px back down (anyres_max_9).",
     )
     animation_frames: int = Field(
         1,

@@ -60,7 +60,8 @@ async def test_the_guard_gets_the_policy_prompt_and_downscaled_rgb_pixels() -> N
     await judge(guard, event_record(image=jpeg(640, 480)))
     prompt, shape = guard.calls[0]
     assert prompt == PolicyRegistry.load().get("llavaguard-v1.2").render_prompt()
-    assert shape == (24, 32, 3)
+    # resize side 32 (tests/support/pipeline.py): DCT 1/8 to 80x60, then a box reduce by 3.
+    assert shape == (20, 27, 3)
 
 
 async def test_a_model_that_names_itself_is_named_in_the_verdict() -> None:

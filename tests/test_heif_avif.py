@@ -236,6 +236,15 @@ def test_bomb_no_decoder_would_allocate_is_too_large_at_once(
     assert time.monotonic() - started < 0.5
 
 
+def test_heic_coded_larger_than_its_header_says_is_undecodable_not_a_crash() -> None:
+    """libheif refuses to allocate a picture far larger than the header's, as a RuntimeError that
+    service.core.heif turns into what Pillow's readers raise."""
+    encoded = _declaring(_encode(Image.new("RGB", (512, 512), BLUE), "HEIF"), 64, 64)
+
+    with pytest.raises(ImageDecodeFailed, match=r"libheif: .*Security limit exceeded"):
+        decode_image(encoded, LIMITS)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_declared_size_is_undecodable(fmt: str) -> None:
     with pytest.raises(ImageDecodeFailed):

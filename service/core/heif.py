@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pillow_heif
-from PIL import AvifImagePlugin
+from PIL import AvifImagePlugin, Image
 from pillow_heif import options as heif_options
 
 FORMATS = frozenset({"AVIF", "HEIF"})
@@ -52,7 +53,21 @@ def _configure() -> None:
     # libheif's limits (items, grid tiles, memory per allocation) bound what a file costs past the
     # size it declares, which is all that our own limits see.
     heif_options.DISABLE_SECURITY_LIMITS = False
-    pillow_heif.register_heif_opener()
+    pillow_heif.register_heif_opener()  # the encoder, MIME type and extensions too (tests use them)
+    _, accept = Image.OPEN[_HeifImageFile.format]
+    Image.register_open(_HeifImageFile.format, _HeifImageFile, accept)
+
+
+class _HeifImageFile(pillow_heif.HeifImageFile):
+    """pillow-heif's reader, failing as Pillow's readers fail. libheif's decoding errors come as
+    RuntimeError, which callers of Pillow do not expect: one is libheif's security limit on a
+    coded picture larger than the header declared (which libheif checks before allocating it)."""
+
+    def load(self) -> Any:
+        try:
+            return super().load()  # type: ignore[no-untyped-call]  # pillow-heif is untyped here
+        except RuntimeError as exc:
+            raise ValueError(f"libheif: {exc}") from None
 
 
 _configure()

@@ -245,6 +245,31 @@ def test_heic_coded_larger_than_its_header_says_is_undecodable_not_a_crash() -> 
         decode_image(encoded, LIMITS)
 
 
+def test_libheifs_errors_stay_translated_when_someone_registers_pillow_heif_again() -> None:
+    pillow_heif.register_heif_opener()  # as imageio's Pillow plugin does
+    encoded = _declaring(_encode(Image.new("RGB", (512, 512), BLUE), "HEIF"), 64, 64)
+
+    with pytest.raises(ImageDecodeFailed, match=r"libheif: "):
+        decode_image(encoded, LIMITS)
+
+
+def test_avif_coding_more_than_its_header_says_is_too_large_before_decoding(
+    no_decoding: None,
+) -> None:
+    """libavif decodes at the size of the AV1 sequence header, whatever `ispe` says (a few
+    hundred bytes can code 16384x16384); here 1500x1500 declared as 64x64, under small limits."""
+    small_limits = ImageLimits(
+        max_image_bytes=5_000_000, max_image_pixels=1_000_000, max_image_side=1000, resize_side=512
+    )
+    flat = _encode(Image.new("RGB", (1500, 1500), BLUE), "AVIF", speed=10)
+    encoded = _declaring(flat, 64, 64)
+    assert len(encoded) < 2000
+    assert Image.open(io.BytesIO(encoded)).size == (64, 64)
+
+    with pytest.raises(ImageTooLarge, match=r"^image is 1500x1500; the longest side may be 1000$"):
+        decode_image(encoded, small_limits)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_declared_size_is_undecodable(fmt: str) -> None:
     with pytest.raises(ImageDecodeFailed):
@@ -325,6 +350,46 @@ def test_declared_size_reads_the_ispe_box(fmt: str) -> None:
 
     assert heif.declared_size(encoded) == (96, 64)
     assert heif.declared_size(_declaring(encoded, 70_000, 3)) == (70_000, 3)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (48, 32), (96, 64), (1200, 800)])
+def test_av1_coded_size_reads_the_sequence_header(size: tuple[int, int]) -> None:
+    encoded = _declaring(_encode(Image.new("RGB", size), "AVIF"), 1, 1)
+
+    assert heif.av1_coded_size(encoded) == size
+    assert heif.coded_size(encoded, "AVIF") == size
+    assert heif.coded_size(encoded, "HEIF") == (1, 1)  # no AV1 in a HEIC: the ispe box alone
+
+
+def _with_iloc_extents_repeated(encoded: bytes, times: int) -> bytes:
+    """An AVIF whose one item lists its one extent `times` times (iloc version 0, 4-byte offsets
+    and lengths, no base offset: what Pillow's encoder writes)."""
+    at = encoded.index(b"iloc") + 4
+    size = struct.unpack(">I", encoded[at - 8 : at - 4])[0]
+    version, sizes, count = (
+        encoded[at],
+        encoded[at + 4],
+        struct.unpack(">H", encoded[at + 6 : at + 8]),
+    )
+    assert (version, sizes, count) == (0, 0x44, (1,))
+    item = encoded[at + 8 : at + 8 + 2 + 2 + 2 + 8]
+    item_id, reference, _, extent = item[:2], item[2:4], item[4:6], item[6:14]
+    body = b"\0\0\0\0" + bytes([0x44, 0]) + struct.pack(">H", 1)
+    body += item_id + reference + struct.pack(">H", times) + extent * times
+    iloc = struct.pack(">I", len(body) + 8) + b"iloc" + body
+    patched = bytearray(encoded[: at - 8] + iloc + encoded[at - 8 + size :])
+    meta = patched.index(b"meta") - 4  # the box around iloc grows with it
+    old_size = struct.unpack(">I", patched[meta : meta + 4])[0]
+    patched[meta : meta + 4] = struct.pack(">I", old_size + len(iloc) - size)
+    return bytes(patched)
+
+
+def test_item_data_larger_than_the_file_is_refused_not_walked() -> None:
+    encoded = _encode(Image.new("RGB", (96, 64)), "AVIF")
+    repeated = _with_iloc_extents_repeated(encoded, 10_000)
+
+    with pytest.raises(ImageDecodeFailed, match=r"^HEIF items overlap"):
+        heif.av1_coded_size(repeated)
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pillow_heif
-from PIL import AvifImagePlugin, Image
+from PIL import AvifImagePlugin
 from pillow_heif import options as heif_options
+
+from service.core.errors import ImageDecodeFailed
 
 FORMATS = frozenset({"AVIF", "HEIF"})
 """Pillow's names of the formats read from HEIF files."""
@@ -54,20 +56,22 @@ def _configure() -> None:
     # size it declares, which is all that our own limits see.
     heif_options.DISABLE_SECURITY_LIMITS = False
     pillow_heif.register_heif_opener()  # the encoder, MIME type and extensions too (tests use them)
-    _, accept = Image.OPEN[_HeifImageFile.format]
-    Image.register_open(_HeifImageFile.format, _HeifImageFile, accept)
+    # Patched on pillow-heif's own class, not a subclass of ours: anyone may register its class
+    # again (imageio's Pillow plugin does), and the patch must hold whoever registered last.
+    pillow_heif.HeifImageFile.load = _load_failing_as_pillow  # type: ignore[method-assign,assignment]
 
 
-class _HeifImageFile(pillow_heif.HeifImageFile):
-    """pillow-heif's reader, failing as Pillow's readers fail. libheif's decoding errors come as
+_pillow_heif_load = pillow_heif.HeifImageFile.load
+
+
+def _load_failing_as_pillow(image: pillow_heif.HeifImageFile) -> Any:
+    """pillow-heif's `load`, failing as Pillow's readers fail. libheif's decoding errors come as
     RuntimeError, which callers of Pillow do not expect: one is libheif's security limit on a
     coded picture larger than the header declared (which libheif checks before allocating it)."""
-
-    def load(self) -> Any:
-        try:
-            return super().load()  # type: ignore[no-untyped-call]  # pillow-heif is untyped here
-        except RuntimeError as exc:
-            raise ValueError(f"libheif: {exc}") from None
+    try:
+        return _pillow_heif_load(image)  # type: ignore[no-untyped-call]  # pillow-heif is untyped
+    except RuntimeError as exc:
+        raise ValueError(f"libheif: {exc}") from None
 
 
 _configure()
@@ -127,3 +131,192 @@ def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]
             return
         yield kind, at + header, at + size
         at += size
+
+
+# --- AV1: the size the bitstream codes ----------------------------------------------------------
+#
+# libavif decodes an AV1 picture at the size its sequence header says, whatever the `ispe` box
+# declares (a few hundred bytes can code 16384x16384). So the size checked for an AVIF is also the
+# largest `max_frame_width/height` of every sequence header the decoder could read: those in
+# `av1C` boxes and those at the start of every item's data (found through `iloc`).
+
+MAX_OBUS = 100_000
+"""OBUs walked per file at most: stills have a handful per item; more is refused, not walked."""
+
+
+def coded_size(encoded: bytes, image_format: str) -> tuple[int, int] | None:
+    """The largest size a HEIF file makes its decoder allocate, as far as its header tells: its
+    largest `ispe`, and for AVIF its largest AV1 sequence header. Raises ImageDecodeFailed for
+    item data too convoluted to bound cheaply (overlapping extents, too many OBUs), which no
+    encoder writes."""
+    sizes = [declared_size(encoded), av1_coded_size(encoded) if image_format == "AVIF" else None]
+    return max(
+        (size for size in sizes if size is not None),
+        key=lambda size: size[0] * size[1],
+        default=None,
+    )
+
+
+def av1_coded_size(encoded: bytes) -> tuple[int, int] | None:
+    """The largest frame any AV1 sequence header in a HEIF file allows, or None if it has none."""
+    budget = [MAX_OBUS]
+    sizes = [
+        size
+        for obus in (*_av1c_payloads(encoded), *_item_payloads(encoded))
+        for size in _sequence_header_sizes(obus, budget)
+    ]
+    return max(sizes, key=lambda size: size[0] * size[1], default=None)
+
+
+def _av1c_payloads(encoded: bytes) -> Iterator[bytes]:
+    for meta_start, meta_end in _children(encoded, 0, len(encoded), b"meta"):
+        for iprp_start, iprp_end in _children(encoded, meta_start + 4, meta_end, b"iprp"):
+            for ipco_start, ipco_end in _children(encoded, iprp_start, iprp_end, b"ipco"):
+                for start, end in _children(encoded, ipco_start, ipco_end, b"av1C"):
+                    yield encoded[start + 4 : end]  # after marker, version, profile, level
+
+
+def _item_payloads(encoded: bytes) -> Iterator[bytes]:
+    """Each item's data as the decoder would assemble it: its extents, in order."""
+    total = 0
+    for meta_start, meta_end in _children(encoded, 0, len(encoded), b"meta"):
+        idat = next(_children(encoded, meta_start + 4, meta_end, b"idat"), (0, 0))
+        for iloc_start, iloc_end in _children(encoded, meta_start + 4, meta_end, b"iloc"):
+            for method, base, extents in _iloc_items(encoded[iloc_start:iloc_end]):
+                if method not in (0, 1):
+                    continue  # 2: data made of other items, which are walked themselves
+                origin, limit = (0, len(encoded)) if method == 0 else idat
+                parts = []
+                for offset, length in extents:
+                    start = origin + base + offset
+                    end = limit if length == 0 else min(limit, start + length)
+                    parts.append(encoded[start:end])
+                    total += max(0, end - start)
+                    if total > len(encoded):
+                        raise ImageDecodeFailed("HEIF items overlap: their data exceeds the file")
+                yield b"".join(parts)
+
+
+def _iloc_items(box: bytes) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """(construction method, base offset, [(extent offset, extent length)]) of each item."""
+    reader = _Bytes(box)
+    version = reader.int(1)
+    reader.int(3)  # flags
+    sizes = reader.int(2)
+    offset_size, length_size = sizes >> 12, (sizes >> 8) & 15
+    base_size, index_size = (sizes >> 4) & 15, sizes & 15 if version in (1, 2) else 0
+    for _ in range(reader.int(2 if version < 2 else 4)):
+        reader.int(2 if version < 2 else 4)  # item ID
+        method = reader.int(2) & 15 if version in (1, 2) else 0
+        reader.int(2)  # data reference index
+        base = reader.int(base_size)
+        extents = []
+        for _ in range(reader.int(2)):
+            reader.int(index_size)
+            extents.append((reader.int(offset_size), reader.int(length_size)))
+        yield method, base, extents
+
+
+class _Bytes:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def int(self, size: int) -> int:
+        if self.at + size > len(self.data):
+            raise ImageDecodeFailed("an iloc box ends early")
+        value = int.from_bytes(self.data[self.at : self.at + size], "big")
+        self.at += size
+        return value
+
+
+def _sequence_header_sizes(obus: bytes, budget: list[int]) -> Iterator[tuple[int, int]]:
+    """The max frame size of each sequence header OBU in an OBU stream, walked until it ends or
+    stops being one (where the decoder would stop too)."""
+    at = 0
+    while at < len(obus):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ImageDecodeFailed(f"more than {MAX_OBUS} AV1 OBUs")
+        header = obus[at]
+        if header & 0x80:  # forbidden bit: not an OBU
+            return
+        kind, extended, sized = (header >> 3) & 15, header & 4, header & 2
+        at += 2 if extended else 1
+        size = len(obus) - at
+        if sized:
+            size, at = _leb128(obus, at)
+        if size < 0 or at + size > len(obus):
+            return
+        if kind == 1:  # OBU_SEQUENCE_HEADER
+            frame = _max_frame_size(obus[at : at + size])
+            if frame is not None:
+                yield frame
+        at += size
+
+
+def _leb128(data: bytes, at: int) -> tuple[int, int]:
+    value = 0
+    for i in range(8):
+        if at + i >= len(data):
+            return -1, at
+        value |= (data[at + i] & 0x7F) << (7 * i)
+        if not data[at + i] & 0x80:
+            return value, at + i + 1
+    return -1, at
+
+
+def _max_frame_size(payload: bytes) -> tuple[int, int] | None:
+    """max_frame_width/height of a sequence header OBU (AV1 specification, 5.5.1); None when it
+    is cut short (the decoder refuses it too)."""
+    try:
+        return _read_max_frame_size(_Bits(payload))
+    except IndexError:
+        return None
+
+
+def _read_max_frame_size(bits: _Bits) -> tuple[int, int]:
+    bits.read(3)  # seq_profile
+    bits.read(1)  # still_picture
+    if bits.read(1):  # reduced_still_picture_header
+        bits.read(5)  # seq_level_idx
+    else:
+        decoder_model_info = False
+        if bits.read(1):  # timing_info_present_flag
+            bits.read(32), bits.read(32)  # num_units_in_display_tick, time_scale
+            if bits.read(1):  # equal_picture_interval
+                bits.uvlc()
+            decoder_model_info = bool(bits.read(1))
+            if decoder_model_info:
+                delay_length = bits.read(5) + 1
+                bits.read(32), bits.read(5), bits.read(5)
+        initial_display_delay = bits.read(1)
+        for _ in range(bits.read(5) + 1):  # operating points
+            bits.read(12)  # operating_point_idc
+            if bits.read(5) > 7:  # seq_level_idx
+                bits.read(1)  # seq_tier
+            if decoder_model_info and bits.read(1):
+                bits.read(delay_length), bits.read(delay_length), bits.read(1)
+            if initial_display_delay and bits.read(1):
+                bits.read(4)
+    width_bits, height_bits = bits.read(4) + 1, bits.read(4) + 1
+    return bits.read(width_bits) + 1, bits.read(height_bits) + 1
+
+
+class _Bits:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def read(self, count: int) -> int:
+        value = 0
+        for _ in range(count):
+            value = value << 1 | (self.data[self.at >> 3] >> (7 - (self.at & 7))) & 1
+            self.at += 1
+        return value
+
+    def uvlc(self) -> int:
+        zeros = 0
+        while not self.read(1):
+            zeros += 1
+            if zeros >= 32:
+                return 2**32 - 1
+        return self.read(zeros) + (1 << zeros) - 1

@@ -218,15 +218,15 @@ def _open(encoded: bytes, limits: ImageLimits) -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
         raise ImageDecodeFailed(f"image header could not be read: {exc}") from None
     if image.format in heif.FORMATS:
-        _check_coded_size(encoded, limits)
+        _check_coded_size(encoded, image, limits)
     return image
 
 
-def _check_coded_size(encoded: bytes, limits: ImageLimits) -> None:
-    """A HEIF file's size as Pillow reports it is after its clean-aperture crop (`clap`), but
-    the decoder decodes the whole coded picture first: a tiny crop of a huge picture must not
-    pass our limits, so the largest size the file declares is checked too."""
-    coded = heif.declared_size(encoded)
+def _check_coded_size(encoded: bytes, image: Image.Image, limits: ImageLimits) -> None:
+    """A HEIF file's size as Pillow reports it is after its clean-aperture crop (`clap`), and
+    libavif decodes an AV1 picture at the size its bitstream codes, whatever the header says:
+    the size the decoder will allocate is checked too."""
+    coded = heif.coded_size(encoded, str(image.format))
     if coded is not None:
         _check_dimensions(coded, limits)
 

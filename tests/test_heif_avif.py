@@ -392,6 +392,28 @@ def test_item_data_larger_than_the_file_is_refused_not_walked() -> None:
         heif.av1_coded_size(repeated)
 
 
+def _sequence(size: tuple[int, int], frames: int) -> bytes:
+    colours = [Image.new("RGB", size, COLOURS[i % 3]) for i in range(frames)]
+    return _encode(colours[0], "AVIF", save_all=True, append_images=colours[1:], speed=10)
+
+
+def test_av1_coded_size_of_a_sequence_reads_its_track_samples() -> None:
+    """Without its `meta` box (renamed `free`), only the track tells the size."""
+    tracks_only = _sequence((32, 48), 3).replace(b"meta", b"free", 1)
+
+    assert heif.declared_size(tracks_only) is None
+    assert heif.av1_coded_size(tracks_only) == (32, 48)
+
+
+def test_sample_sizes_past_the_file_are_refused_not_walked() -> None:
+    encoded = bytearray(_sequence((32, 32), 3))
+    at = encoded.index(b"stsz") + 8  # type, version and flags
+    encoded[at : at + 4] = struct.pack(">I", 1_000_000)  # every sample 1 MB
+
+    with pytest.raises(ImageDecodeFailed, match=r"^HEIF samples overlap"):
+        heif.av1_coded_size(bytes(encoded))
+
+
 @pytest.mark.parametrize(
     "encoded",
     [

@@ -162,7 +162,12 @@ def av1_coded_size(encoded: bytes) -> tuple[int, int] | None:
     budget = [MAX_OBUS]
     sizes = [
         size
-        for obus in (*_av1c_payloads(encoded), *_item_payloads(encoded))
+        for obus in (
+            *_av1c_payloads(encoded),
+            *_item_payloads(encoded),
+            *_track_av1c_payloads(encoded),
+            *_sample_payloads(encoded),
+        )
         for size in _sequence_header_sizes(obus, budget)
     ]
     return max(sizes, key=lambda size: size[0] * size[1], default=None)
@@ -195,6 +200,72 @@ def _item_payloads(encoded: bytes) -> Iterator[bytes]:
                     if total > len(encoded):
                         raise ImageDecodeFailed("HEIF items overlap: their data exceeds the file")
                 yield b"".join(parts)
+
+
+def _sample_tables(encoded: bytes) -> Iterator[tuple[int, int]]:
+    """(payload start, end) of the sample table (`stbl`) of every track of a sequence (`avis`)."""
+    for moov_start, moov_end in _children(encoded, 0, len(encoded), b"moov"):
+        for trak_start, trak_end in _children(encoded, moov_start, moov_end, b"trak"):
+            for mdia_start, mdia_end in _children(encoded, trak_start, trak_end, b"mdia"):
+                for minf_start, minf_end in _children(encoded, mdia_start, mdia_end, b"minf"):
+                    yield from _children(encoded, minf_start, minf_end, b"stbl")
+
+
+def _track_av1c_payloads(encoded: bytes) -> Iterator[bytes]:
+    for stbl_start, stbl_end in _sample_tables(encoded):
+        for stsd_start, stsd_end in _children(encoded, stbl_start, stbl_end, b"stsd"):
+            # version, flags and entry count; then each sample entry has 78 bytes of
+            # SampleEntry and VisualSampleEntry fields before its boxes.
+            for entry_start, entry_end in _children(encoded, stsd_start + 8, stsd_end, b"av01"):
+                for start, end in _children(encoded, entry_start + 78, entry_end, b"av1C"):
+                    yield encoded[start + 4 : end]
+
+
+def _sample_payloads(encoded: bytes) -> Iterator[bytes]:
+    """Each sample of each track, located as the decoder locates them: chunk offsets (`stco`,
+    `co64`), samples per chunk (`stsc` runs, each holding until the next run's first chunk) and
+    sample sizes (`stsz`). At most MAX_OBUS chunks and samples in all, and no more bytes than
+    the file holds."""
+    total = walked = 0
+    for stbl_start, stbl_end in _sample_tables(encoded):
+        tables = {
+            kind: encoded[start:end]
+            for kind in (b"stsz", b"stsc", b"stco", b"co64")
+            for start, end in _children(encoded, stbl_start, stbl_end, kind)
+        }
+        chunks = _table(tables.get(b"stco", b""), 4) or _table(tables.get(b"co64", b""), 8)
+        runs = [(_int(run[:4]), _int(run[4:8])) for run in _table(tables.get(b"stsc", b""), 12)]
+        sizes = _Bytes(tables.get(b"stsz", bytes(12)))
+        sizes.int(4)  # version and flags
+        constant, count = sizes.int(4), sizes.int(4)
+        run = per_chunk = 0
+        for index, chunk in enumerate(chunks, start=1):
+            while run < len(runs) and runs[run][0] <= index:
+                per_chunk = runs[run][1]
+                run += 1
+            at = _int(chunk)
+            for _ in range(min(per_chunk, count)):
+                size = constant or sizes.int(4)
+                count -= 1
+                total, walked = total + size, walked + 1
+                if total > len(encoded) or walked > MAX_OBUS:
+                    raise ImageDecodeFailed("HEIF samples overlap or are too many to walk")
+                yield encoded[at : at + size]
+                at += size
+
+
+def _int(data: bytes) -> int:
+    return int.from_bytes(data, "big")
+
+
+def _table(box: bytes, entry: int) -> list[bytes]:
+    """The entries of a full box that is a 32-bit count, then that many `entry`-byte entries."""
+    if len(box) < 8:
+        return []
+    count = _int(box[4:8])
+    if 8 + count * entry > len(box) or count > MAX_OBUS:
+        raise ImageDecodeFailed("a sample table ends early or is too long to walk")
+    return [box[8 + i * entry : 8 + (i + 1) * entry] for i in range(count)]
 
 
 def _iloc_items(box: bytes) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:

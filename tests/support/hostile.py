@@ -368,9 +368,16 @@ def heif_cases() -> list[tuple[str, bytes, str]]:
     # x265 codes 48x32 as 64x64 and crops it with a `clap` box: a tiny crop of a huge coded
     # picture is as large as the coded picture (libheif decodes all of it first).
     cropped = _heif(Image.new("RGB", (48, 32), (200, 10, 10)), "HEIF")
-    cases.append(
-        ("HEIC 48x32 crop of 3000x3000", _declaring_ispe(cropped, 3000, 3000), "image_too_large")
-    )
+    # Pictures coded larger than their header says: libavif would decode the AV1 picture at its
+    # coded size (a few hundred bytes for 3000x3000); libheif refuses one past its own limit.
+    flat = Image.new("RGB", (3000, 3000), (10, 200, 30))
+    av1_lie = _declaring_ispe(_encoded(flat, "AVIF", speed=10), 64, 64)
+    hevc_lie = _declaring_ispe(_heif(flat.resize((512, 512)), "HEIF"), 64, 64)
+    cases += [
+        ("HEIC 48x32 crop of 3000x3000", _declaring_ispe(cropped, 3000, 3000), "image_too_large"),
+        ("AVIF coding 3000x3000, declaring 64x64", av1_lie, "image_too_large"),
+        ("HEIC coding 512x512, declaring 64x64", hevc_lie, "image_decode_failed"),
+    ]
     return cases
 
 

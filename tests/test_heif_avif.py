@@ -126,6 +126,19 @@ def test_large_heic_and_avif_are_downscaled_to_the_resize_side(fmt: str) -> None
     _assert_quadrants(image.pixels, (RED, BLUE, GREEN, WHITE))
 
 
+def test_grid_heic_as_phones_write_it_decodes_whole_and_is_checked_whole() -> None:
+    """iPhones store a photo as a grid of 512x512 tiles: the grid's `ispe` is the photo's size."""
+    encoded = _encode(_quadrants(1100, 700), "HEIF", tile_size=512)
+    assert b"grid" in encoded
+
+    image = decode_image(encoded, LIMITS)
+
+    assert (image.width, image.height) == (1100, 700)
+    _assert_quadrants(image.pixels, (RED, BLUE, GREEN, WHITE))
+    with pytest.raises(ImageTooLarge, match=r"^image is 1100x700; the longest side may be 1000$"):
+        decode_image(encoded, ImageLimits(5_000_000, 40_000_000, 1000, 512))
+
+
 def test_10_bit_heic_decodes_to_8_bit() -> None:
     deep = np.asarray(_quadrants(48, 32)).astype(np.uint16) * 257
     heic = pillow_heif.from_bytes(mode="RGB;16", size=(48, 32), data=deep.tobytes())

@@ -11,7 +11,11 @@ has exactly one decoder here:
 
 Importing this module registers pillow-heif's plugin and sets both decoders' options; it does
 nothing else. Neither plugin decodes pixels in `Image.open`: the size there comes from the file's
-`ispe` box, so `images.decode_image` checks its limits before anything is decoded.
+`ispe` box, so `images.decode_image` checks its limits before anything is decoded. That size is
+not always what the decoder allocates, so `coded_size` reads that too, without a decoder: the
+largest `ispe` (a `clap` crop is reported, the coded picture is decoded) and, for AVIF, the AV1
+sequence headers (libavif decodes at the size the bitstream codes). libheif refuses a HEVC
+picture coded much larger than its `ispe` itself, before decoding it.
 
 Orientation is applied exactly once, by different parties: libheif applies `irot`/`imir` itself
 while decoding (the size reported is already turned) and pillow-heif resets the EXIF orientation to
@@ -21,6 +25,7 @@ plugin turns them into the EXIF orientation that `images._orient` applies.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +64,10 @@ def _configure() -> None:
     # Patched on pillow-heif's own class, not a subclass of ours: anyone may register its class
     # again (imageio's Pillow plugin does), and the patch must hold whoever registered last.
     pillow_heif.HeifImageFile.load = _load_failing_as_pillow  # type: ignore[method-assign,assignment]
+    # Patched on Pillow's class too: Pillow registers it itself, whenever its plugins load.
+    avif = AvifImagePlugin.AvifImageFile
+    avif._open = _avif_open_failing_as_pillow  # type: ignore[method-assign,assignment]
+    avif.load = _avif_load_failing_as_pillow  # type: ignore[method-assign,assignment]
 
 
 _pillow_heif_load = pillow_heif.HeifImageFile.load
@@ -72,6 +81,29 @@ def _load_failing_as_pillow(image: pillow_heif.HeifImageFile) -> Any:
         return _pillow_heif_load(image)  # type: ignore[no-untyped-call]  # pillow-heif is untyped
     except RuntimeError as exc:
         raise ValueError(f"libheif: {exc}") from None
+
+
+# Pillow's AVIF plugin lets libavif's errors out as RuntimeError (and a zero timescale in a
+# damaged sequence as ZeroDivisionError), in `_open` as in `load`: one in a hundred damaged files
+# did in a fuzzing run. Translated so that `Image.open` tries the next reader and then says it
+# cannot identify the file, and `load` fails as Pillow's readers fail.
+_LIBAVIF_ERRORS = (RuntimeError, ZeroDivisionError)
+_avif_open = AvifImagePlugin.AvifImageFile._open
+_avif_load = AvifImagePlugin.AvifImageFile.load
+
+
+def _avif_open_failing_as_pillow(image: AvifImagePlugin.AvifImageFile) -> None:
+    try:
+        _avif_open(image)
+    except _LIBAVIF_ERRORS as exc:
+        raise SyntaxError(f"libavif: {exc}") from None
+
+
+def _avif_load_failing_as_pillow(image: AvifImagePlugin.AvifImageFile) -> Any:
+    try:
+        return _avif_load(image)
+    except _LIBAVIF_ERRORS as exc:
+        raise ValueError(f"libavif: {exc}") from None
 
 
 _configure()
@@ -138,7 +170,8 @@ def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]
 # libavif decodes an AV1 picture at the size its sequence header says, whatever the `ispe` box
 # declares (a few hundred bytes can code 16384x16384). So the size checked for an AVIF is also the
 # largest `max_frame_width/height` of every sequence header the decoder could read: those in
-# `av1C` boxes and those at the start of every item's data (found through `iloc`).
+# `av1C` boxes, in every item's data (found through `iloc`) and in every sample of a sequence's
+# tracks (found through the sample tables).
 
 MAX_OBUS = 100_000
 """OBUs walked per file at most: stills have a handful per item; more is refused, not walked."""
@@ -162,11 +195,11 @@ def av1_coded_size(encoded: bytes) -> tuple[int, int] | None:
     budget = [MAX_OBUS]
     sizes = [
         size
-        for obus in (
-            *_av1c_payloads(encoded),
-            *_item_payloads(encoded),
-            *_track_av1c_payloads(encoded),
-            *_sample_payloads(encoded),
+        for obus in itertools.chain(  # lazily: one item or sample in memory at a time
+            _av1c_payloads(encoded),
+            _item_payloads(encoded),
+            _track_av1c_payloads(encoded),
+            _sample_payloads(encoded),
         )
         for size in _sequence_header_sizes(obus, budget)
     ]

@@ -4,6 +4,7 @@ Everything here is synchronous and CPU-bound: the pipeline runs `decode_image` i
 pool (Pillow releases the GIL while decoding), so a large image never stalls the event loop.
 Only the formats in `ALLOWED_FORMATS` are ever handed to a Pillow plugin: Pillow's other
 readers (EPS through Ghostscript, for one) are not code we want strangers' bytes to reach.
+HEIC and AVIF come through `service.core.heif`, which registers and configures their readers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.core import heif
 from service.core.errors import (
     ImageDecodeFailed,
     ImageTooLarge,
@@ -28,7 +30,9 @@ from service.core.errors import (
 )
 from service.core.hashing import Pdq, pdq_of
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Tried in this order: AVIF before HEIF, so that Pillow's AV1 reader sees a HEIF file whose brand
+# either could read before libheif does (see service/core/heif.py).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 
 # Formats people upload that we do not decode, recognised so the dead letter can say
 # "unsupported" rather than "corrupt". Checked only after the allowed readers gave up.
@@ -47,10 +51,6 @@ _KNOWN_UNSUPPORTED: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
     (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
     (0, b"\xffO\xffQ", "JPEG 2000"),
-    (4, b"ftypheic", "HEIC"),
-    (4, b"ftypheix", "HEIC"),
-    (4, b"ftypmif1", "HEIF"),
-    (4, b"ftypavif", "AVIF"),
 )
 
 _WHITE = (255, 255, 255, 255)
@@ -126,7 +126,7 @@ def decode_image(encoded: bytes, limits: ImageLimits) -> DecodedImage:
     """Decode, check limits, orient, convert to RGB and downscale one encoded image."""
     if len(encoded) > limits.max_image_bytes:
         raise ImageTooLarge(f"image is {len(encoded)} bytes; the limit is {limits.max_image_bytes}")
-    image = _open(encoded)
+    image = _open(encoded, limits)
     declared = image.size
     _check_dimensions(declared, limits)
     if image.format == "JPEG":
@@ -209,12 +209,15 @@ def _downscaled_rgb(image: Image.Image, limits: ImageLimits) -> npt.NDArray[np.u
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 
-def _open(encoded: bytes) -> Image.Image:
+def _open(encoded: bytes, limits: ImageLimits) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(encoded), formats=ALLOWED_FORMATS)
+        image = Image.open(io.BytesIO(encoded), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc)) from None
     except UnidentifiedImageError:
+        too_large = heif.over_decoder_limits(encoded)
+        if too_large:
+            raise ImageTooLarge(too_large) from None
         known = sniff_unsupported(encoded)
         if known:
             raise UnsupportedImageFormat(
@@ -226,6 +229,18 @@ def _open(encoded: bytes) -> Image.Image:
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
         raise ImageDecodeFailed(f"image header could not be read: {exc}") from None
+    if image.format in heif.FORMATS:
+        _check_coded_size(encoded, image, limits)
+    return image
+
+
+def _check_coded_size(encoded: bytes, image: Image.Image, limits: ImageLimits) -> None:
+    """A HEIF file's size as Pillow reports it is after its clean-aperture crop (`clap`), and
+    libavif decodes an AV1 picture at the size its bitstream codes, whatever the header says:
+    the size the decoder will allocate is checked too."""
+    coded = heif.coded_size(encoded, str(image.format))
+    if coded is not None:
+        _check_dimensions(coded, limits)
 
 
 def sniff_unsupported(encoded: bytes) -> str | None:

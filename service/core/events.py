@@ -56,7 +56,8 @@ class InlineImage(_Strict):
         str,
         Field(
             min_length=1,
-            description="The encoded image file (JPEG, PNG, WebP, GIF, BMP, TIFF), base64.",
+            description="The encoded image file (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC, AVIF), "
+            "base64.",
             json_schema_extra={"contentEncoding": "base64"},
         ),
     ]

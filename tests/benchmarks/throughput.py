@@ -55,23 +55,22 @@ The benchmark runs on a shared, small machine: the "others" column is the CPU th
 not part of the measurement used meanwhile (% of one core; the image server's part of it for
 the URL kinds), so a disturbed row can be seen.
 
-`--profile` adds, per kind, one more guardstream run (defaults, not counted) sampled by py-spy
-(`py-spy record --native --format raw` for `--profile-seconds`), and prints its top functions
-by own samples with their total (inclusive) share.
+`--profile [KIND ...]` adds, per kind named (every kind when none is), one more guardstream
+run (defaults, not counted) sampled by py-spy (`py-spy record --native --format raw` for
+`--profile-seconds`), and prints its top functions by own samples with their total share.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -90,7 +89,7 @@ from tests.benchmarks.harness import (
     OutputReader,
     check_running,
     end_offsets,
-    free_port,
+    image_server,
     in_own_stack,
     peak_rss,
     publish,
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         args.events = [k.events for k in args.kinds]
     if len(args.events) != len(args.sizes):
         parser.error("--events takes one count per size in --sizes")
-    if args.profile and not PY_SPY.exists():
+    if args.profile is not None and not PY_SPY.exists():
         parser.error(f"--profile needs py-spy, not at {PY_SPY}")
     started = time.monotonic()
     results = in_own_stack(
@@ -274,15 +273,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-seconds",
         type=float,
-        default=8,
+        default=6,
         help="a throughput run ends after this long, if its events are not done [%(default)s]",
     )
     parser.add_argument(
         "--in-flight",
         type=int,
         nargs="+",
-        default=[1, 4, 16, 64, 256],
-        help="GUARDSTREAM_MAX_IN_FLIGHT values to run (64, the default, runs as 'defaults')",
+        default=[4, 64, 256],
+        help="GUARDSTREAM_MAX_IN_FLIGHT values to run (64, the default, runs as 'defaults') "
+        "[%(default)s]",
     )
     parser.add_argument(
         "--set",
@@ -298,7 +298,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[1, 4, 16, 64],
         help="concurrencies of ceiling B [%(default)s]",
     )
-    parser.add_argument("--triton-seconds", type=float, default=3, help="per concurrency [3]")
+    parser.add_argument("--triton-seconds", type=float, default=2, help="per concurrency [2]")
     parser.add_argument(
         "--essential-in-flight",
         type=int,
@@ -308,8 +308,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--profile",
-        action="store_true",
-        help="one more guardstream run per kind, sampled by py-spy: its top functions",
+        nargs="*",
+        metavar="KIND",
+        help="one more guardstream run of these kinds (all when none is named), sampled by "
+        "py-spy: its top functions",
     )
     parser.add_argument(
         "--profile-seconds", type=float, default=6, help="py-spy's sampling [%(default)s]"
@@ -317,7 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--paced-seconds",
         type=float,
-        default=5,
+        default=4,
         help="latency runs publish at half the throughput for this long; 0: none [%(default)s]",
     )
     parser.add_argument(
@@ -613,32 +615,6 @@ def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
-@contextlib.asynccontextmanager
-async def image_server(directory: Path) -> AsyncIterator[str]:
-    """A static HTTP server of `directory` on 127.0.0.1 (Python's, threaded, a child process
-    of its own); its base URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
-    command += ["--directory", str(directory)]
-    server = start_child(command, {}, directory.parent / "image-server.log")
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise BenchmarkFailed("the image server did not start") from None
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            break
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        with uninterrupted():
-            stop_child(server)
-
-
 async def _paced(
     producer: AIOKafkaProducer, topic: str, records: Iterator[Outgoing], rate: float
 ) -> dict[bytes, int]:
@@ -735,7 +711,7 @@ async def _kind(
             result.runs.append(
                 await bench.throughput("guardstream", k.name, backlog, sent, overrides)
             )
-        if args.profile:
+        if args.profile is not None and (not args.profile or k.name in args.profile):
             raw = bench.workdir / f"profile-{k.name}.txt"
             await bench.throughput("guardstream", k.name, backlog, sent, {}, profile=raw)
             if raw.exists():

@@ -281,10 +281,10 @@ async def essential(settings: Settings) -> None:
                     task = asyncio.create_task(handle(producer, record.key, record.value))
                     started(task)
                     pending.setdefault(tp, collections.deque()).append((record.offset, task))
-            if not batches and pending:
+            in_progress = [task for queue in pending.values() for _, task in queue]
+            if not batches and in_progress:
                 # Nothing new: wait for something in flight to finish, then commit.
-                tasks = [task for queue in pending.values() for _, task in queue]
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(in_progress, return_when=asyncio.FIRST_COMPLETED)
             commits = {}
             for tp, queue in pending.items():
                 while queue and queue[0][1].done():

@@ -204,6 +204,7 @@ async def naive(settings: Settings) -> None:
     await guard.wait_ready(settings.guard_startup_timeout_s)
     breaker = breaker_from(settings, guard, metrics)
     pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+    fetcher = fetcher_from(settings)
     rules = RulesFiles.from_settings(settings).load()
     pipeline = pipeline_from(
         settings,
@@ -213,7 +214,7 @@ async def naive(settings: Settings) -> None:
         decode_pool=pool,
         metrics=metrics,
         tracer=get_tracer(),
-        fetcher=None,
+        fetcher=fetcher,
     )
 
     async def work(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
@@ -234,6 +235,8 @@ async def naive(settings: Settings) -> None:
     finally:
         await breaker.close()
         await guard.close()
+        if fetcher is not None:
+            await fetcher.close()
         pool.shutdown()
         provider.shutdown()
 

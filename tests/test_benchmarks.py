@@ -7,6 +7,7 @@ its timings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -187,6 +188,9 @@ def test_report_has_every_row_the_ratios_and_the_scaling_table() -> None:
         profile=[("decode_image (service/core/images.py)", 50, 120)],
     )
     text = throughput.report([result], wall_s=123)
+    # What main writes to the JSON reads back into the same report.
+    document = json.loads(json.dumps({"sizes": [dataclasses.asdict(result)]}))
+    assert throughput.report(throughput.load_results(document), wall_s=123) == text
     for row in (
         "ceiling A: aiokafka loop",
         "ceiling B: tritonclient loop, 4 in flight",
@@ -201,9 +205,10 @@ def test_report_has_every_row_the_ratios_and_the_scaling_table() -> None:
     assert "guardstream max_in_flight=256: 0.96 x C, 0.80 x min(A, B), 8.0 x baseline" in text
     assert "guardstream defaults: 0.80 x C, 0.67 x min(A, B), 6.7 x baseline" in text
     assert "| 50 KB JPEG | 15% | 500 | 480 | 0.96 | 2.00 | 2.00 | 150 | 0 |" in text
-    assert "| weighted mix (of the 15% run) | 15% | 500 | 480 | 0.96 |" in text
+    assert "| weighted mix (of the 15% judged) | 15% | 500 | 480 | 0.96 |" in text
     assert "| `decode_image (service/core/images.py)` | 25.0 | 60.0 |" in text
-    assert "| 256 | 480 | 2.00 | 150 | - |" in text
+    assert "| jpeg-50k | 256 | 480 | 2.00 | 150 | - | 0 |" in text
+    assert "| jpeg-50k | 16 | 500 | 2.00 | 150 | 0 |" in text
     assert "benchmark wall time 123 s" in text
 
 

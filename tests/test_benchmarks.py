@@ -7,6 +7,7 @@ its timings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -21,12 +22,18 @@ from service.core.events import EventLimits, parse_event
 from service.core.hashing import pdq_distance
 from service.core.images import ImageLimits, decode_image
 from tests.benchmarks import banks_index, decide, known_content, pdq_cost, throughput
+from tests.benchmarks.images import KINDS, MIX
+from tests.benchmarks.images import kind as image_kind
 from tests.benchmarks.report import (
     ceiling,
+    frame_name,
     latencies_ms,
     markdown_table,
+    mix_mean,
+    mix_rate,
     number,
     percentiles,
+    profile_top,
     ratio,
 )
 from tests.benchmarks.throughput import Events, Latency, Run, SizeResult, jpeg_of_size
@@ -68,6 +75,52 @@ def test_ratios_and_the_ceiling_say_unknown_rather_than_guess() -> None:
     assert number(1234.5, 1) == "1,234.5"
 
 
+def test_the_mix_rate_is_the_harmonic_mean_by_share_of_the_kinds_measured() -> None:
+    # 10 events of a kind at 100/s and 10 at 10/s take 0.1 + 1 s: 20 / 1.1 events/s.
+    assert mix_rate({"a": 0.5, "b": 0.5}, {"a": 100, "b": 10}) == pytest.approx(20 / 1.1)
+    # A kind not measured is left out, the other shares renormalised.
+    assert mix_rate({"a": 0.3, "b": 0.7}, {"a": 100}) == pytest.approx(100)
+    assert math.isnan(mix_rate({"a": 1.0}, {"a": math.nan}))
+    assert mix_mean({"a": 0.25, "b": 0.75}, {"a": 4.0, "b": 8.0}) == pytest.approx(7.0)
+    assert mix_mean({"a": 0.25, "b": 0.75}, {"a": 4.0}) == pytest.approx(4.0)
+    assert math.isnan(mix_mean({"a": 1.0}, {}))
+
+
+def test_the_mix_covers_every_kind_and_adds_up_to_one() -> None:
+    assert set(MIX) == set(KINDS)
+    assert sum(MIX.values()) == pytest.approx(1.0)
+    assert image_kind("jpeg-12mp").by_url
+    assert image_kind("jpeg-20000").label == "20 KB JPEG"
+    with pytest.raises(ValueError, match="unknown image kind"):
+        image_kind("gif")
+
+
+def test_profile_frames_lose_their_lines_and_aggregate_own_and_total_samples() -> None:
+    assert frame_name("decode_image (/w/service/core/images.py:140)") == (
+        "decode_image (service/core/images.py)"
+    )
+    assert frame_name("_read (/v/lib/python3.11/site-packages/aiokafka/conn.py:7)") == (
+        "_read (aiokafka/conn.py)"
+    )
+    assert frame_name("run (/usr/lib/python3.11/asyncio/base_events.py:12)") == (
+        "run (stdlib asyncio/base_events.py)"
+    )
+    assert frame_name("ImagingJpegDecode (libImaging.so)") == "ImagingJpegDecode (libImaging.so)"
+    assert frame_name("0x7f17064a3f16 (libc.so.6)") == "? (libc.so.6)"
+    raw = [
+        "main (/w/service/app.py:1);decode (/w/service/core/images.py:5) 30\n",
+        "main (/w/service/app.py:1);decode (/w/service/core/images.py:9) 20\n",
+        "main (/w/service/app.py:2) 10\n",
+        "not a stack line\n",
+    ]
+    samples, top = profile_top(raw, top=2)
+    assert samples == 60
+    assert top == [
+        ("decode (service/core/images.py)", 50, 50),
+        ("main (service/app.py)", 10, 60),
+    ]
+
+
 def test_markdown_table_aligns_number_columns_right() -> None:
     assert markdown_table(["row", "events/s"], [["a", "1"], ["b", "22"]]) == (
         "| row | events/s |\n| --- | ---: |\n| a | 1 |\n| b | 22 |"
@@ -82,7 +135,7 @@ def test_images_are_jpegs_of_about_the_asked_size() -> None:
 
 
 def test_events_are_valid_image_events_with_unique_ids_and_trace_context() -> None:
-    events = list(Events([b"\xff\xd8first", b"\xff\xd8second"], "run1").take(3))
+    events = list(Events([b"\xff\xd8first", "https://example.com/second.jpg"], "run1").take(3))
     limits = EventLimits(max_event_bytes=1 << 20, max_metadata_bytes=4096)
     parsed = [parse_event(e.value, limits) for e in events]
     assert [p.event_id for p in parsed] == [e.key.decode() for e in events]
@@ -95,9 +148,11 @@ def test_events_are_valid_image_events_with_unique_ids_and_trace_context() -> No
 def _run(mode: str, per_s: float, overrides: dict[str, str] | None = None) -> Run:
     return Run(
         mode=mode,
-        size=50_000,
+        size="jpeg-50k",
         overrides=overrides or {},
-        in_flight=int((overrides or {}).get("MAX_IN_FLIGHT", 64)) if mode == "guardstream" else 4,
+        in_flight=int((overrides or {}).get("MAX_IN_FLIGHT", 64))
+        if mode in ("guardstream", "essential")
+        else 4,
         events=1000,
         seconds=10,
         events_per_s=per_s,
@@ -113,7 +168,8 @@ def _run(mode: str, per_s: float, overrides: dict[str, str] | None = None) -> Ru
 def test_report_has_every_row_the_ratios_and_the_scaling_table() -> None:
     best = _run("guardstream", 480, {"MAX_IN_FLIGHT": "256"})
     result = SizeResult(
-        size=50_000,
+        size="jpeg-50k",
+        label="50 KB JPEG",
         image_bytes=[50_000],
         record_bytes_mean=67_000,
         backlog=6000,
@@ -121,32 +177,45 @@ def test_report_has_every_row_the_ratios_and_the_scaling_table() -> None:
         runs=[
             _run("kafka", 3000),
             _run("triton", 600),
+            _run("essential", 500, {"MAX_IN_FLIGHT": "16"}),
             _run("naive", 60),
             _run("guardstream", 400),
             best,
         ],
         triton_levels=[_run("triton", 600)],
+        essential_levels=[_run("essential", 500, {"MAX_IN_FLIGHT": "16"})],
+        profile_samples=200,
+        profile=[("decode_image (service/core/images.py)", 50, 120)],
     )
     text = throughput.report([result], wall_s=123)
+    # What main writes to the JSON reads back into the same report.
+    document = json.loads(json.dumps({"sizes": [dataclasses.asdict(result)]}))
+    assert throughput.report(throughput.load_results(document), wall_s=123) == text
     for row in (
         "ceiling A: aiokafka loop",
         "ceiling B: tritonclient loop, 4 in flight",
+        "ceiling C: essential loop, 16 in flight",
         "baseline: naive loop",
         "guardstream defaults",
         "guardstream max_in_flight=256 (best)",
     ):
         assert f"| {row} |" in text
     # best: 480 / min(3000, 600) and 480 / 60; defaults: 400 / 600 and 400 / 60.
-    assert "guardstream max_in_flight=256: 0.80 x min(A, B), 8.0 x baseline" in text
-    assert "guardstream defaults: 0.67 x min(A, B), 6.7 x baseline" in text
-    assert "| 256 | 480 | 2.00 | 150 | - |" in text
+    # best: 480 / C's 500 = 0.96; the mix of one kind is that kind.
+    assert "guardstream max_in_flight=256: 0.96 x C, 0.80 x min(A, B), 8.0 x baseline" in text
+    assert "guardstream defaults: 0.80 x C, 0.67 x min(A, B), 6.7 x baseline" in text
+    assert "| 50 KB JPEG | 15% | 500 | 480 | 0.96 | 2.00 | 2.00 | 150 | 0 |" in text
+    assert "| weighted mix (of the 15% judged) | 15% | 500 | 480 | 0.96 |" in text
+    assert "| `decode_image (service/core/images.py)` | 25.0 | 60.0 |" in text
+    assert "| jpeg-50k | 256 | 480 | 2.00 | 150 | - | 0 |" in text
+    assert "| jpeg-50k | 16 | 500 | 2.00 | 150 | 0 |" in text
     assert "benchmark wall time 123 s" in text
 
 
 @pytest.mark.stack
 def test_the_benchmark_runs_on_a_few_hundred_events(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
-    argv = ["--sizes", "20000", "--events", "300", "--modes", "guardstream"]
+    argv = ["--sizes", "jpeg-20000", "--events", "300", "--modes", "guardstream"]
     argv += ["--in-flight", "64", "--paced-seconds", "1", "--json", str(out)]
     assert throughput.main(argv) == 0
     document = json.loads(out.read_text())

@@ -19,6 +19,13 @@ It refuses idempotent producers, so the service runs with GUARDSTREAM_ENABLE_IDE
 (delivery stays at least once). `--broker noida-db` is the other choice; noida-db 0.2.3 ignores
 fetch byte limits and answers with the rest of the partition, so there one fetch holds up to the
 whole remaining backlog and the client's memory follows it.
+
+The events are small PNGs, inline, unless `--images KIND` names a kind of the throughput
+benchmark's (`tests/benchmarks/images.py`): `--images jpeg-12mp --events 64` is a backlog of 64
+URL events of 12 MP phone JPEGs (served by a static HTTP server on 127.0.0.1, which the service
+is allowed to fetch from), all of them in flight at once at the default in-flight limit: the
+memory the service needs for a window of phone photos. "VmHWM" is the kernel's own peak of the
+service's RSS, read before it is stopped (the samples may miss a short peak).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from PIL import Image
 
 from service.client import encode_event, image_event
+from service.core.events import ImageEvent
 from service.dev import stack
 from tests.benchmarks.harness import (
     BENCH_DIR,
@@ -55,10 +63,12 @@ from tests.benchmarks.harness import (
     Outgoing,
     check_running,
     end_offsets,
+    image_server,
     in_own_stack,
     listening_port,
     log_problems,
     partitions_of,
+    peak_rss,
     publish,
     rss,
     rss_or_zero,
@@ -66,6 +76,7 @@ from tests.benchmarks.harness import (
     stop_child,
     uninterrupted,
 )
+from tests.benchmarks.images import KINDS, images_of
 
 DEFAULT_JSON = BENCH_DIR / "backlog_memory.json"
 INPUT_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC = "images", "verdicts", "images.dlq"
@@ -104,6 +115,8 @@ class Result:
     rss_start_mib: float
     """After Triton was ready and the consumer was up, before the first event was taken."""
     rss_peak_mib: float
+    rss_hwm_mib: float
+    """The kernel's peak of the service's RSS (VmHWM), read when every event was committed."""
     rss_25_mib: float
     rss_50_mib: float
     rss_75_mib: float
@@ -123,6 +136,7 @@ class Result:
     broker_rss_end_mib: float
     workdir: str
     samples: list[Sample]
+    images: str = "tiles"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +181,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-in-flight", type=int, help="GUARDSTREAM_MAX_IN_FLIGHT")
     parser.add_argument(
+        "--images",
+        choices=["tiles", *KINDS],
+        default="tiles",
+        help="the events' images: tiles (32x32 PNGs, inline) or a throughput benchmark kind, "
+        "by URL where it is one (jpeg-12mp) [%(default)s]",
+    )
+    parser.add_argument(
         "--delivery", choices=["at-least-once", "exactly-once"], help="GUARDSTREAM_DELIVERY"
     )
     parser.add_argument(
@@ -193,9 +214,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _benchmark(args: argparse.Namespace, state: stack.StackState, workdir: Path) -> Result:
+    if args.images == "tiles" or not KINDS[args.images].by_url:
+        return await _measure(args, state, workdir, _images(args.images))
+    served = workdir / "served"
+    served.mkdir()
+    k = KINDS[args.images]
+    names = []
+    for i, image in enumerate(images_of(k, BENCH_DIR / "images")):
+        names.append(f"{k.name}-{i}{k.suffix}")
+        (served / names[-1]).write_bytes(image)
+    async with image_server(served) as base_url:
+        return await _measure(args, state, workdir, [f"{base_url}/{name}" for name in names])
+
+
+async def _measure(
+    args: argparse.Namespace,
+    state: stack.StackState,
+    workdir: Path,
+    sources: list[bytes | str],
+) -> Result:
     print(f"publishing {args.events} events to {INPUT_TOPIC!r} ...", flush=True)
     produce_started = time.monotonic()
-    total_bytes = await _produce(state.bootstrap_servers, args.events, args.broker != "tansu")
+    total_bytes = await _produce(
+        state.bootstrap_servers, args.events, args.broker != "tansu", sources
+    )
     produce_s = time.monotonic() - produce_started
     print(
         f"published in {produce_s:.1f}s ({args.events / produce_s:.0f}/s, "
@@ -213,6 +255,7 @@ async def _benchmark(args: argparse.Namespace, state: stack.StackState, workdir:
             samples, rss_start, cpu = await _watch(service, state, admin, args, started, log_path)
         finally:
             await admin.close()
+        hwm = peak_rss(service.pid)
         print("all events committed; stopping the service with SIGTERM ...", flush=True)
         stopping = time.monotonic()
         service.send_signal(signal.SIGTERM)
@@ -226,6 +269,7 @@ async def _benchmark(args: argparse.Namespace, state: stack.StackState, workdir:
         args,
         samples,
         rss_start=rss_start,
+        rss_hwm=hwm,
         cpu=cpu,
         total_bytes=total_bytes,
         produce_s=produce_s,
@@ -240,14 +284,17 @@ async def _benchmark(args: argparse.Namespace, state: stack.StackState, workdir:
     )
 
 
-def _images() -> list[bytes]:
-    """Four small, real PNGs: 32x32 mosaics of 6x6 random colour tiles, ~280 bytes each.
+def _images(kind: str = "tiles") -> list[bytes | str]:
+    """The inline images of a throughput benchmark kind, or (tiles) four small, real PNGs:
+    32x32 mosaics of 6x6 random colour tiles, ~280 bytes each.
 
     Tiles rather than noise or smooth gradients: noise makes kilobytes of PNG, gradients a
     hundred bytes; tiles give records of ~0.5 KB, so the broker holds 100k of them easily.
     """
+    if kind != "tiles":
+        return list(images_of(KINDS[kind], BENCH_DIR / "images"))
     rng = np.random.default_rng(20_240_601)  # the same images on every run
-    encoded = []
+    encoded: list[bytes | str] = []
     for _ in range(4):
         tiles = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
         pixels = np.repeat(np.repeat(tiles, 6, axis=0), 6, axis=1)[:32, :32]
@@ -257,9 +304,9 @@ def _images() -> list[bytes]:
     return encoded
 
 
-async def _produce(bootstrap: str, events: int, idempotent: bool) -> int:
-    """Publish the backlog, pipelined; the total bytes of record values."""
-    images = _images()
+async def _produce(bootstrap: str, events: int, idempotent: bool, images: list[bytes | str]) -> int:
+    """Publish the backlog (image bytes inline, or URLs), pipelined; the total bytes of record
+    values."""
     run = secrets.token_hex(4)
 
     def records() -> Iterator[Outgoing]:
@@ -270,14 +317,18 @@ async def _produce(bootstrap: str, events: int, idempotent: bool) -> int:
             traceparent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
             yield Outgoing(
                 key=event_id.encode(),
-                value=encode_event(
-                    image_event(event_id, image=images[i % len(images)], metadata={"bench": run})
-                ),
+                value=encode_event(_event(event_id, images[i % len(images)], run)),
                 headers=[("traceparent", traceparent.encode()), ("event-id", event_id.encode())],
             )
 
     _, total = await publish(bootstrap, INPUT_TOPIC, records(), idempotent=idempotent)
     return total
+
+
+def _event(event_id: str, image: bytes | str, run: str) -> ImageEvent:
+    if isinstance(image, str):
+        return image_event(event_id, url=image, metadata={"bench": run})
+    return image_event(event_id, image=image, metadata={"bench": run})
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -313,6 +364,8 @@ def _service_settings(args: argparse.Namespace, state: stack.StackState) -> dict
         "DECISIONS_TOPIC": "",
         # Tansu refuses idempotent producers.
         "ENABLE_IDEMPOTENCE": str(args.broker != "tansu").lower(),
+        # URL events come from this script's image server.
+        "FETCH_ALLOWED_NETWORKS": "127.0.0.1/32",
     }
     overrides: dict[str, str] = args.overrides
     return settings | overrides
@@ -453,6 +506,7 @@ def _result(
     samples: list[Sample],
     *,
     rss_start: Sample,
+    rss_hwm: int,
     cpu: dict[str, float],
     total_bytes: int,
     produce_s: float,
@@ -490,6 +544,7 @@ def _result(
         events_per_s=(last.committed - first.committed) / span if span > 0 else float("nan"),
         rss_start_mib=rss_start.rss_bytes / MiB,
         rss_peak_mib=max(s.rss_bytes for s in samples) / MiB,
+        rss_hwm_mib=rss_hwm / MiB,
         rss_25_mib=at(0.25),
         rss_50_mib=at(0.5),
         rss_75_mib=at(0.75),
@@ -505,6 +560,7 @@ def _result(
         broker_rss_end_mib=rss_or_zero(broker_pid) / MiB,
         workdir=str(workdir),
         samples=samples,
+        images=args.images,
     )
 
 
@@ -514,14 +570,15 @@ def _table(r: Result) -> str:
     rows = [
         (
             "events",
-            f"{r.events} ({r.record_bytes_mean:.0f} B per record, {r.partitions} partitions)",
+            f"{r.events} of {r.images} ({r.record_bytes_mean:.0f} B per record, "
+            f"{r.partitions} partitions)",
         ),
         ("published in", f"{r.produce_s:.1f} s ({r.events / r.produce_s:.0f}/s)"),
         ("service settings", overrides or "defaults (no overrides given)"),
         ("wall time", f"{r.wall_s:.1f} s (service start to all committed)"),
         ("events/s", f"{r.events_per_s:.0f} (first to last commit, {r.commit_span_s:.1f} s)"),
         ("RSS at start", f"{r.rss_start_mib:.1f} MiB (Triton ready, before the first event)"),
-        ("RSS peak", f"{r.rss_peak_mib:.1f} MiB"),
+        ("RSS peak", f"{r.rss_peak_mib:.1f} MiB sampled, {r.rss_hwm_mib:.1f} MiB VmHWM"),
         ("RSS at 25%", f"{r.rss_25_mib:.1f} MiB"),
         ("RSS at 50%", f"{r.rss_50_mib:.1f} MiB"),
         ("RSS at 75%", f"{r.rss_75_mib:.1f} MiB"),

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -203,6 +203,32 @@ def start_child(
             # Its own session: a Ctrl-C in the terminal reaches only us, and we stop it.
             start_new_session=True,
         )
+
+
+@contextlib.asynccontextmanager
+async def image_server(directory: Path) -> AsyncIterator[str]:
+    """A static HTTP server of `directory` on 127.0.0.1 (Python's, threaded, a child process
+    of its own); its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    command += ["--directory", str(directory)]
+    server = start_child(command, {}, directory.parent / "image-server.log")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise BenchmarkFailed("the image server did not start") from None
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            break
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with uninterrupted():
+            stop_child(server)
 
 
 def stop_child(child: subprocess.Popen[bytes], timeout_s: float = 60) -> int:

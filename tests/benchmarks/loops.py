@@ -3,11 +3,12 @@
     python -m tests.benchmarks.loops kafka    # ceiling A: consume and produce, nothing else
     python -m tests.benchmarks.loops triton   # ceiling B: the pixel tensors to Triton, no Kafka
     python -m tests.benchmarks.loops naive    # baseline: one record at a time, start to finish
+    python -m tests.benchmarks.loops essential  # ceiling C: only the work that cannot be skipped
 
 They read the service's own GUARDSTREAM_* settings (addresses, topics, group, limits), so each
-is pointed at the same broker, topics and Triton as the service it is compared with. `kafka` and
-`naive` run until SIGTERM, as the service does; `triton` runs its concurrency levels and writes
-what it measured to --json.
+is pointed at the same broker, topics and Triton as the service it is compared with. `kafka`,
+`naive` and `essential` run until SIGTERM, as the service does; `triton` runs its concurrency
+levels and writes what it measured to --json.
 
 - **kafka** consumes the input records and, for each, produces a verdict-sized record keyed
   like it, then commits: aiokafka at its best (whole fetched batches sent at once, their
@@ -18,12 +19,22 @@ what it measured to --json.
 - **naive** is what a framework handler does by default: take one record, judge it (the
   service's own `Pipeline`, so the same parsing, decoding, guard call and verdict), publish the
   outcome and wait for the acknowledgement, commit, take the next.
+- **essential** does only the work no consumer of these events can skip, by hand and with
+  GUARDSTREAM_MAX_IN_FLIGHT events in flight: consume; take `image.data` or `image.url` out of
+  the JSON (orjson, no validation); fetch a URL with the service's own `Fetcher` and decode
+  with the service's own `decode_inline` / `decode_image` on GUARDSTREAM_DECODE_WORKERS
+  threads (the same decode, so a faster decode speeds both up); build the service's request
+  tensors and send them with a bare `tritonclient.grpc.aio` client; produce a verdict-sized
+  record (a dead letter where the image is refused); commit each partition's finished prefix.
+  No tracing, metrics, rules, breaker, retries or verdict building: what guardstream does
+  beyond this is its overhead.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import resource
@@ -43,9 +54,17 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from service.adapters.kafka.consumer import record_from
 from service.adapters.rules_source import RulesFiles
 from service.adapters.triton import TEXT_OUTPUT, Tensor, request_tensors
-from service.app import breaker_from, guard_from, limits_from, pipeline_from, sampling_from
+from service.app import (
+    breaker_from,
+    fetcher_from,
+    guard_from,
+    limits_from,
+    pipeline_from,
+    sampling_from,
+)
 from service.config import Settings
-from service.core.images import decode_image, use_pixel_limit
+from service.core.errors import GuardstreamError
+from service.core.images import decode_image, decode_inline, use_pixel_limit
 from service.core.policies import PolicyRegistry
 from service.core.verdicts import DeadLetter, serialize
 from service.ops.metrics import Metrics
@@ -88,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     loops = parser.add_subparsers(dest="loop", required=True)
     loops.add_parser("kafka", help="ceiling A: consume and produce, no decoding, no Triton")
     loops.add_parser("naive", help="baseline: one record at a time, start to finish")
+    loops.add_parser("essential", help="ceiling C: consume, decode, infer, produce, commit")
     triton = loops.add_parser("triton", help="ceiling B: the pixel tensors to Triton, no Kafka")
     triton.add_argument("--images", type=Path, nargs="+", required=True, help="encoded images")
     triton.add_argument(
@@ -109,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.json.write_text(json.dumps(results, indent=1) + "\n")
         return 0
-    loop = kafka_ceiling if args.loop == "kafka" else naive
+    loop = {"kafka": kafka_ceiling, "naive": naive, "essential": essential}[args.loop]
     asyncio.run(_until_sigterm(loop(settings)))
     return 0
 
@@ -184,6 +204,7 @@ async def naive(settings: Settings) -> None:
     await guard.wait_ready(settings.guard_startup_timeout_s)
     breaker = breaker_from(settings, guard, metrics)
     pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+    fetcher = fetcher_from(settings)
     rules = RulesFiles.from_settings(settings).load()
     pipeline = pipeline_from(
         settings,
@@ -193,7 +214,7 @@ async def naive(settings: Settings) -> None:
         decode_pool=pool,
         metrics=metrics,
         tracer=get_tracer(),
-        fetcher=None,
+        fetcher=fetcher,
     )
 
     async def work(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
@@ -214,8 +235,75 @@ async def naive(settings: Settings) -> None:
     finally:
         await breaker.close()
         await guard.close()
+        if fetcher is not None:
+            await fetcher.close()
         pool.shutdown()
         provider.shutdown()
+
+
+async def essential(settings: Settings) -> None:
+    use_pixel_limit(settings.max_image_pixels)
+    limits = limits_from(settings).image
+    prompt = PolicyRegistry.load(settings.policy_dir).get(settings.default_policy).render_prompt()
+    sampling = sampling_from(settings)
+    fetcher = fetcher_from(settings)
+    pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    client = triton_aio.InferenceServerClient(settings.triton_url)
+    outputs = [InferRequestedOutput(TEXT_OUTPUT)]
+    in_flight = asyncio.Semaphore(settings.max_in_flight)
+    dead_letter = orjson.dumps({"error": "refused", "detail": "x" * 200})
+
+    async def handle(producer: AIOKafkaProducer, key: bytes | None, value: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            image = orjson.loads(value)["image"]
+            if "data" in image:
+                decoded = await loop.run_in_executor(pool, decode_inline, image["data"], limits)
+            else:
+                assert fetcher is not None, "GUARDSTREAM_FETCH_URLS is off"
+                encoded = await fetcher.fetch(image["url"])
+                decoded = await loop.run_in_executor(pool, decode_image, encoded, limits)
+        except GuardstreamError:
+            await (await producer.send(settings.dead_letter_topic, dead_letter, key=key))
+            return
+        inputs = _inputs(request_tensors(prompt, decoded.pixels, sampling))
+        await client.infer(settings.guard_model, inputs, outputs=outputs)
+        await (await producer.send(settings.verdict_topic, VERDICT_LIKE, key=key))
+
+    async def work(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+        pending: dict[TopicPartition, collections.deque[tuple[int, asyncio.Task[None]]]] = {}
+
+        def started(task: asyncio.Task[None]) -> None:
+            task.add_done_callback(lambda _: in_flight.release())
+
+        while True:
+            batches = await consumer.getmany(timeout_ms=20, max_records=settings.max_in_flight)
+            for tp, records in batches.items():
+                for record in records:
+                    await in_flight.acquire()
+                    task = asyncio.create_task(handle(producer, record.key, record.value))
+                    started(task)
+                    pending.setdefault(tp, collections.deque()).append((record.offset, task))
+            in_progress = [task for queue in pending.values() for _, task in queue]
+            if not batches and in_progress:
+                # Nothing new: wait for something in flight to finish, then commit.
+                await asyncio.wait(in_progress, return_when=asyncio.FIRST_COMPLETED)
+            commits = {}
+            for tp, queue in pending.items():
+                while queue and queue[0][1].done():
+                    offset, task = queue.popleft()
+                    task.result()  # a failure (Triton down) ends the loop, loudly
+                    commits[tp] = offset + 1
+            if commits:
+                await consumer.commit(commits)
+
+    try:
+        await _with_clients(settings, work)
+    finally:
+        await client.close()
+        if fetcher is not None:
+            await fetcher.close()
+        pool.shutdown()
 
 
 async def triton_ceiling(
@@ -231,7 +319,14 @@ async def triton_ceiling(
     limits = limits_from(settings).image
     prompt = PolicyRegistry.load(settings.policy_dir).get(settings.default_policy).render_prompt()
     sampling = sampling_from(settings)
-    pixels = [decode_image(path.read_bytes(), limits).pixels for path in images]
+    pixels = []
+    for path in images:
+        try:
+            pixels.append(decode_image(path.read_bytes(), limits).pixels)
+        except GuardstreamError as exc:  # refused by the service too: no request to measure
+            print(f"{path.name}: {exc}", file=sys.stderr)
+    if not pixels:
+        return []
     requests = [_inputs(request_tensors(prompt, p, sampling)) for p in pixels]
     client = triton_aio.InferenceServerClient(settings.triton_url)
     outputs = [InferRequestedOutput(TEXT_OUTPUT)]

@@ -5,22 +5,50 @@
 A script, not a test: its numbers are read by people. It starts its own Tansu broker and a
 Triton serving the fixed-answer guard of `triton_models/bench` (the guard's tensor contract, no
 inference), so that what is measured is the service and what it is compared with, not a model.
-For each image size (photos from scikit-image re-encoded as JPEGs of about 50 KB and 500 KB,
-sent inline as base64 in ordinary image events) it publishes one backlog and measures, each as
-a child process with a consumer group and output topic of its own:
+
+The images are the mix users upload (`tests/benchmarks/images.py`), each kind measured on its
+own (`--sizes` picks some):
+
+    jpeg-50k         50 KB JPEGs, inline (base64)                          15% of the mix
+    jpeg-500k        500 KB JPEGs, inline                                  10%
+    jpeg-12mp        12 MP phone JPEGs (4032x3024, ~3.4 MB), by URL        35%
+    heic-12mp        12 MP HEIC (~2 MB), by URL                            20%
+    avif-12mp        12 MP AVIF (~2 MB), by URL                             5%
+    webp-1080p       1080p WebP (~250-300 KB), inline                      10%
+    png-screenshot   1920x1080 PNG of an app's UI and text (~140 KB)        5%
+
+The 12 MP images are bigger than a Kafka record may be, so they go as `image.url` events to a
+static HTTP server this script starts on 127.0.0.1 (every program measured runs with
+GUARDSTREAM_FETCH_ALLOWED_NETWORKS=127.0.0.1/32). The weighted mix (the shares above) is
+reported from the per-kind figures: its events/s is 1 / (sum of share / events/s), its CPU per
+event the weighted mean. An image the service refuses (HEIC and AVIF before it decodes them) is
+a dead letter: dead letters are counted per kind and reported, and do not fail the run; a kind
+mostly dead-lettered is left out of the mix (refusing is not judging), the shares renormalised.
+
+A full run (every kind, the defaults) takes about 20 minutes on 2 shared cores;
+`--modes essential guardstream --paced-seconds 0` measures only the ratio to ceiling C, and
+`--report JSON` prints the tables of an earlier run's JSON again without measuring.
+
+For each kind it publishes one backlog and measures, each as a child process with a consumer
+group and output topics of its own:
 
 - ceiling A: a bare aiokafka loop that consumes the records and produces a verdict-sized
   record for each (no decoding, no Triton): the most Kafka can move for this mix;
 - ceiling B: a bare `tritonclient.grpc.aio` loop sending the same pixel tensors (decoded once)
   at several concurrencies, the best of which counts: the most Triton can take;
+- ceiling C: a hand-written loop doing only the work that cannot be skipped: consume, the
+  service's own fetch and decode, the request tensors to Triton, produce, commit, at several
+  concurrencies (`--essential-in-flight`), the best of which counts: guardstream's events/s is
+  reported as a fraction of it (the target is 0.8), which is the service's overhead;
 - baseline: a naive loop, one record at a time: consume, judge, publish, wait, commit;
 - guardstream: `python -m service run`, at several in-flight limits (the scaling table); the
   run with no overrides is "defaults", the fastest is "best".
 
-Throughput (events/s) is measured on the backlog: outputs counted by a reader of the output
-topic, from the first output until `--events` of them (or `--max-seconds`). CPU seconds per
-1000 events are the child's own (utime + stime from /proc), over the same window; Triton's and
-the broker's are reported beside them. Peak RSS is the child's VmHWM.
+Throughput (events/s) is measured on the backlog: outcomes (verdicts and dead letters) counted
+by a reader of the output topics, from the first until `--events` of them (or
+`--max-seconds`). CPU seconds per 1000 events are the child's own (utime + stime from /proc),
+over the same window; Triton's and the broker's are reported beside them. Peak RSS is the
+child's VmHWM.
 
 Latency is measured separately, at half of each row's own throughput: a fresh topic, a
 warm-up, then events published at a fixed rate for `--paced-seconds`. An event's latency is
@@ -29,14 +57,18 @@ the record (milliseconds, the same clock); the time this script's reader saw the
 reported too. "model ms" is Triton's mean compute time per request meanwhile, from its metrics.
 
 The benchmark runs on a shared, small machine: the "others" column is the CPU that processes
-not part of the measurement used meanwhile (% of one core), so a disturbed row can be seen.
+not part of the measurement used meanwhile (% of one core; the image server's part of it for
+the URL kinds), so a disturbed row can be seen.
+
+`--profile [KIND ...]` adds, per kind named (every kind when none is), one more guardstream
+run (defaults, not counted) sampled by py-spy (`py-spy record --native --format raw` for
+`--profile-seconds`), and prints its top functions by own samples with their total share.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import math
 import secrets
@@ -46,12 +78,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 from aiokafka import AIOKafkaProducer
-from PIL import Image
-from skimage import data as photos
 
 from service.client import encode_event, image_event
 from service.dev import stack
@@ -65,6 +95,7 @@ from tests.benchmarks.harness import (
     OutputReader,
     check_running,
     end_offsets,
+    image_server,
     in_own_stack,
     peak_rss,
     publish,
@@ -75,20 +106,28 @@ from tests.benchmarks.harness import (
     triton_metric,
     uninterrupted,
 )
+from tests.benchmarks.images import KINDS, MIX, Kind, images_of, jpeg_of_size, kind
 from tests.benchmarks.report import (
     ceiling,
     latencies_ms,
     markdown_table,
+    mix_mean,
+    mix_rate,
     number,
     percentiles,
+    profile_top,
     ratio,
 )
 
+__all__ = ["jpeg_of_size"]
+
 DEFAULT_JSON = BENCH_DIR / "throughput.json"
-PHOTOS = ("astronaut", "coffee", "rocket", "chelsea")
 LOOPS = (sys.executable, "-m", "tests.benchmarks.loops")
+PY_SPY = Path(sys.executable).with_name("py-spy")
+PROFILE_RATE = 100
 DEFAULT_IN_FLIGHT = 64
-MODES = ("kafka", "triton", "naive", "guardstream")
+MODES = ("kafka", "triton", "essential", "naive", "guardstream")
+IN_FLIGHT_MODES = ("guardstream", "essential")
 WARM_UP_EVENTS = 20
 # Tansu holds a fetch for fetch.max.wait.ms even when records arrive meanwhile (Kafka answers at
 # once), which would add up to Kafka's default 500 ms to every latency measured here. Every
@@ -115,7 +154,8 @@ class Latency:
 @dataclass(frozen=True)
 class Run:
     mode: str
-    size: int
+    size: str
+    """The image kind (a name of images.KINDS)."""
     overrides: dict[str, str]
     """GUARDSTREAM_* settings given (names without the prefix); defaults for the rest."""
     in_flight: int | None
@@ -142,19 +182,27 @@ class Run:
             return f"ceiling B: tritonclient loop, {self.in_flight} in flight"
         if self.mode == "naive":
             return "baseline: naive loop"
+        if self.mode == "essential":
+            return f"ceiling C: essential loop, {self.in_flight} in flight"
         settings = " ".join(f"{k.lower()}={v}" for k, v in sorted(self.overrides.items()))
         return f"guardstream {settings or 'defaults'}"
 
 
 @dataclass
 class SizeResult:
-    size: int
+    size: str
     image_bytes: list[int]
     record_bytes_mean: float
     backlog: int
     publish_s: float
+    label: str = ""
+    by_url: bool = False
     runs: list[Run] = field(default_factory=list)
     triton_levels: list[Run] = field(default_factory=list)
+    essential_levels: list[Run] = field(default_factory=list)
+    profile_samples: int = 0
+    profile: list[tuple[str, int, int]] = field(default_factory=list)
+    """py-spy's top functions of a guardstream run: (function, own samples, total samples)."""
 
     def find(self, mode: str) -> Run | None:
         return next((r for r in self.runs if r.mode == mode), None)
@@ -173,8 +221,20 @@ class SizeResult:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.report is not None:
+        document = json.loads(args.report.read_text())
+        print(report(load_results(document), document["wall_s"]))
+        return 0
+    try:
+        args.kinds = [kind(name) for name in args.sizes]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.events is None:
+        args.events = [k.events for k in args.kinds]
     if len(args.events) != len(args.sizes):
         parser.error("--events takes one count per size in --sizes")
+    if args.profile is not None and not PY_SPY.exists():
+        parser.error(f"--profile needs py-spy, not at {PY_SPY}")
     started = time.monotonic()
     results = in_own_stack(
         "tansu", args.partitions, (), lambda state, workdir: _benchmark(args, state, workdir)
@@ -186,12 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "wall_s": wall_s,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "kinds"
+        },
+        "mix": MIX,
         "sizes": [asdict(r) for r in results],
     }
     args.json.write_text(json.dumps(document, indent=1) + "\n")
     print(f"\nwritten to {args.json} ({wall_s:.0f} s)")
-    failed = [r for s in results for r in s.runs if r.exit_code != 0 or r.dead_letters]
+    # Dead letters do not fail the run: the service refuses what it cannot decode yet (HEIC,
+    # AVIF), which the report shows per kind.
+    failed = [r for s in results for r in s.runs if r.exit_code != 0]
     return 1 if failed else 0
 
 
@@ -202,27 +267,32 @@ def _parser() -> argparse.ArgumentParser:
         "naive loop, on the same broker, Triton (fixed-answer guard) and event mix.",
     )
     parser.add_argument(
-        "--sizes", type=int, nargs="+", default=[50_000, 500_000], help="JPEG sizes, bytes"
+        "--sizes",
+        nargs="+",
+        default=list(KINDS),
+        metavar="KIND",
+        help=f"image kinds: {', '.join(KINDS)}, or jpeg-<bytes> [all]",
     )
     parser.add_argument(
         "--events",
         type=int,
         nargs="+",
-        default=[6000, 1000],
-        help="backlog per size, and the outputs a throughput run waits for [%(default)s]",
+        help="backlog per kind, and the outcomes a throughput run waits for "
+        f"[{', '.join(f'{k.name} {k.events}' for k in KINDS.values())}]",
     )
     parser.add_argument(
         "--max-seconds",
         type=float,
-        default=8,
+        default=6,
         help="a throughput run ends after this long, if its events are not done [%(default)s]",
     )
     parser.add_argument(
         "--in-flight",
         type=int,
         nargs="+",
-        default=[1, 4, 16, 64, 256],
-        help="GUARDSTREAM_MAX_IN_FLIGHT values to run (64, the default, runs as 'defaults')",
+        default=[4, 64, 256],
+        help="GUARDSTREAM_MAX_IN_FLIGHT values to run (64, the default, runs as 'defaults') "
+        "[%(default)s]",
     )
     parser.add_argument(
         "--set",
@@ -238,11 +308,28 @@ def _parser() -> argparse.ArgumentParser:
         default=[1, 4, 16, 64],
         help="concurrencies of ceiling B [%(default)s]",
     )
-    parser.add_argument("--triton-seconds", type=float, default=3, help="per concurrency [3]")
+    parser.add_argument("--triton-seconds", type=float, default=2, help="per concurrency [2]")
+    parser.add_argument(
+        "--essential-in-flight",
+        type=int,
+        nargs="+",
+        default=[16, 64],
+        help="concurrencies of ceiling C [%(default)s]",
+    )
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        metavar="KIND",
+        help="one more guardstream run of these kinds (all when none is named), sampled by "
+        "py-spy: its top functions",
+    )
+    parser.add_argument(
+        "--profile-seconds", type=float, default=6, help="py-spy's sampling [%(default)s]"
+    )
     parser.add_argument(
         "--paced-seconds",
         type=float,
-        default=5,
+        default=4,
         help="latency runs publish at half the throughput for this long; 0: none [%(default)s]",
     )
     parser.add_argument(
@@ -254,46 +341,44 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--partitions", type=int, default=3, help="of every topic [3]")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="[%(default)s]")
+    parser.add_argument(
+        "--report", type=Path, metavar="JSON", help="measure nothing: the tables of a run's JSON"
+    )
     return parser
+
+
+def _run_from(d: dict[str, Any]) -> Run:
+    latency = d.pop("latency")
+    return Run(**d, latency=Latency(**latency) if latency else None)
+
+
+def load_results(document: dict[str, Any]) -> list[SizeResult]:
+    """The results of a run's JSON (what main wrote), to report again."""
+    results = []
+    for size in document["sizes"]:
+        size = dict(size)
+        for name in ("runs", "triton_levels", "essential_levels"):
+            size[name] = [_run_from(dict(r)) for r in size.get(name, [])]
+        size["profile"] = [tuple(row) for row in size.get("profile", [])]
+        results.append(SizeResult(**size))
+    return results
 
 
 # --- images and events ----------------------------------------------------------------------
 
 
-def jpeg_of_size(pixels: npt.NDArray[np.uint8], target: int, quality: int = 88) -> bytes:
-    """The photo rescaled so that its JPEG is about `target` bytes (within a few percent)."""
-    image = Image.fromarray(pixels).convert("RGB")
-    low, high = 32, 4096
-    best = b""
-    for _ in range(14):
-        side = (low + high) // 2
-        scale = side / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        out = io.BytesIO()
-        image.resize(size, Image.Resampling.LANCZOS).save(out, "JPEG", quality=quality)
-        encoded = out.getvalue()
-        if abs(len(encoded) - target) < abs(len(best) - target):
-            best = encoded
-        if len(encoded) < target:
-            low = side + 1
-        else:
-            high = side - 1
-        if low > high:
-            break
-    return best
-
-
-def bench_images(size: int) -> list[bytes]:
-    return [jpeg_of_size(getattr(photos, name)(), size) for name in PHOTOS]
-
-
 class Events:
-    """Image events for one size: the photos in turn, ids unique per benchmark run."""
+    """Image events for one kind: the images (bytes, sent inline, or URLs) in turn, ids unique
+    per benchmark run."""
 
-    def __init__(self, images: Sequence[bytes], run: str) -> None:
+    def __init__(self, images: Sequence[bytes | str], run: str) -> None:
         self._run = run
         self._templates = [
-            encode_event(image_event(_ID_PLACEHOLDER, image=image, metadata={"bench": run}))
+            encode_event(
+                image_event(_ID_PLACEHOLDER, url=image, metadata={"bench": run})
+                if isinstance(image, str)
+                else image_event(_ID_PLACEHOLDER, image=image, metadata={"bench": run})
+            )
             for image in images
         ]
         self._count = 0
@@ -322,39 +407,56 @@ class Bench:
     def __init__(self, args: argparse.Namespace, state: stack.StackState, workdir: Path) -> None:
         self._args = args
         self._state = state
-        self._workdir = workdir
+        self.workdir = workdir
         self._runs = 0
 
     async def _topics(self, *names: str) -> None:
         await stack.create_topics(self._state.bootstrap_servers, names, self._args.partitions)
 
     def _settings(self, tag: str, input_topic: str, overrides: dict[str, str]) -> dict[str, str]:
-        fetch_wait = {"FETCH_MAX_WAIT_MS": str(FETCH_MAX_WAIT_MS)}
-        return run_settings(self._state, tag, input_topic) | fetch_wait | overrides
+        fetch = {
+            "FETCH_MAX_WAIT_MS": str(FETCH_MAX_WAIT_MS),
+            # The 12 MP kinds come from this script's image server on 127.0.0.1.
+            "FETCH_ALLOWED_NETWORKS": "127.0.0.1/32",
+        }
+        return run_settings(self._state, tag, input_topic) | fetch | overrides
 
-    def _tag(self, mode: str, size: int) -> str:
+    def _tag(self, mode: str, size: str) -> str:
         self._runs += 1
-        return f"{self._runs:02d}-{mode}-{size // 1000}k"
+        return f"{self._runs:02d}-{mode}-{size}"
 
     async def throughput(
-        self, mode: str, size: int, backlog: str, events: int, overrides: dict[str, str]
+        self,
+        mode: str,
+        size: str,
+        backlog: str,
+        events: int,
+        overrides: dict[str, str],
+        profile: Path | None = None,
     ) -> Run:
-        """Work through the backlog (or until --max-seconds) and measure."""
-        tag = self._tag(mode, size)
+        """Work through the backlog (or until --max-seconds) and measure; with `profile`, the
+        run lasts --profile-seconds instead, sampled by py-spy into that file."""
+        tag = self._tag(mode if profile is None else f"{mode}-profile", size)
         await self._topics(f"out-{tag}", f"dlq-{tag}", f"review-{tag}")
         settings = self._settings(tag, backlog, overrides)
-        log_path = self._workdir / f"{tag}.log"
+        log_path = self.workdir / f"{tag}.log"
         command = SERVICE_COMMAND if mode == "guardstream" else (*LOOPS, mode)
         print(f"  {tag}: {' '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
-        async with OutputReader(self._state.bootstrap_servers, [f"out-{tag}"]) as reader:
+        outputs = [f"out-{tag}", f"dlq-{tag}"]  # a dead letter is an outcome too
+        async with OutputReader(self._state.bootstrap_servers, outputs) as reader:
             child = start_child(command, settings, log_path)
+            spy: subprocess.Popen[bytes] | None = None
             try:
                 await self._first_output(reader, child, log_path)
                 cpu_start, count_start = CpuTimes.now(child.pid, self._state), len(reader.records)
                 batches = _triton_counts(self._state)
                 started = time.monotonic()
+                if profile is not None:
+                    spy = _py_spy(child.pid, self._args.profile_seconds, profile)
                 while (
-                    len(reader.records) < events
+                    spy.poll() is None
+                    if spy is not None
+                    else len(reader.records) < events
                     and time.monotonic() - started < self._args.max_seconds
                 ):
                     check_running(child, log_path)
@@ -367,6 +469,8 @@ class Bench:
             finally:
                 with uninterrupted():
                     exit_code = stop_child(child)
+                    if spy is not None:
+                        stop_child(spy)
         dead_letters = (await end_offsets(self._state.bootstrap_servers, [f"dlq-{tag}"]))[
             f"dlq-{tag}"
         ]
@@ -375,14 +479,14 @@ class Bench:
             size=size,
             overrides=overrides,
             in_flight=int(overrides.get("MAX_IN_FLIGHT", DEFAULT_IN_FLIGHT))
-            if mode == "guardstream"
+            if mode in IN_FLIGHT_MODES
             else None,
             events=counted,
             seconds=seconds,
             events_per_s=counted / seconds,
-            cpu_s_per_1000=1000 * cpu["measured"] / counted,
-            triton_cpu_s_per_1000=1000 * cpu["triton"] / counted,
-            broker_cpu_s_per_1000=1000 * cpu["broker"] / counted,
+            cpu_s_per_1000=1000 * cpu["measured"] / (counted or math.nan),
+            triton_cpu_s_per_1000=1000 * cpu["triton"] / (counted or math.nan),
+            broker_cpu_s_per_1000=1000 * cpu["broker"] / (counted or math.nan),
             others_percent=100 * cpu["others"] / seconds,
             peak_rss_mib=peak / MiB,
             triton_batch_mean=requests / executions if executions else math.nan,
@@ -392,7 +496,7 @@ class Bench:
         print(
             f"    {run.events_per_s:.0f} events/s ({counted} in {seconds:.1f} s), "
             f"{run.cpu_s_per_1000:.2f} CPU s per 1000, peak RSS {run.peak_rss_mib:.0f} MiB, "
-            f"exit {exit_code}",
+            f"{dead_letters} dead letters, exit {exit_code}",
             flush=True,
         )
         return run
@@ -407,13 +511,13 @@ class Bench:
                 raise BenchmarkFailed(f"no output in 120 s:\n{tail(log_path)}")
             await asyncio.sleep(0.02)
 
-    async def latency(self, run: Run, images: Sequence[bytes], rate: float) -> Latency:
+    async def latency(self, run: Run, images: Sequence[bytes | str], rate: float) -> Latency:
         """Publish at `rate` events/s to a fresh topic the program reads live; latencies."""
         tag = self._tag(f"{run.mode}-paced", run.size)
         live = f"live-{tag}"
         await self._topics(live, f"out-{tag}", f"dlq-{tag}", f"review-{tag}")
         settings = self._settings(tag, live, run.overrides)
-        log_path = self._workdir / f"{tag}.log"
+        log_path = self.workdir / f"{tag}.log"
         command = SERVICE_COMMAND if run.mode == "guardstream" else (*LOOPS, run.mode)
         events = Events(images, tag)
         count = max(20, min(self._args.paced_max_events, round(rate * self._args.paced_seconds)))
@@ -427,7 +531,8 @@ class Bench:
         )
         await producer.start()
         try:
-            async with OutputReader(self._state.bootstrap_servers, [f"out-{tag}"]) as reader:
+            outputs = [f"out-{tag}", f"dlq-{tag}"]
+            async with OutputReader(self._state.bootstrap_servers, outputs) as reader:
                 child = start_child(command, settings, log_path)
                 try:
                     for record in events.take(WARM_UP_EVENTS):
@@ -468,11 +573,11 @@ class Bench:
         )
         return latency
 
-    async def triton(self, size: int, paths: Sequence[Path], rate: float | None) -> list[Run]:
+    async def triton(self, size: str, paths: Sequence[Path], rate: float | None) -> list[Run]:
         """Ceiling B at each concurrency, or paced at `rate` (one result)."""
         tag = self._tag("triton" if rate is None else "triton-paced", size)
-        out = self._workdir / f"{tag}.json"
-        log_path = self._workdir / f"{tag}.log"
+        out = self.workdir / f"{tag}.json"
+        log_path = self.workdir / f"{tag}.log"
         command = [*LOOPS, "triton", "--images", *map(str, paths), "--json", str(out)]
         command += ["--triton-pid", str(self._state.triton_pid)]
         if rate is None:
@@ -532,6 +637,14 @@ def _triton_counts(state: stack.StackState) -> tuple[float, float]:
     )
 
 
+def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling `pid` (and its native frames: Pillow's decoders) into `out`."""
+    command = [str(PY_SPY), "record", "--native", "--format", "raw", "--rate", str(PROFILE_RATE)]
+    command += ["--duration", str(max(1, round(seconds))), "-o", str(out), "-p", str(pid)]
+    with out.with_suffix(".log").open("wb") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
 async def _paced(
     producer: AIOKafkaProducer, topic: str, records: Iterator[Outgoing], rate: float
 ) -> dict[bytes, int]:
@@ -560,63 +673,102 @@ async def _paced(
 async def _benchmark(
     args: argparse.Namespace, state: stack.StackState, workdir: Path
 ) -> list[SizeResult]:
-    bench = Bench(args, state, workdir)
+    served = workdir / "served"
+    served.mkdir()
+    async with image_server(served) as base_url:
+        return [
+            await _kind(args, Bench(args, state, workdir), state, k, events, served, base_url)
+            for k, events in zip(args.kinds, args.events, strict=True)
+        ]
+
+
+async def _kind(
+    args: argparse.Namespace,
+    bench: Bench,
+    state: stack.StackState,
+    k: Kind,
+    backlog_events: int,
+    served: Path,
+    base_url: str,
+) -> SizeResult:
     extra = dict(item.split("=", 1) for item in args.set)
     extra = {k.upper().removeprefix("GUARDSTREAM_"): v for k, v in extra.items()}
-    results = []
-    for size, backlog_events in zip(args.sizes, args.events, strict=True):
-        images = await asyncio.to_thread(bench_images, size)
-        paths = []
-        for i, image in enumerate(images):
-            paths.append(workdir / f"{size // 1000}k-{i}.jpg")
-            paths[-1].write_bytes(image)
-        backlog = f"images-{size // 1000}k"
-        await stack.create_topics(state.bootstrap_servers, [backlog], args.partitions)
-        events = Events(images, secrets.token_hex(4))
-        print(
-            f"{size // 1000} KB JPEGs ({', '.join(str(len(i)) for i in images)} B): "
-            f"publishing {backlog_events} events to {backlog!r} ...",
-            flush=True,
-        )
-        started = time.monotonic()
-        sent, total = await publish(
-            state.bootstrap_servers, backlog, events.take(backlog_events), idempotent=False
-        )
-        result = SizeResult(
-            size=size,
-            image_bytes=[len(i) for i in images],
-            record_bytes_mean=total / sent,
-            backlog=sent,
-            publish_s=time.monotonic() - started,
-        )
-        results.append(result)
-        for mode in ("kafka", "naive"):
-            if mode in args.modes:
-                result.runs.append(await bench.throughput(mode, size, backlog, sent, {}))
-        if "guardstream" in args.modes:
-            for in_flight in args.in_flight:
-                overrides = (
-                    {}
-                    if in_flight == DEFAULT_IN_FLIGHT
-                    else {"MAX_IN_FLIGHT": str(in_flight), **extra}
-                )
-                result.runs.append(
-                    await bench.throughput("guardstream", size, backlog, sent, overrides)
-                )
-        if "triton" in args.modes:
-            result.triton_levels = await bench.triton(size, paths, None)
-            best_b = max(result.triton_levels, key=lambda r: r.events_per_s)
-            result.runs.append(best_b)
-        if args.paced_seconds > 0:
-            await _latencies(bench, result, images, paths)
-    return results
+    images = await asyncio.to_thread(images_of, k, BENCH_DIR / "images")
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(served / f"{k.name}-{i}{k.suffix}")
+        paths[-1].write_bytes(image)
+    sources: list[bytes | str] = (
+        [f"{base_url}/{path.name}" for path in paths] if k.by_url else list(images)
+    )
+    backlog = f"images-{k.name}"
+    await stack.create_topics(state.bootstrap_servers, [backlog], args.partitions)
+    events = Events(sources, secrets.token_hex(4))
+    print(
+        f"{k.label} ({', '.join(f'{len(i) / 1000:.0f}' for i in images)} KB"
+        f"{', by URL' if k.by_url else ''}): publishing {backlog_events} events to "
+        f"{backlog!r} ...",
+        flush=True,
+    )
+    started = time.monotonic()
+    sent, total = await publish(
+        state.bootstrap_servers, backlog, events.take(backlog_events), idempotent=False
+    )
+    result = SizeResult(
+        size=k.name,
+        image_bytes=[len(i) for i in images],
+        record_bytes_mean=total / sent,
+        backlog=sent,
+        publish_s=time.monotonic() - started,
+        label=k.label,
+        by_url=k.by_url,
+    )
+    for mode in ("kafka", "naive"):
+        if mode in args.modes:
+            result.runs.append(await bench.throughput(mode, k.name, backlog, sent, {}))
+    if "essential" in args.modes:
+        for in_flight in args.essential_in_flight:
+            overrides = {"MAX_IN_FLIGHT": str(in_flight)}
+            result.essential_levels.append(
+                await bench.throughput("essential", k.name, backlog, sent, overrides)
+            )
+        result.runs.append(max(result.essential_levels, key=lambda r: r.events_per_s))
+    if "guardstream" in args.modes:
+        for in_flight in args.in_flight:
+            overrides = (
+                {} if in_flight == DEFAULT_IN_FLIGHT else {"MAX_IN_FLIGHT": str(in_flight), **extra}
+            )
+            result.runs.append(
+                await bench.throughput("guardstream", k.name, backlog, sent, overrides)
+            )
+        if args.profile is not None and (not args.profile or k.name in args.profile):
+            raw = bench.workdir / f"profile-{k.name}.txt"
+            await bench.throughput("guardstream", k.name, backlog, sent, {}, profile=raw)
+            if raw.exists():
+                with raw.open() as lines:
+                    result.profile_samples, result.profile = profile_top(lines)
+            else:
+                print(f"    py-spy wrote no profile:\n{tail(raw.with_suffix('.log'))}")
+    if "triton" in args.modes:
+        result.triton_levels = await bench.triton(k.name, paths, None)
+        if result.triton_levels:
+            result.runs.append(max(result.triton_levels, key=lambda r: r.events_per_s))
+    if args.paced_seconds > 0:
+        await _latencies(bench, result, sources, paths)
+    return result
 
 
 async def _latencies(
-    bench: Bench, result: SizeResult, images: Sequence[bytes], paths: Sequence[Path]
+    bench: Bench, result: SizeResult, images: Sequence[bytes | str], paths: Sequence[Path]
 ) -> None:
     """Each table row's latency at half its own throughput."""
-    rows = [result.find("kafka"), result.find("naive"), result.defaults(), result.best()]
+    rows = [
+        result.find("kafka"),
+        result.find("essential"),
+        result.find("naive"),
+        result.defaults(),
+        result.best(),
+    ]
     for i, run in enumerate(rows):
         if run is None or any(run is other for other in rows[:i]):
             continue  # the defaults may be the best too
@@ -632,20 +784,110 @@ async def _latencies(
 
 
 def report(results: Sequence[SizeResult], wall_s: float) -> str:
-    parts = []
+    parts = [_summary_table(results)]
     for result in results:
         parts.append(_size_table(result))
+        if result.profile:
+            parts.append(_profile_table(result))
     parts.append(_scaling_table(results))
     if any(r.triton_levels for r in results):
         parts.append(_triton_table(results))
+    if any(r.essential_levels for r in results):
+        parts.append(_essential_table(results))
     parts.append(f"benchmark wall time {wall_s:.0f} s")
     return "\n\n".join(parts)
 
 
+def _summary_table(results: Sequence[SizeResult]) -> str:
+    """Per kind and for the weighted mix: guardstream (best) against ceiling C."""
+    header = [
+        "image kind",
+        "share",
+        "C events/s",
+        "guardstream events/s",
+        "x C",
+        "C CPU ms/ev",
+        "guardstream CPU ms/ev",
+        "peak RSS MiB",
+        "dead letters",
+    ]
+    rows = []
+    rates: dict[str, dict[str, float]] = {"c": {}, "g": {}, "c_cpu": {}, "g_cpu": {}}
+    for result in results:
+        c, g = result.find("essential"), result.best()
+        c_rate = c.events_per_s if c else math.nan
+        g_rate = g.events_per_s if g else math.nan
+        rates["c"][result.size] = c_rate
+        rates["g"][result.size] = g_rate
+        rates["c_cpu"][result.size] = c.cpu_s_per_1000 if c else math.nan
+        rates["g_cpu"][result.size] = g.cpu_s_per_1000 if g else math.nan
+        dead = [r.dead_letters for r in result.guardstream()]
+        rows.append(
+            [
+                result.label or result.size,
+                f"{100 * MIX.get(result.size, 0):.0f}%",
+                number(c_rate),
+                number(g_rate),
+                number(ratio(g_rate, c_rate), 2),
+                number(rates["c_cpu"][result.size], 2),
+                number(rates["g_cpu"][result.size], 2),
+                number(max((r.peak_rss_mib for r in result.guardstream()), default=None)),
+                str(max(dead)) if dead else "-",
+            ]
+        )
+    # A kind the service dead-letters (HEIC, AVIF before it decodes them) is not in the mix:
+    # refusing is not judging, and it is fast.
+    judged = {r.size for r in results if (g := r.best()) and g.dead_letters <= g.events // 2}
+    in_mix = [r.size for r in results if MIX.get(r.size) and r.size in judged]
+    if in_mix:
+        weights = {name: MIX[name] for name in in_mix}
+        c_mix, g_mix = mix_rate(weights, rates["c"]), mix_rate(weights, rates["g"])
+        share = sum(weights.values())
+        rows.append(
+            [
+                "weighted mix" + ("" if share > 0.999 else f" (of the {100 * share:.0f}% judged)"),
+                f"{100 * share:.0f}%",
+                number(c_mix),
+                number(g_mix),
+                number(ratio(g_mix, c_mix), 2),
+                number(mix_mean(weights, rates["c_cpu"]), 2),
+                number(mix_mean(weights, rates["g_cpu"]), 2),
+                "-",
+                "-",
+            ]
+        )
+    notes = (
+        "- guardstream: its best run of the in-flight limits; C: ceiling C at its best "
+        "concurrency; CPU ms per event = CPU s per 1000 events of the measured process alone; "
+        "dead letters: the most of any guardstream run of the kind; the weighted mix leaves out "
+        "kinds mostly dead-lettered (not judged), its shares renormalised"
+    )
+    return markdown_table(header, rows) + "\n\n" + notes
+
+
+def _profile_table(result: SizeResult) -> str:
+    header = [f"py-spy: guardstream defaults, {result.label or result.size}", "own %", "total %"]
+    rows = [
+        [
+            f"`{frame}`",
+            number(100 * own / result.profile_samples, 1),
+            number(100 * total / result.profile_samples, 1),
+        ]
+        for frame, own, total in result.profile
+    ]
+    return (
+        markdown_table(header, rows)
+        + f"\n\n- {result.profile_samples} samples of every thread, {PROFILE_RATE} a second "
+        "(py-spy leaves out threads it sees idle); own: the innermost frame, total: anywhere "
+        "in the stack; `? (lib)`: native code without symbols"
+    )
+
+
 def _size_table(result: SizeResult) -> str:
     a, b, baseline = result.find("kafka"), result.find("triton"), result.find("naive")
+    c = result.find("essential")
     defaults, best = result.defaults(), result.best()
-    rows: list[Run] = [r for r in (a, b, baseline, defaults) if r is not None]
+    rows: list[Run] = [r for r in (a, b, c, baseline, defaults) if r is not None]
     if best is not None and best is not defaults:
         rows.append(best)
     lines = [
@@ -661,11 +903,12 @@ def _size_table(result: SizeResult) -> str:
             number(run.peak_rss_mib),
             number(run.others_percent),
             str(run.events),
+            str(run.dead_letters) if run.mode != "triton" else "-",
         ]
         for run in rows
     ]
     header = [
-        f"{result.size // 1000} KB JPEGs",
+        result.label or result.size,
         "events/s",
         "p50 ms",
         "p95 ms",
@@ -675,20 +918,24 @@ def _size_table(result: SizeResult) -> str:
         "peak RSS MiB",
         "others %",
         "events",
+        "dead letters",
     ]
     limit = ceiling([r.events_per_s for r in (a, b) if r is not None])
     notes = [
         f"backlog {result.backlog} events, {result.record_bytes_mean / 1000:.0f} KB per "
-        f"record (JPEGs of {', '.join(f'{n / 1000:.0f}' for n in result.image_bytes)} KB); "
+        f"record{' (URL events)' if result.by_url else ''} (images of "
+        f"{', '.join(f'{n / 1000:.0f}' for n in result.image_bytes)} KB); "
         "latency at half of each row's events/s"
     ]
     for run in (defaults, best if best is not defaults else None):
         if run is None:
             continue
         baseline_rate = baseline.events_per_s if baseline else math.nan
+        c_rate = c.events_per_s if c else math.nan
         notes.append(
-            f"{run.label}: {ratio(run.events_per_s, limit):.2f} x min(A, B), "
-            f"{ratio(run.events_per_s, baseline_rate):.1f} x baseline"
+            f"{run.label}: {number(ratio(run.events_per_s, c_rate), 2)} x C, "
+            f"{number(ratio(run.events_per_s, limit), 2)} x min(A, B), "
+            f"{number(ratio(run.events_per_s, baseline_rate), 1)} x baseline"
             + (
                 f"; p99 at half its throughput {run.latency.p99_ms:.1f} ms, "
                 f"minus the model's {run.latency.model_ms:.2f} ms"
@@ -700,44 +947,56 @@ def _size_table(result: SizeResult) -> str:
 
 
 def _scaling_table(results: Sequence[SizeResult]) -> str:
-    levels = sorted({r.in_flight for s in results for r in s.guardstream() if r.in_flight})
-    header = ["in flight"]
-    for s in results:
-        kb = f"{s.size // 1000} KB"
-        header += [f"{kb} events/s", f"{kb} CPU s/1000", f"{kb} peak RSS MiB", f"{kb} batch"]
-    rows = []
-    for level in levels:
-        row = [str(level)]
-        for s in results:
-            run = next((r for r in s.guardstream() if r.in_flight == level), None)
-            row += [
-                number(run.events_per_s if run else None),
-                number(run.cpu_s_per_1000 if run else None, 2),
-                number(run.peak_rss_mib if run else None),
-                number(run.triton_batch_mean if run else None, 1),
-            ]
-        rows.append(row)
-    return markdown_table(header, rows)
+    """guardstream by in-flight limit, a row per kind and limit ("batch": requests per model
+    execution in Triton)."""
+    header = ["kind", "in flight", "events/s", "CPU s/1000", "peak RSS MiB", "batch", "dead"]
+    rows = [
+        [
+            s.size,
+            str(run.in_flight),
+            number(run.events_per_s),
+            number(run.cpu_s_per_1000, 2),
+            number(run.peak_rss_mib),
+            number(run.triton_batch_mean, 1),
+            str(run.dead_letters),
+        ]
+        for s in results
+        for run in sorted(s.guardstream(), key=lambda r: r.in_flight or 0)
+    ]
+    return markdown_table(header, rows, right=1)
 
 
 def _triton_table(results: Sequence[SizeResult]) -> str:
-    header = ["ceiling B, in flight"]
-    for s in results:
-        kb = f"{s.size // 1000} KB"
-        header += [f"{kb} requests/s", f"{kb} client CPU s/1000", f"{kb} Triton CPU s/1000"]
-    levels = sorted({r.in_flight for s in results for r in s.triton_levels if r.in_flight})
-    rows = []
-    for level in levels:
-        row = [str(level)]
-        for s in results:
-            run = next((r for r in s.triton_levels if r.in_flight == level), None)
-            row += [
-                number(run.events_per_s if run else None),
-                number(run.cpu_s_per_1000 if run else None, 2),
-                number(run.triton_cpu_s_per_1000 if run else None, 2),
-            ]
-        rows.append(row)
-    return markdown_table(header, rows)
+    header = ["ceiling B", "in flight", "requests/s", "client CPU s/1000", "Triton CPU s/1000"]
+    rows = [
+        [
+            s.size,
+            str(run.in_flight),
+            number(run.events_per_s),
+            number(run.cpu_s_per_1000, 2),
+            number(run.triton_cpu_s_per_1000, 2),
+        ]
+        for s in results
+        for run in s.triton_levels
+    ]
+    return markdown_table(header, rows, right=1)
+
+
+def _essential_table(results: Sequence[SizeResult]) -> str:
+    header = ["ceiling C", "in flight", "events/s", "CPU s/1000", "peak RSS MiB", "dead"]
+    rows = [
+        [
+            s.size,
+            str(run.in_flight),
+            number(run.events_per_s),
+            number(run.cpu_s_per_1000, 2),
+            number(run.peak_rss_mib),
+            str(run.dead_letters),
+        ]
+        for s in results
+        for run in s.essential_levels
+    ]
+    return markdown_table(header, rows, right=1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ runs everything):
 - `stack`: the test starts, or needs, a broker, a tritonserver or a redis-server process.
   Every test whose fixtures include one of `STACK_FIXTURES` is marked here; modules and tests
   that start one by other means carry the marker themselves.
-- `slow`: in-process but heavy (torch on tiny checkpoints): too slow for the inner loop.
+- `slow`: in-process but heavy (torch on tiny checkpoints, 12 MP photos encoded and resampled):
+  too slow for the inner loop.
 
 The marker is enforced, not trusted: a test without `stack` that tries to start a broker, a
 tritonserver or a redis-server (in this process or as a `python -m service stack up` / `demo`

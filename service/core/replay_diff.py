@@ -10,7 +10,7 @@ apart: there is nothing to compare them with.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,15 +30,7 @@ Kind = Literal[
     "no_original",
     "dead_letters",
 ]
-KINDS: tuple[Kind, ...] = (
-    "rating_changed",
-    "category_changed",
-    "action_changed",
-    "safe_to_unsafe",
-    "unsafe_to_safe",
-    "no_original",
-    "dead_letters",
-)
+KINDS: tuple[Kind, ...] = get_args(Kind)
 
 
 class _Row(BaseModel):

@@ -28,7 +28,7 @@ from service.client import encode_event, image_event
 from service.config import Settings
 from service.dev import stack
 from service.evaluate import Options, evaluate
-from tests.benchmarks.harness import Outgoing, in_own_stack, publish
+from tests.benchmarks.harness import Outgoing, print_cpu_guard_table, publish
 from tests.benchmarks.known_content import INPUT, KnownRun, run_once, stream
 from tests.support.stack import free_port
 
@@ -111,15 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="eval's [%(default)s]")
     parser.add_argument("--broker", default="tansu", choices=["tansu", "noida-db"])
     args = parser.parse_args(argv)
-    table = in_own_stack(
-        args.broker,
-        3,
-        [INPUT],
-        lambda state, workdir: benchmark(args, state, workdir),
-        models=stack.DEFAULT_MODEL_REPOSITORY,
+    return print_cpu_guard_table(
+        args.broker, INPUT, lambda state, workdir: benchmark(args, state, workdir)
     )
-    print("\n" + table)
-    return 0
 
 
 if __name__ == "__main__":

@@ -125,6 +125,18 @@ def in_own_stack(
         raise SystemExit(1) from None
 
 
+def print_cpu_guard_table(
+    broker: stack.Broker,
+    input_topic: str,
+    benchmark: Callable[[stack.StackState, Path], Coroutine[Any, Any, str]],
+) -> int:
+    """Run `benchmark` against a stack of its own serving the CPU guard (real inference), one
+    3-partition input topic, and print the table it returns; the script's exit code."""
+    table = in_own_stack(broker, 3, [input_topic], benchmark, models=stack.DEFAULT_MODEL_REPOSITORY)
+    print("\n" + table)
+    return 0
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 

@@ -41,7 +41,7 @@ from tests.benchmarks.harness import (
     Outgoing,
     OutputReader,
     check_running,
-    in_own_stack,
+    print_cpu_guard_table,
     publish,
     run_settings,
     start_child,
@@ -195,15 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--broker", default="tansu", choices=["tansu", "noida-db"])
     args = parser.parse_args(argv)
-    table = in_own_stack(
-        args.broker,
-        3,
-        [INPUT],
-        lambda state, workdir: benchmark(args, state, workdir),
-        models=stack.DEFAULT_MODEL_REPOSITORY,
+    return print_cpu_guard_table(
+        args.broker, INPUT, lambda state, workdir: benchmark(args, state, workdir)
     )
-    print("\n" + table)
-    return 0
 
 
 if __name__ == "__main__":

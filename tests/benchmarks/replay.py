@@ -31,7 +31,7 @@ from service.client import encode_event, image_event
 from service.config import Settings
 from service.dev import stack
 from service.replay import main as replay
-from tests.benchmarks.harness import BenchmarkFailed, Outgoing, in_own_stack, publish
+from tests.benchmarks.harness import BenchmarkFailed, Outgoing, print_cpu_guard_table, publish
 from tests.benchmarks.throughput import jpeg_of_size
 
 INPUT = "replay-backlog"
@@ -145,15 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rates", type=float, nargs="+", default=[10, 50, 0], help="0: no limit [%(default)s]"
     )
     args = parser.parse_args(argv)
-    table = in_own_stack(
-        "noida-db",
-        3,
-        [INPUT],
-        lambda state, workdir: benchmark(args, state, workdir),
-        models=stack.DEFAULT_MODEL_REPOSITORY,
+    return print_cpu_guard_table(
+        "noida-db", INPUT, lambda state, workdir: benchmark(args, state, workdir)
     )
-    print("\n" + table)
-    return 0
 
 
 if __name__ == "__main__":

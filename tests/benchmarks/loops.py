@@ -54,21 +54,13 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from service.adapters.kafka.consumer import record_from
 from service.adapters.rules_source import RulesFiles
 from service.adapters.triton import TEXT_OUTPUT, Tensor, request_tensors
-from service.app import (
-    breaker_from,
-    fetcher_from,
-    guard_from,
-    limits_from,
-    pipeline_from,
-    sampling_from,
-)
+from service.app import batch_pipeline, fetcher_from, limits_from, sampling_from
 from service.config import Settings
 from service.core.errors import GuardstreamError
 from service.core.images import decode_image, decode_inline, use_pixel_limit
 from service.core.policies import PolicyRegistry
 from service.core.verdicts import DeadLetter, serialize
-from service.ops.metrics import Metrics
-from service.ops.tracing import get_tracer, setup_tracing
+from service.ops.tracing import setup_tracing
 from tests.benchmarks.harness import cpu_seconds, process_tree
 from tests.benchmarks.report import percentiles
 
@@ -198,46 +190,25 @@ async def kafka_ceiling(settings: Settings) -> None:
 
 async def naive(settings: Settings) -> None:
     provider = setup_tracing()  # spans are made as in the service (exported nowhere)
-    use_pixel_limit(settings.max_image_pixels)
-    metrics = Metrics()
-    guard = guard_from(settings)
-    await guard.wait_ready(settings.guard_startup_timeout_s)
-    breaker = breaker_from(settings, guard, metrics)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
-    fetcher = fetcher_from(settings)
     rules = RulesFiles.from_settings(settings).load()
-    pipeline = pipeline_from(
-        settings,
-        rules=lambda: rules,
-        guard=guard,
-        breaker=breaker,
-        decode_pool=pool,
-        metrics=metrics,
-        tracer=get_tracer(),
-        fetcher=fetcher,
-    )
-
-    async def work(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
-        while True:
-            message = await consumer.getone()
-            outcome = await pipeline.judge(record_from(message))
-            topic = (
-                settings.dead_letter_topic
-                if isinstance(outcome, DeadLetter)
-                else settings.verdict_topic
-            )
-            await producer.send_and_wait(topic, value=serialize(outcome), key=message.key)
-            tp = TopicPartition(message.topic, message.partition)
-            await consumer.commit({tp: message.offset + 1})
-
     try:
-        await _with_clients(settings, work)
+        async with batch_pipeline(settings, rules) as batch:
+
+            async def work(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+                while True:
+                    message = await consumer.getone()
+                    outcome = await batch.pipeline.judge(record_from(message))
+                    topic = (
+                        settings.dead_letter_topic
+                        if isinstance(outcome, DeadLetter)
+                        else settings.verdict_topic
+                    )
+                    await producer.send_and_wait(topic, value=serialize(outcome), key=message.key)
+                    tp = TopicPartition(message.topic, message.partition)
+                    await consumer.commit({tp: message.offset + 1})
+
+            await _with_clients(settings, work)
     finally:
-        await breaker.close()
-        await guard.close()
-        if fetcher is not None:
-            await fetcher.close()
-        pool.shutdown()
         provider.shutdown()
 
 

@@ -293,10 +293,16 @@ def shadow_from(
     candidate_rules = rules
     if config.policy:
         policy = config.policy
-        dataclasses.replace(rules(), only_policy=policy)  # UnknownPolicy now, not per event
+        # Derived once per snapshot of the rules (a reload swaps the snapshot), not per event;
+        # deriving it here raises UnknownPolicy at start-up.
+        base = rules()
+        snapshot = [base, dataclasses.replace(base, only_policy=policy)]  # [live, candidate]
 
         def candidate_rules() -> Rules:
-            return dataclasses.replace(rules(), only_policy=policy)
+            current = rules()
+            if snapshot[0] is not current:
+                snapshot[:] = [current, dataclasses.replace(current, only_policy=policy)]
+            return snapshot[1]
 
     parts = CandidateParts(
         guard, breaker, ThreadPoolExecutor(1, thread_name_prefix="shadow-decode")

@@ -364,6 +364,10 @@ class Readiness:
         return Check(True, f"reachable ({len(topics)} topics visible)")
 
 
+# guardstream_consumer_info's labels: what the alerts name (the group, the topic).
+_DESCRIBED = ("group_id", "input_topic", "verdict_topic", "dead_letter_topic", "delivery")
+
+
 async def serve(
     settings: Settings,
     stop: asyncio.Event,
@@ -375,6 +379,7 @@ async def serve(
     `shadow_settings`: GUARDSTREAM_SHADOW_* unless given."""
     tracer = tracer or get_tracer()
     metrics = metrics or Metrics()
+    metrics.info.info({name: str(getattr(settings, name)) for name in _DESCRIBED})
     shadow_settings = shadow_settings or ShadowSettings()
     rules = RulesSource(  # InvalidRules for a bad file: refuse to start
         RulesFiles.from_settings(settings), metrics, interval_s=settings.reload_interval_s

@@ -51,8 +51,10 @@ def assert_commits_never_pass_unfinished_records(broker: Broker) -> None:
 
 async def test_a_commit_never_passes_an_unfinished_record() -> None:
     """Record 2 is judged slowly and the verdict of record 1 takes 2 s to be acknowledged:
-    each partition is committed up to its first record not finished (published) yet."""
-    service = Service.make(ScriptedGuard(0.1, 0.1, 5.0, 0.1))
+    each partition is committed up to its first record not finished (published) yet. (Judged
+    at distinct times, so that record 1's is the second send whatever order the loop runs
+    tasks due at the same instant in.)"""
+    service = Service.make(ScriptedGuard(0.1, 0.2, 5.0, 0.3))
     service.broker.add(TP0, *map(event, range(4)))
     service.broker.fail("send", None, 2.0)
     async with service.running():
@@ -60,9 +62,9 @@ async def test_a_commit_never_passes_an_unfinished_record() -> None:
 
     assert published_at(service.broker) == {
         (0, 0): [0.1],
-        (0, 1): [2.1],
+        (0, 1): [2.2],
         (0, 2): [5.0],
-        (0, 3): [0.1],
+        (0, 3): [0.3],
     }
     commits = service.broker.commits
     assert [c.offsets for c in commits] == [{TP0: 1}, {TP0: 2}, {TP0: 4}]
@@ -144,6 +146,39 @@ async def test_an_open_breaker_pauses_every_partition_and_dead_letters_nothing()
     }
 
 
+async def test_the_lag_keeps_growing_while_the_breaker_holds_everything() -> None:
+    """Lag set only at commits would freeze when the consumer is stuck, just when the alerts
+    need it: it is refreshed from the broker's end offsets every 5 s, commit or not."""
+
+    async def never() -> bool:
+        return False
+
+    breaker = Breaker(2, never, probe_interval_s=1.0)
+    down = GuardUnavailable("UNAVAILABLE")
+    service = Service.make(ScriptedGuard(SAFE, down, down), breaker=breaker)
+    service.broker.add(TP0, event(0), event(1))
+
+    def lag() -> float | None:
+        return service.metrics.registry.get_sample_value(
+            "guardstream_partition_lag", {"topic": "images", "partition": "0"}
+        )
+
+    try:
+        async with service.running():
+            await asyncio.sleep(1.0)
+            at_commit = lag()
+            service.broker.add(TP0, event(2), event(3), event(4))  # while paused
+            await asyncio.sleep(3.0)
+            before_refresh = lag()
+            await asyncio.sleep(2.0)
+            refreshed = lag()
+    finally:
+        await breaker.close()
+
+    assert service.broker.committed() == {TP0: 1}
+    assert (at_commit, before_refresh, refreshed) == (1, 1, 4)
+
+
 async def test_an_event_past_its_deadline_is_dead_lettered_at_the_deadline() -> None:
     service = Service.make(ScriptedGuard(5.0, 0.1), deadline_s=2.0)
     service.broker.add(TP0, event(0), event(1))
@@ -177,6 +212,13 @@ async def test_revoked_partitions_finish_within_the_drain_timeout_and_are_commit
     at_revocation = [c.offsets for c in service.broker.commits if c.time == 2.0]
     assert at_revocation == [{TP0: 3}]
     assert service.kafka.assignment() == {TP1}
+    # Its new owner reports TP0's lag now: a copy left here would count twice in a group sum.
+    lag = {
+        labels["partition"]
+        for metric in service.metrics.lag.collect()
+        for labels in (sample.labels for sample in metric.samples)
+    }
+    assert lag == {"1"}
     assert_commits_never_pass_unfinished_records(service.broker)
 
 

@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.core.errors import DEAD_LETTER_FAULTS
 from service.ops.health import Check, HealthServer
-from service.ops.metrics import Metrics
+from service.ops.metrics import Metrics, exemplar
 
 ALL_OK = {
     "partitions": Check(ok=True, detail="waiting for an assignment"),
@@ -176,12 +177,62 @@ async def test_readiness_changes_are_logged_once_each(
 async def test_metrics_exposes_this_instance_registry(
     server: HealthServer, metrics: Metrics, http: aiohttp.ClientSession
 ) -> None:
-    metrics.dead_letters.labels(code="invalid_json").inc()
+    metrics.dead_letters.labels(code="invalid_json", fault="input").inc()
     async with http.get(url(server, "/metrics")) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
         text = await response.text()
-    assert 'guardstream_dead_letters_total{code="invalid_json"} 1.0' in text.splitlines()
+    assert 'guardstream_dead_letters_total{code="invalid_json",fault="input"} 1.0' in (
+        text.splitlines()
+    )
+
+
+async def test_every_dead_letter_code_is_exposed_from_the_start_with_its_fault(
+    server: HealthServer, http: aiohttp.ClientSession
+) -> None:
+    """A ratio alert over a series that does not exist yet stays silent: all start at 0."""
+    async with http.get(url(server, "/metrics")) as response:
+        lines = set((await response.text()).splitlines())
+    for code, fault in DEAD_LETTER_FAULTS.items():
+        assert f'guardstream_dead_letters_total{{code="{code}",fault="{fault}"}} 0.0' in lines
+    assert DEAD_LETTER_FAULTS["invalid_json"] == "input"
+    assert DEAD_LETTER_FAULTS["guard_unavailable"] == "service"
+
+
+async def test_openmetrics_is_served_when_asked_with_the_trace_id_exemplar(
+    server: HealthServer, metrics: Metrics, http: aiohttp.ClientSession
+) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metrics.guard_latency.labels("ok").observe(0.3, exemplar(trace_id))
+    metrics.end_to_end_latency.observe(1.2, exemplar(None))  # no trace: no exemplar
+    openmetrics = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    async with http.get(url(server, "/metrics"), headers={"Accept": openmetrics}) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = await response.text()
+    bucket = 'guardstream_guard_latency_seconds_bucket{le="0.5",outcome="ok"} 1.0'
+    # The exemplar: its labels, the observed value, then when it was observed.
+    with_exemplar = [line for line in text.splitlines() if " # {" in line]
+    assert [line.rsplit(" ", 1)[0] for line in with_exemplar] == [
+        f'{bucket} # {{trace_id="{trace_id}"}} 0.3'
+    ]
+    assert text.rstrip().endswith("# EOF")
+    async with http.get(url(server, "/metrics")) as response:  # Prometheus text: no exemplars
+        assert "# {" not in await response.text()
+
+
+async def test_a_scrape_keeps_the_readiness_gauges_current(
+    server: HealthServer, source: FakeSource, metrics: Metrics, http: aiohttp.ClientSession
+) -> None:
+    source.checks = {**ALL_OK, "breaker": Check(ok=False, detail="open for 12s")}
+    async with http.get(url(server, "/metrics")) as response:
+        text = await response.text()
+    assert "guardstream_ready 0.0" in text.splitlines()
+    assert 'guardstream_ready_check{check="breaker"} 0.0' in text.splitlines()
+    source.checks = ALL_OK
+    async with http.get(url(server, "/metrics")) as response:
+        text = await response.text()
+    assert "guardstream_ready 1.0" in text.splitlines()
+    assert 'guardstream_ready_check{check="breaker"} 1.0' in text.splitlines()
 
 
 async def test_two_servers_do_not_mix_their_metrics(
@@ -191,18 +242,18 @@ async def test_two_servers_do_not_mix_their_metrics(
     other = HealthServer("127.0.0.1", 0, FakeSource(), other_metrics)
     await other.start()
     try:
-        metrics.dead_letters.labels(code="invalid_json").inc()
-        other_metrics.dead_letters.labels(code="guard_error").inc(2)
+        metrics.dead_letters.labels(code="invalid_json", fault="input").inc()
+        other_metrics.dead_letters.labels(code="guard_error", fault="service").inc(2)
         async with http.get(url(server, "/metrics")) as response:
             mine = await response.text()
         async with http.get(url(other, "/metrics")) as response:
             theirs = await response.text()
     finally:
         await other.stop()
-    assert 'code="invalid_json"' in mine
-    assert 'code="guard_error"' not in mine
-    assert 'guardstream_dead_letters_total{code="guard_error"} 2.0' in theirs
-    assert 'code="invalid_json"' not in theirs
+    assert 'guardstream_dead_letters_total{code="invalid_json",fault="input"} 1.0' in mine
+    assert 'guardstream_dead_letters_total{code="guard_error",fault="service"} 0.0' in mine
+    assert 'guardstream_dead_letters_total{code="guard_error",fault="service"} 2.0' in theirs
+    assert 'guardstream_dead_letters_total{code="invalid_json",fault="input"} 0.0' in theirs
 
 
 async def test_an_unknown_path_is_404(server: HealthServer, http: aiohttp.ClientSession) -> None:

@@ -1,37 +1,42 @@
 """Every way an event can fail, with the dead-letter code each one carries.
 
 ```
-class                                  code                      retriable
-GuardstreamError                       internal_error
+class                                  code                      fault    retriable
+GuardstreamError                       internal_error            service
 ├── EventRejected                      (the record itself is bad; dead-letter it)
-│   ├── EventTooLarge                  event_too_large
-│   ├── InvalidJson                    invalid_json
-│   ├── InvalidEvent                   invalid_event
-│   ├── UnknownPolicy                  unknown_policy
-│   ├── PolicyNotAllowed               policy_not_allowed
-│   ├── UnknownTenant                  unknown_tenant
-│   ├── UrlNotSupported                url_not_supported
-│   ├── UrlForbidden                   url_forbidden
-│   ├── ImageTooLarge                  image_too_large
-│   ├── UnsupportedImageFormat         unsupported_image_format
-│   └── ImageDecodeFailed              image_decode_failed
-├── FetchFailed                        fetch_failed
-│   └── FetchTimeout                   fetch_timeout
-├── DeadlineExceeded                   deadline_exceeded
+│   ├── EventTooLarge                  event_too_large           input
+│   ├── InvalidJson                    invalid_json              input
+│   ├── InvalidEvent                   invalid_event             input
+│   ├── UnknownPolicy                  unknown_policy            input
+│   ├── PolicyNotAllowed               policy_not_allowed        input
+│   ├── UnknownTenant                  unknown_tenant            input
+│   ├── UrlNotSupported                url_not_supported         input
+│   ├── UrlForbidden                   url_forbidden             input
+│   ├── ImageTooLarge                  image_too_large           input
+│   ├── UnsupportedImageFormat         unsupported_image_format  input
+│   └── ImageDecodeFailed              image_decode_failed       input
+├── FetchFailed                        fetch_failed              input
+│   └── FetchTimeout                   fetch_timeout             input
+├── DeadlineExceeded                   deadline_exceeded         service
 ├── GuardFailed                        (the guard model could not answer)
-│   ├── GuardUnavailable               guard_unavailable         yes
-│   └── GuardError                     guard_error
-└── UnparseableModelOutput             unparseable_model_output
+│   ├── GuardUnavailable               guard_unavailable         service  yes
+│   └── GuardError                     guard_error               service
+└── UnparseableModelOutput             unparseable_model_output  service
 ```
 
 `retriable` says whether trying the same event again may succeed; the pipeline decides what to
-do with that, nothing else reads it. Library errors (Pillow, tritonclient, pydantic) are
-translated into these at the module that calls the library, so callers never see them.
+do with that, nothing else reads it. `fault` says whose problem a dead letter is, for alerts and
+the on-call engineer: `input` (the producer sent what cannot be judged, or a URL its own host
+would not serve) or `service` (guardstream or its guard failed: ours to fix). Library errors
+(Pillow, tritonclient, pydantic) are translated into these at the module that calls the
+library, so callers never see them.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
+
+Fault = Literal["input", "service"]
 
 
 class GuardstreamError(Exception):
@@ -39,6 +44,7 @@ class GuardstreamError(Exception):
 
     code: ClassVar[str] = "internal_error"
     retriable: ClassVar[bool] = False
+    fault: ClassVar[Fault] = "service"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -47,6 +53,8 @@ class GuardstreamError(Exception):
 
 class EventRejected(GuardstreamError):
     """The record cannot be judged as it is; trying again will not change that."""
+
+    fault = "input"
 
 
 class EventTooLarge(EventRejected):
@@ -104,6 +112,9 @@ class FetchFailed(GuardstreamError):
     """The image URL could not be fetched: DNS, connection, HTTP status, redirects."""
 
     code = "fetch_failed"
+    # The producer's URL, on its host: a wave of these that is ours (egress, DNS) shows as
+    # every host failing at once, which the runbook tells apart.
+    fault = "input"
 
 
 class FetchTimeout(FetchFailed):
@@ -143,12 +154,20 @@ class UnparseableModelOutput(GuardstreamError):
         self.model_output = model_output
 
 
-def _codes_from(error: type[GuardstreamError]) -> list[str]:
-    """The code of `error` and of every subclass below it, depth first."""
-    return [error.code, *(code for sub in error.__subclasses__() for code in _codes_from(sub))]
+def _classes_from(error: type[GuardstreamError]) -> list[type[GuardstreamError]]:
+    """`error` and every subclass below it, depth first."""
+    return [error, *(cls for sub in error.__subclasses__() for cls in _classes_from(sub))]
 
 
-DEAD_LETTER_CODES: tuple[str, ...] = tuple(dict.fromkeys(_codes_from(GuardstreamError)))
+DEAD_LETTER_FAULTS: dict[str, Fault] = {
+    cls.code: cls.fault for cls in _classes_from(GuardstreamError) if "code" in vars(cls)
+}
+"""Each dead-letter code's fault (`input` or `service`), from the class that names the code (an
+intermediate class such as EventRejected inherits its parent's code, not its fault)."""
+
+DEAD_LETTER_CODES: tuple[str, ...] = tuple(
+    dict.fromkeys(cls.code for cls in _classes_from(GuardstreamError))
+)
 """Every code a dead letter can carry, in the order of the tree above; `internal_error` (the root's
 code) marks a bug in guardstream itself. Collected from the classes when this module is imported:
 the dead-letter schema lists these, so an error class belongs here, not in another module."""

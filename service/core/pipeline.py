@@ -59,7 +59,7 @@ from service.core.verdicts import (
     describe_headers,
     keep_original,
 )
-from service.ops.metrics import Metrics
+from service.ops.metrics import Metrics, exemplar
 from service.ops.tracing import grpc_metadata, trace_id_of
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ class Pipeline:
                     reply = await self._guard.ask(prompt, pixels, grpc_metadata())
                 except GuardstreamError as exc:
                     self._metrics.guard_latency.labels(exc.code).observe(
-                        time.perf_counter() - started
+                        time.perf_counter() - started, exemplar(trace_id_of(span))
                     )
                     span.set_attribute("error.type", exc.code)
                     if not exc.retriable:
@@ -346,7 +346,9 @@ class Pipeline:
                     if tries_left <= 0:
                         raise
                 else:
-                    self._metrics.guard_latency.labels("ok").observe(time.perf_counter() - started)
+                    self._metrics.guard_latency.labels("ok").observe(
+                        time.perf_counter() - started, exemplar(trace_id_of(span))
+                    )
                     self._breaker.record_success()
                     return reply
             self._metrics.guard_retries.inc()

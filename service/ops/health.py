@@ -4,7 +4,10 @@
 GET /livez    200 {"status": "ok"} whenever the event loop answers; nothing else is checked
 GET /readyz   200 when every check of the ReadinessSource is ok, else 503:
               {"status": "ready" | "not ready", "checks": {name: {"ok": bool, "detail": str}}}
-GET /metrics  Prometheus text exposition of the instance's registry
+GET /metrics  the instance's registry: OpenMetrics (with the latency histograms' trace_id
+              exemplars) when the Accept header asks for it, as Prometheus does, else the
+              Prometheus text format; the readiness checks run first, so guardstream_ready
+              is current at every scrape
 ```
 
 HEAD works wherever GET does; any other method is 405, any other path 404.
@@ -26,6 +29,7 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from service.ops.metrics import Metrics
 
@@ -97,16 +101,25 @@ class HealthServer:
         return _json({"status": "ok"}, status=200)
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        checks = await self._run_checks()
-        ready = all(check.ok for check in checks.values())
-        self._log_change(ready, checks)
+        ready, checks = await self._run_checks()
         body = {
             "status": "ready" if ready else "not ready",
             "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
         }
         return _json(body, status=200 if ready else 503)
 
-    async def _run_checks(self) -> Mapping[str, Check]:
+    async def _run_checks(self) -> tuple[bool, Mapping[str, Check]]:
+        """Whether ready, and each check; logged when that changes, and kept in the metrics."""
+        checks = await self._checks_or_why_not()
+        ready = all(check.ok for check in checks.values())
+        self._log_change(ready, checks)
+        self._metrics.ready.set(1 if ready else 0)
+        self._metrics.ready_checks.clear()  # a check that is gone (readiness) must not linger
+        for name, check in checks.items():
+            self._metrics.ready_checks.labels(name).set(1 if check.ok else 0)
+        return ready, checks
+
+    async def _checks_or_why_not(self) -> Mapping[str, Check]:
         deadline = asyncio.timeout(self._check_timeout_s)
         try:
             async with deadline:
@@ -133,11 +146,17 @@ class HealthServer:
             log.warning("not ready: %s", failing)
 
     async def _metrics_text(self, request: web.Request) -> web.Response:
+        await self._run_checks()
+        registry = self._metrics.registry
         # Passed as a header, not content_type=, so the exposition `version` parameter that
         # tells Prometheus which parser to use survives (aiohttp's argument takes no parameters).
+        if "application/openmetrics-text" in request.headers.get("Accept", ""):
+            return web.Response(
+                body=openmetrics.generate_latest(registry),  # type: ignore[no-untyped-call]
+                headers={"Content-Type": openmetrics.CONTENT_TYPE_LATEST},
+            )
         return web.Response(
-            body=generate_latest(self._metrics.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
 

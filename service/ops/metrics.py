@@ -1,11 +1,17 @@
 """Prometheus metrics, one registry per service instance (so tests can run several).
 
-Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, base units.
+Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, base units. The
+alert rules and the dashboard in deploy/monitoring/ use these names: a test scrapes a running
+service and checks every name and label they use.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+
+from service.core.errors import DEAD_LETTER_FAULTS
 
 # Guard calls take milliseconds on a GPU and seconds on a CPU or under load.
 _LATENCY_BUCKETS = (
@@ -13,10 +19,25 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+def exemplar(trace_id: str | None) -> dict[str, str] | None:
+    """The OpenMetrics exemplar linking an observation to its trace (shown on a dashboard's
+    latency panel), or none when the event has no trace."""
+    return {"trace_id": trace_id} if trace_id else None
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # RSS, CPU seconds, open files: the dashboard's resource panels and the memory alerts
+        # a platform team already has read these names.
+        ProcessCollector(registry=r)
+        self.info = Info(
+            "guardstream_consumer",
+            "What this instance consumes and where it publishes; alerts join on it to name the "
+            "consumer group and topic.",
+            registry=r,
+        )
         self.consumed = Counter(
             "guardstream_events_consumed_total",
             "Records taken from the input topic.",
@@ -31,10 +52,15 @@ class Metrics:
         )
         self.dead_letters = Counter(
             "guardstream_dead_letters_total",
-            "Dead letters published, by error code.",
-            ["code"],
+            "Dead letters published, by error code and fault: input (the producer's problem) "
+            "or service (ours).",
+            ["code", "fault"],
             registry=r,
         )
+        # Every code from the start, at 0: a rate over a series that does not exist yet is no
+        # rate at all, and alerts on a ratio would stay silent until a first dead letter.
+        for code, fault in DEAD_LETTER_FAULTS.items():
+            self.dead_letters.labels(code, fault)
         self.reviews = Counter(
             "guardstream_reviews_total",
             "Verdicts also published to the review topic (action review, or sampled).",
@@ -94,7 +120,8 @@ class Metrics:
         )
         self.lag = Gauge(
             "guardstream_partition_lag",
-            "Records between the committed offset and the partition's high watermark.",
+            "Records between the committed offset and the partition's end, refreshed every "
+            "commit interval whether or not anything moves (a stuck consumer's lag still grows).",
             ["topic", "partition"],
             registry=r,
         )
@@ -185,9 +212,31 @@ class Metrics:
         self.shadow_in_flight = Gauge(
             "guardstream_shadow_in_flight", "Shadow judgements under way.", registry=r
         )
+        self.ready = Gauge(
+            "guardstream_ready",
+            "1 when the last readiness check (a probe of /readyz, or a scrape) passed, else 0.",
+            registry=r,
+        )
+        self.ready_checks = Gauge(
+            "guardstream_ready_check",
+            "Each readiness check's last result (1 ok, 0 failing): partitions, broker, guard, "
+            "breaker; which one keeps a consumer out of service.",
+            ["check"],
+            registry=r,
+        )
         self.committed = Gauge(
             "guardstream_committed_offset",
             "Last offset committed for the partition (the next record to read).",
             ["topic", "partition"],
             registry=r,
         )
+
+    def dead_letter(self, code: str) -> None:
+        self.dead_letters.labels(code, DEAD_LETTER_FAULTS[code]).inc()
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """Drop a revoked partition's gauges: its new owner reports them now, and a stale copy
+        here would count its lag twice in a sum over the group."""
+        for gauge in (self.lag, self.committed):
+            with contextlib.suppress(KeyError):
+                gauge.remove(topic, str(partition))

@@ -243,6 +243,12 @@ class FakeConsumer:
         await self.broker.act("consumer.commit")
         self.broker.commits.append(Commit(now(), dict(offsets)))
 
+    async def committed(self, partition: TopicPartition) -> int | None:
+        return self.broker.committed().get(partition)
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.broker.logs.get(tp, [])) for tp in partitions}
+
     async def topics(self) -> set[str]:
         return {tp.topic for tp in self.broker.logs}
 
@@ -363,6 +369,7 @@ class Service:
     producers: Producers
     guard: ScriptedGuard
     consumer: ModerationConsumer
+    metrics: Metrics
     stop: asyncio.Event
 
     @classmethod
@@ -387,7 +394,7 @@ class Service:
             pipeline = Deciding(pipeline, actions)  # type: ignore[assignment]
         delivery = delivery_from(config, kafka, producers, metrics, tracer)
         consumer = ModerationConsumer(config, kafka, delivery, pipeline, breaker, metrics, tracer)
-        return cls(config, broker, kafka, producers, guard, consumer, asyncio.Event())
+        return cls(config, broker, kafka, producers, guard, consumer, metrics, asyncio.Event())
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

@@ -53,6 +53,14 @@ class KafkaConsumer(Protocol):
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
 
+    async def committed(self, partition: TopicPartition) -> int | None:
+        """The group's committed offset of `partition`, asked of the broker."""
+        ...
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Each partition's end (the offset its next record will get), asked of the broker."""
+        ...
+
     async def topics(self) -> set[str]:
         """The topics the cluster shows (a metadata request: readiness)."""
         ...

@@ -21,12 +21,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Protocol
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
@@ -43,6 +45,7 @@ from service.ops.metrics import Metrics
 from service.ops.tracing import extract
 
 log = logging.getLogger(__name__)
+_LAG_REFRESH_S = 5.0  # Prometheus scrapes every 15 s or so: no fresher figure is needed
 
 
 class Window:
@@ -143,7 +146,11 @@ class ModerationConsumer:
                     self._settings.review_topic,
                     self._settings.dead_letter_topic,
                 )
-                await self._serve(stop)
+                lag = asyncio.create_task(self._watch_lag(stop))
+                try:
+                    await self._serve(stop)
+                finally:
+                    lag.cancel()
                 await self._drain(self._all_tasks())
                 await self._commit()
             finally:
@@ -350,6 +357,27 @@ class ModerationConsumer:
             self._changed.set()
             log.debug("committed %s", describe(committed))
 
+    async def _watch_lag(self, stop: asyncio.Event) -> None:
+        """Refresh each owned partition's lag from the broker: set only at commits, it would
+        freeze just when the consumer is stuck and the alerts need to see it grow."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _LAG_REFRESH_S)
+            assigned = self.consumer.assignment()
+            try:
+                async with asyncio.timeout(_LAG_REFRESH_S):
+                    ends = await self.consumer.end_offsets(sorted(assigned))
+                    for tp, end in ends.items():
+                        committed = self._committed.get(tp)
+                        if committed is None:
+                            committed = await self.consumer.committed(tp)
+                        if committed is not None and tp in self.consumer.assignment():
+                            self._metrics.lag.labels(tp.topic, str(tp.partition)).set(
+                                max(0, end - committed)
+                            )
+            except (KafkaError, TimeoutError) as exc:  # the next round tries again
+                log.debug("lag not refreshed: %r", exc)
+
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
         if not tasks:
             return
@@ -383,6 +411,7 @@ class ModerationConsumer:
                 self._committed.pop(tp, None)
                 self._tasks.pop(tp, None)
                 self._window.forget(tp)
+                self._metrics.forget_partition(tp.topic, tp.partition)
         if revoked:
             log.info("partitions revoked: %s", _describe_partitions(revoked))
 

@@ -54,7 +54,7 @@ from service.core.backoff import exponential
 from service.core.pipeline import Outcome
 from service.core.positions import where
 from service.core.verdicts import DeadLetter
-from service.ops.metrics import Metrics
+from service.ops.metrics import Metrics, exemplar
 from service.ops.tracing import inject
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class _Producer:
 def _record_outcome(metrics: Metrics, outgoing: Outgoing) -> None:
     outcome = outgoing.outcome
     if isinstance(outcome, DeadLetter):
-        metrics.dead_letters.labels(outcome.error.code).inc()
+        metrics.dead_letter(outcome.error.code)
     else:
         metrics.verdicts.labels(outcome.rating, outcome.category_code).inc()
         if outcome.action is not None and outcome.would_action is not None:
@@ -177,7 +177,9 @@ def _record_outcome(metrics: Metrics, outgoing: Outgoing) -> None:
     if outgoing.also_to:  # the review topic, the only one a record goes to besides its own
         metrics.reviews.inc()
     if outgoing.timestamp_ms is not None and outgoing.timestamp_ms > 0:
-        metrics.end_to_end_latency.observe(max(0.0, time.time() - outgoing.timestamp_ms / 1000))
+        metrics.end_to_end_latency.observe(
+            max(0.0, time.time() - outgoing.timestamp_ms / 1000), exemplar(outcome.trace_id)
+        )
 
 
 def _publish_span(

@@ -4,7 +4,8 @@
 #   make check   the inner loop, under a minute: ruff, mypy --strict, and every test that starts
 #                no broker or Triton process and is not `slow`, on all cores (pytest-xdist)
 #   make test    before pushing, and CI (.ci/run): the same lint and types, then the whole suite,
-#                the real broker and Triton and the fault suite included (~5.5 minutes)
+#                the real broker and Triton and the fault suite included (~8.5 minutes)
+#                (both install promtool and Prometheus from Debian when missing: `make tools`)
 #   make help    this text
 #
 # Test tiers are pytest markers (tests/conftest.py): `stack` (starts or needs a broker or a
@@ -15,7 +16,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.installed
 
-.PHONY: help demo check test lint bench stack-up stack-status stack-down clean
+.PHONY: help demo check test lint tools bench stack-up stack-status stack-down clean
 
 help:
 	@sed -n '/^#   make/,/^#   make help/p' Makefile | cut -c2-
@@ -33,13 +34,22 @@ check test lint: export PYTHONDONTWRITEBYTECODE :=
 lint: $(READY)
 	$(BIN)/ruff check service tests triton_models deploy
 	$(BIN)/ruff format --check service tests triton_models deploy
-	$(BIN)/mypy service deploy/kustomize.py triton_models/fill.py
+	$(BIN)/mypy service deploy/kustomize.py deploy/monitoring/build.py triton_models/fill.py
 
-check: lint
+check: lint tools
 	$(BIN)/pytest -m "not stack and not slow" -n auto
 
-test: lint
+test: lint tools
 	$(BIN)/pytest
+
+# The alert tests need promtool and a Prometheus server (tests/test_monitoring*.py), which no
+# wheel carries: Debian's prometheus package, installed when missing, as root or through sudo.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then as_root=; else as_root="sudo -n"; fi; \
+	  echo "installing Debian's prometheus (promtool and the server) for the alert tests"; \
+	  $$as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $$as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # guardstream against a bare Kafka loop, a bare Triton loop and a naive loop (minutes; a table
 # on the terminal, the figures in .guardstream/bench/throughput.json); then what verdict reuse

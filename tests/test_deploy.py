@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import os
 import re
 import shutil
@@ -20,7 +19,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from types import ModuleType
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
@@ -33,23 +31,13 @@ from hypothesis import strategies as st
 from service.adapters.rules_source import RulesFiles
 from service.config import ENV_PREFIX, Settings
 from service.shadow import SHADOW_PREFIX, ShadowSettings
+from tests.support import scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 
 
-def _load_renderer() -> ModuleType:
-    # deploy/ is not a package (it holds manifests and Dockerfiles); load the script by path.
-    spec = importlib.util.spec_from_file_location("kustomize", DEPLOY / "kustomize.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kustomize"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kustomize = _load_renderer()
+kustomize = scripts.load("kustomize.py")
 KustomizeError: type[Exception] = kustomize.KustomizeError
 Resource = dict[str, Any]
 
@@ -787,6 +775,8 @@ CRD_FILES: dict[tuple[str, str], str] = {
 NOT_SCHEMA_CHECKED: dict[tuple[str, str], str] = {
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "no copy of its CRD in deploy/crds; "
     "its Secret references are checked by test_referenced_secrets_...",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "no copy of its CRD in deploy/crds; its "
+    "spec is a rules file, which tests/test_monitoring.py checks with promtool in each overlay",
 }
 
 COMPONENT_LABEL = "app.kubernetes.io/component"

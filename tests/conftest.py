@@ -47,6 +47,7 @@ STACK_FIXTURES = frozenset(
         "bench_triton",  # tests/test_bench_model.py: a tritonserver on triton_models/bench
         "triton",  # tests/test_hf_guard_model.py: a tritonserver on the filled HF repository
         "redis_server",  # this file: a redis-server of the test's own (the reuse store)
+        "monitored_stack",  # tests/test_monitoring_end_to_end.py: + a service and Prometheus
     }
 )
 """Fixtures that start a broker, a tritonserver or a redis-server: a test that uses one, directly
@@ -65,9 +66,9 @@ SLOW_FIXTURES = frozenset(
 """Fixtures that make a test heavy though it starts no server (torch, on tiny checkpoints built
 at test time): a test that uses one is in the `slow` tier, which `make check` leaves out."""
 
-SERVER_PROGRAMS = frozenset({"tritonserver", "noida-db", "tansu", "redis-server"})
-"""Executables of the broker and of Triton (see service/dev/stack.py), and Redis
-(tests/support/redis.py)."""
+SERVER_PROGRAMS = frozenset({"tritonserver", "noida-db", "tansu", "redis-server", "prometheus"})
+"""Executables of the broker and of Triton (see service/dev/stack.py), Redis
+(tests/support/redis.py) and Prometheus (tests/support/prometheus.py)."""
 
 SERVER_COMMANDS = (("stack", "up"), ("demo",))
 """`python -m service ...` commands that start a broker and a tritonserver."""

@@ -173,16 +173,17 @@ def test_a_dead_letter_with_a_code_the_schema_does_not_list_is_refused() -> None
 # a note in parentheses for a class that only groups others, and "yes" when it is retriable.
 _TREE_LINE = re.compile(
     r"(?P<branches>(?:[│ ]   )*(?:[├└]── )?)(?P<name>\w+)"
-    r" +(?:\(.*\)|(?P<code>\w+)(?: +(?P<retriable>yes))?)"
+    r" +(?:\(.*\)|(?P<code>\w+) +(?P<fault>input|service)(?: +(?P<retriable>yes))?)"
 )
 
 
-def _documented_error_tree() -> dict[str, tuple[str | None, str | None, bool]]:
-    """Class name -> (parent class name, own code, retriable), as the docstring draws the tree."""
+def _documented_error_tree() -> dict[str, tuple[str | None, str | None, str | None, bool]]:
+    """Class name -> (parent class name, own code, its fault, retriable), as the docstring draws
+    the tree."""
     assert errors.__doc__ is not None
     drawing = errors.__doc__.split("```")[1].strip("\n").splitlines()
-    assert drawing[0].split() == ["class", "code", "retriable"]
-    tree: dict[str, tuple[str | None, str | None, bool]] = {}
+    assert drawing[0].split() == ["class", "code", "fault", "retriable"]
+    tree: dict[str, tuple[str | None, str | None, str | None, bool]] = {}
     ancestors: list[str] = []
     for line in drawing[1:]:
         match = _TREE_LINE.fullmatch(line)
@@ -190,7 +191,12 @@ def _documented_error_tree() -> dict[str, tuple[str | None, str | None, bool]]:
         depth = len(match["branches"]) // 4
         del ancestors[depth:]
         parent = ancestors[-1] if ancestors else None
-        tree[match["name"]] = (parent, match["code"], match["retriable"] is not None)
+        tree[match["name"]] = (
+            parent,
+            match["code"],
+            match["fault"],
+            match["retriable"] is not None,
+        )
         ancestors.append(match["name"])
     return tree
 
@@ -200,6 +206,7 @@ def test_the_error_tree_in_the_docstring_draws_exactly_the_error_classes() -> No
         error.__name__: (
             error.__base__.__name__ if error is not GuardstreamError else None,
             vars(error).get("code"),
+            error.fault if "code" in vars(error) else None,
             error.retriable,
         )
         for error in _error_classes()

@@ -176,3 +176,42 @@ def test_each_overlay_carries_the_rules_and_the_dashboard(overlay: str, tmp_path
     ]
     assert json.loads(dashboard["data"]["guardstream.json"]) == build.dashboard()
     assert rule["metadata"]["namespace"] == dashboard["metadata"]["namespace"]
+
+
+def test_the_scrape_check_reports_what_an_expression_uses_and_the_scrape_lacks() -> None:
+    """The end-to-end test holds every rule and panel against a running service's /metrics with
+    this check: it must catch a misspelt name, a missing label or value, a stray grouping."""
+    scrape = {
+        "guardstream_verdicts_total": [{"rating": "Safe", "category": "NA"}],
+        "guardstream_consumer_info": [{"group_id": "g", "input_topic": "images"}],
+    }
+    rules = promql.rules_file(ALERTS)
+    join = "* on (job, instance) group_left (group_id) guardstream_consumer_info"
+    assert (
+        promql.missing(
+            f"sum by (group_id, rating) (guardstream_verdicts_total {join})", scrape, rules
+        )
+        == []
+    )
+    assert promql.missing("rate(guardstream_verdict_total[5m])", scrape, rules) == [
+        "guardstream_verdict_total: no such series in the scrape"
+    ]
+    assert promql.missing(
+        'guardstream_verdicts_total{rating="Unsafe", tenant!=""}', scrape, rules
+    ) == [
+        "guardstream_verdicts_total: no series with rating='Unsafe'",
+        "guardstream_verdicts_total: no label 'tenant'",
+    ]
+    assert promql.missing("sum by (action) (guardstream_verdicts_total)", scrape, rules) == [
+        "grouping label 'action' is on none of its series"
+    ]
+    # Recording rules are known by name; Prometheus's own `up` is checked against the server.
+    assert (
+        promql.missing(
+            'group_topic:guardstream_outcomes:rate5m > 0 and up{job="x"} == 1', scrape, rules
+        )
+        == []
+    )
+    assert promql.missing("group_topic:guardstream_outcome:rate5m", scrape, rules) == [
+        "group_topic:guardstream_outcome:rate5m: no such series in the scrape"
+    ]

@@ -76,9 +76,7 @@ def add_eval_parser(commands: Commands) -> None:
         default=2000,
         help="bootstrap resamples of --compare's confidence intervals [%(default)s]",
     )
-    evaluate.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)"
-    )
+    _add_progress_option(evaluate)
     evaluate.add_argument(
         "--write-samples",
         type=Path,
@@ -86,6 +84,21 @@ def add_eval_parser(commands: Commands) -> None:
         default=None,
         help="write the sample photos and a labelled manifest of them to DIR, and exit (to try "
         "eval on the embedded stack)",
+    )
+
+
+def _add_rate_option(parser: argparse.ArgumentParser, what: str, default: float) -> None:
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=default,
+        help=f"{what} per second at most; 0: no limit [%(default)s]",
+    )
+
+
+def _add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)"
     )
 
 
@@ -135,12 +148,7 @@ def add_replay_parser(commands: Commands) -> None:
         default=None,
         help="topic of the replay verdicts; dead letters go to TOPIC.dlq [verdicts.replay]",
     )
-    replay.add_argument(
-        "--rate",
-        type=float,
-        default=20.0,
-        help="events judged per second at most; 0: no limit [%(default)s]",
-    )
+    _add_rate_option(replay, "events judged", 20.0)
     replay.add_argument(
         "--concurrency", type=int, default=4, help="events judged at a time [%(default)s]"
     )
@@ -153,9 +161,7 @@ def add_replay_parser(commands: Commands) -> None:
         default=None,
         help="the run's progress and diff report [.guardstream/replay/<run id>]",
     )
-    replay.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)"
-    )
+    _add_progress_option(replay)
 
 
 def add_banks_parser(commands: Commands) -> None:
@@ -199,6 +205,16 @@ def add_banks_parser(commands: Commands) -> None:
 _WRITTEN = " a dead letter was written at"
 
 
+def _add_code_option(parser: argparse.ArgumentParser, which: str) -> None:
+    parser.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        metavar="CODE",
+        help=f"{which} with this error code, e.g. unknown_policy (repeatable)",
+    )
+
+
 def add_dlq_parser(commands: Commands) -> None:
     dlq = commands.add_parser(
         "dlq",
@@ -221,13 +237,7 @@ def add_dlq_parser(commands: Commands) -> None:
         "Exit 0, also when there are none.",
     )
     _add_range_options(listed, _WRITTEN)
-    listed.add_argument(
-        "--code",
-        action="append",
-        default=[],
-        metavar="CODE",
-        help="only dead letters with this error code (repeatable), e.g. unknown_policy",
-    )
+    _add_code_option(listed, "only dead letters")
     listed.add_argument(
         "--examples", type=int, default=3, help="example event ids per code [%(default)s]"
     )
@@ -261,13 +271,7 @@ def add_dlq_parser(commands: Commands) -> None:
         "selected anything), 1 when nothing was, 2 for bad arguments, 130 when interrupted "
         "(what was in flight is finished and recorded first).",
     )
-    redrive.add_argument(
-        "--code",
-        action="append",
-        default=[],
-        metavar="CODE",
-        help="dead letters with this error code (repeatable)",
-    )
+    _add_code_option(redrive, "dead letters")
     redrive.add_argument(
         "--event-id",
         action="append",
@@ -285,12 +289,7 @@ def add_dlq_parser(commands: Commands) -> None:
         metavar="TOPIC",
         help="publish to this topic [each dead letter's source topic: the input it came from]",
     )
-    redrive.add_argument(
-        "--rate",
-        type=float,
-        default=10.0,
-        help="records published per second at most; 0: no limit [%(default)s]",
-    )
+    _add_rate_option(redrive, "records published", 10.0)
     redrive.add_argument(
         "--dry-run",
         action="store_true",
@@ -301,9 +300,7 @@ def add_dlq_parser(commands: Commands) -> None:
         action="store_true",
         help="redrive dead letters the ledger says were redriven already",
     )
-    redrive.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)"
-    )
+    _add_progress_option(redrive)
     for parser in (listed, shown, redrive):
         parser.add_argument(
             "--topic",

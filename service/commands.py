@@ -232,7 +232,7 @@ def add_dlq_parser(commands: Commands) -> None:
         "list",
         help="count the dead letters by code and by hour, with examples",
         description="Read the dead-letter topic (or a range of it) and print the dead letters "
-        "by code (with where the cause lies, how many were already redriven and example event "
+        "by code (with the error's class, how many were already redriven and example event "
         "ids with their place P@offset), by hour of failure, and the first and last failure. "
         "Exit 0, also when there are none.",
     )

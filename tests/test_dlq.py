@@ -654,7 +654,7 @@ def test_the_listing_counts_by_code_and_hour_with_bounded_examples() -> None:
     )
     assert report["codes"][0] == {
         "code": "unknown_policy",
-        "class": "the event itself",
+        "class": "rejected event",
         "count": 3,
         "redriven": 1,
         "examples": [{"event_id": "p0", "place": "0@0"}, {"event_id": "p1", "place": "0@1"}],
@@ -675,9 +675,10 @@ def test_every_code_has_a_cause() -> None:
     assert {
         code: code_class(code) for code in DEAD_LETTER_CODES if code_class(code) == "unknown"
     } == {}
-    assert code_class("fetch_timeout") == "fetching its URL"
-    assert code_class("guard_unavailable") == "the guard model"
-    assert code_class("internal_error") == "a bug in guardstream"
+    assert code_class("fetch_timeout") == "URL fetch"
+    assert code_class("guard_unavailable") == "guard model"
+    assert code_class("unparseable_model_output") == "model answer"
+    assert code_class("internal_error") == "internal"
 
 
 def test_show_decodes_the_original_and_names_the_trace_and_the_redrives() -> None:
@@ -686,7 +687,7 @@ def test_show_decodes_the_original_and_names_the_trace_and_the_redrives() -> Non
     assert isinstance(restored, Restored)
     entry = LedgerEntry.model_validate_json(entry_for(restored)[1])
     text = "\n".join(show_lines(one, [entry]))
-    assert "  code         unknown_policy  (cause: the event itself)" in text
+    assert "  code         unknown_policy  (class: rejected event)" in text
     assert "  input        images:2:41  key 'e1'" in text
     assert "(find the trace by this id in your tracing backend)" in text
     assert f"  original     {len(EVENT)} bytes, complete" in text

@@ -39,14 +39,16 @@ from service.core.errors import (
 from service.core.verdicts import DeadLetter, Source
 
 _CLASSES: tuple[tuple[type[GuardstreamError], str], ...] = (
-    (EventRejected, "the event itself"),
-    (FetchFailed, "fetching its URL"),
-    (DeadlineExceeded, "its deadline"),
-    (GuardFailed, "the guard model"),
-    (UnparseableModelOutput, "the guard's answer"),
-    (GuardstreamError, "a bug in guardstream"),
+    (EventRejected, "rejected event"),
+    (FetchFailed, "URL fetch"),
+    (DeadlineExceeded, "deadline"),
+    (GuardFailed, "guard model"),
+    (UnparseableModelOutput, "model answer"),
+    (GuardstreamError, "internal"),
 )
-"""The branches of the error tree (`service.core.errors`), in words: where a code's cause lies."""
+"""The branches of the error tree (`service.core.errors`), in words: a code's class. A rejected
+event failed on itself or on the rules (unknown_policy: a redrive after the fix helps); a guard
+model failure on Triton (a redrive once it is healthy helps); internal is a bug."""
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]{120,}")
 """A string this long of base64's alphabet is data, not text: elided in a preview."""
@@ -59,7 +61,7 @@ def _classes(root: type[GuardstreamError]) -> list[type[GuardstreamError]]:
 
 
 def code_class(code: str) -> str:
-    """Where the cause of a dead-letter code lies, e.g. "the event itself" for
+    """The branch of the error tree a dead-letter code is on, e.g. "rejected event" for
     image_decode_failed; "unknown" for a code no error class carries."""
     for error in _classes(GuardstreamError):
         if error.code == code:
@@ -154,12 +156,12 @@ class Listing:
             lines.append(f"{len(self.others)} records that are not dead letters: {shown}")
         if not self.dead_letters:
             return lines
-        lines += ["", f"{'code':<26} {'count':>6} {'redriven':>8}  {'cause':<21} examples"]
+        lines += ["", f"{'code':<26} {'count':>6} {'redriven':>8}  {'class':<15} examples"]
         for code, count in self.codes.most_common():
             examples = self.example_ids[code]
             shown = ", ".join(f"{event_id or '(no id)'} {place}" for event_id, place in examples)
             redriven = self.redriven_by_code[code]
-            lines.append(f"{code:<26} {count:>6} {redriven:>8}  {code_class(code):<21} {shown}")
+            lines.append(f"{code:<26} {count:>6} {redriven:>8}  {code_class(code):<15} {shown}")
         lines += ["", "failed per hour (UTC)"]
         lines += [f"{hour}  {self.hours[hour]:>6}" for hour in sorted(self.hours)]
         return lines
@@ -181,7 +183,7 @@ def show_lines(letter: Letter, redrives: list[LedgerEntry]) -> list[str]:
     error = dead_letter.error
     lines = [
         title,
-        f"  code         {error.code}  (cause: {code_class(error.code)})",
+        f"  code         {error.code}  (class: {code_class(error.code)})",
         *_labelled("message", error.message.splitlines() or [""]),
         *_labelled("model output", (error.model_output or "-").splitlines() or [""]),
         f"  event id     {dead_letter.event_id or '-'}",

@@ -115,6 +115,10 @@ class Listing:
         if len(shown) < self.examples:
             shown.append((letter.event_id, _place(letter.at)))
 
+    def _by_count(self) -> list[tuple[str, int]]:
+        """Codes, most frequent first, ties by name (the same order every time)."""
+        return sorted(self.codes.items(), key=lambda item: (-item[1], item[0]))
+
     def as_json(self, topic: str, selection_words: str) -> dict[str, Any]:
         return {
             "topic": topic,
@@ -135,7 +139,7 @@ class Listing:
                         for event_id, place in self.example_ids[code]
                     ],
                 }
-                for code, count in self.codes.most_common()
+                for code, count in self._by_count()
             ],
             "hours": [{"hour": hour, "count": self.hours[hour]} for hour in sorted(self.hours)],
             "not_dead_letter_places": self.others[: self.examples],
@@ -157,7 +161,7 @@ class Listing:
         if not self.dead_letters:
             return lines
         lines += ["", f"{'code':<26} {'count':>6} {'redriven':>8}  {'class':<15} examples"]
-        for code, count in self.codes.most_common():
+        for code, count in self._by_count():
             examples = self.example_ids[code]
             shown = ", ".join(f"{event_id or '(no id)'} {place}" for event_id, place in examples)
             redriven = self.redriven_by_code[code]

@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import re
 import sys
 from collections.abc import AsyncIterator
 
 from aiokafka.errors import KafkaError
 
+from service.adapters.kafka import table
 from service.adapters.kafka.ranges import Bounded, bounded_read
 from service.adapters.kafka.redrive import read_ledger
 from service.config import Settings
@@ -124,6 +126,9 @@ async def show_dead_letters(settings: Settings, args: argparse.Namespace) -> int
 
 
 def command(settings: Settings, args: argparse.Namespace) -> int:
+    # The table reader logs each load for the service's log; here it would only interleave
+    # with the command's own output (which says what the ledger held, where it matters).
+    logging.getLogger(table.__name__).setLevel(logging.WARNING)
     if args.dlq_action == "redrive":
         from service.dlq_redrive import redrive
 

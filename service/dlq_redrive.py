@@ -2,10 +2,10 @@
 
 1. The selection (`--code`, `--event-id`, `--since/--until` or `--offsets`, or `--all`) and the
    options are checked before anything is read: a bad one is one line on stderr, exit 2.
-2. The ledger topic (`<dlq>.redriven`) is read whole; when it does not exist it is created,
-   compacted (not in a dry run), and the command says so.
-3. The dead-letter topic's range is read to the end it has now. Each dead letter the selection
-   takes is planned (`service.core.dead_letters.Planner`): restored, or refused with a reason,
+2. The dead-letter topic's range is resolved, its end fixed now (a redriven record that fails
+   again lands beyond it). Then the ledger topic (`<dlq>.redriven`) is read whole; when it does
+   not exist it is created, compacted (not in a dry run), and the command says so.
+3. The range is read; each dead letter the selection takes is planned (`service.core.dead_letters.Planner`): restored, or refused with a reason,
    or skipped as already redriven (unless `--again`).
 4. Each restored record is published, at most `--rate` a second, acknowledged by all replicas;
    only then is its ledger entry written (acknowledged the same way). A crash between the two
@@ -179,36 +179,34 @@ async def redrive(settings: Settings, args: argparse.Namespace, stop: asyncio.Ev
     dlq, ledger_topic = topics_of(settings, args)
     run_id = new_run_id()
     tally = Tally(dry_run=args.dry_run)
+    sink = None if args.dry_run else RedriveProducer(settings, ledger_topic)
     try:
-        ledger = await _ledger(settings, ledger_topic, dry_run=args.dry_run)
-        sink = None if args.dry_run else RedriveProducer(settings, ledger_topic)
         if sink is not None:
             await sink.start()
-        try:
-            async with bounded_read(settings, dlq, request) as bounded:
-                planner = Planner(ledger, bounded.topics, run_id, to=args.to, again=args.again)
-                bar = tqdm(
-                    total=bounded.total,
-                    unit="record",
-                    file=sys.stderr,
-                    disable=args.no_progress,
-                    desc="redrive",
-                )
-                redriver = Redriver(
-                    planner,
-                    selection,
-                    sink,
-                    Pacer(args.rate or None),
-                    stop,
-                    run_id,
-                    lambda line: tqdm.write(line, file=sys.stdout),
-                    tally,
-                )
-                with bar:
-                    interrupted = await redriver.all(letters(bounded), bar.update)
-        finally:
-            if sink is not None:
-                await sink.stop()
+        # The range first (a topic that does not exist is refused before a ledger is made for
+        # it), then the ledger whole, then the dead letters one by one.
+        async with bounded_read(settings, dlq, request) as bounded:
+            ledger = await _ledger(settings, ledger_topic, dry_run=args.dry_run)
+            planner = Planner(ledger, bounded.topics, run_id, to=args.to, again=args.again)
+            bar = tqdm(
+                total=bounded.total,
+                unit="record",
+                file=sys.stderr,
+                disable=args.no_progress,
+                desc="redrive",
+            )
+            redriver = Redriver(
+                planner,
+                selection,
+                sink,
+                Pacer(args.rate or None),
+                stop,
+                run_id,
+                lambda line: tqdm.write(line, file=sys.stdout),
+                tally,
+            )
+            with bar:
+                interrupted = await redriver.all(letters(bounded), bar.update)
     except ReplayRangeError as exc:  # the dead-letter topic does not exist, offsets outside it
         print(f"dlq redrive: {exc}", file=sys.stderr)
         return 2
@@ -219,6 +217,9 @@ async def redrive(settings: Settings, args: argparse.Namespace, stop: asyncio.Ev
     except KafkaError as exc:  # the broker cannot be reached: one line, not a traceback
         print(f"dlq redrive: Kafka: {exc!r}", file=sys.stderr)
         return 1
+    finally:
+        if sink is not None:
+            await sink.stop()
     if not tally.selected and not interrupted:
         print(selection.nothing_to_redrive(dlq, range_words(args.since, args.until, args.offsets)))
         return 1

@@ -5,8 +5,9 @@
 2. The dead-letter topic's range is resolved, its end fixed now (a redriven record that fails
    again lands beyond it). Then the ledger topic (`<dlq>.redriven`) is read whole; when it does
    not exist it is created, compacted (not in a dry run), and the command says so.
-3. The range is read; each dead letter the selection takes is planned (`service.core.dead_letters.Planner`): restored, or refused with a reason,
-   or skipped as already redriven (unless `--again`).
+3. The range is read; each dead letter the selection takes is planned
+   (`service.core.dead_letters.Planner`): restored, or refused with a reason, or skipped as
+   already redriven (unless `--again`).
 4. Each restored record is published, at most `--rate` a second, acknowledged by all replicas;
    only then is its ledger entry written (acknowledged the same way). A crash between the two
    leaves the record published and unrecorded, so a later redrive publishes it again: at least

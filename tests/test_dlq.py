@@ -706,6 +706,13 @@ def test_show_decodes_the_original_and_names_the_trace_and_the_redrives() -> Non
     assert "15 bytes of binary data: 89 50 4e 47" in junk
 
 
+def test_only_base64_is_elided_not_long_text() -> None:
+    words = "a plain sentence of words without any punctuation at all " * 4
+    shown = preview(orjson.dumps({"note": words, "data": "QUJD" * 40}), cut=False)
+    assert f'"note": "{words}"' in shown[1]
+    assert '"data": "<base64, 160 characters>"' in shown[2]
+
+
 def test_a_long_preview_is_cut_to_its_first_lines() -> None:
     shown = preview(orjson.dumps({f"k{i}": i for i in range(100)}), cut=False, max_lines=5)
     assert len(shown) == 6

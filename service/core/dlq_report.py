@@ -50,7 +50,7 @@ _CLASSES: tuple[tuple[type[GuardstreamError], str], ...] = (
 event failed on itself or on the rules (unknown_policy: a redrive after the fix helps); a guard
 model failure on Triton (a redrive once it is healthy helps); internal is a bug."""
 
-_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]{120,}")
+_BASE64 = re.compile(r"[A-Za-z0-9+/=]{120,}")
 """A string this long of base64's alphabet is data, not text: elided in a preview."""
 
 PREVIEW_LINES = 40

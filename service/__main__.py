@@ -19,7 +19,12 @@ from pydantic_settings import BaseSettings
 from service import contract
 from service.adapters.kafka.delivery import PublishFailed
 from service.adapters.rules_source import InvalidRules
-from service.commands import add_banks_parser, add_eval_parser, add_replay_parser
+from service.commands import (
+    add_banks_parser,
+    add_dlq_parser,
+    add_eval_parser,
+    add_replay_parser,
+)
 from service.config import ENV_PREFIX, Settings
 from service.core.errors import GuardstreamError
 from service.dev import stack
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(commands)
     add_replay_parser(commands)
     add_banks_parser(commands)
+    add_dlq_parser(commands)
     return parser
 
 
@@ -234,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         from service import banks
 
         return banks.command(settings, args)
+    if args.command == "dlq":
+        from service import dlq
+
+        return dlq.command(settings, args)
     return produce_command(settings, args.files, args.policy_id, args.tenant)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import uuid
 from collections.abc import Iterable
@@ -27,10 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 
-from service.adapters.kafka.table import TableReader
+from service.adapters.kafka.table import TableReader, ensure_table_topic
 from service.config import Settings
 from service.core.bank_files import load_banks, read_entries, read_specs
 from service.core.banks import BANK_NAME, BankEntry, Banks, EntryRecord, HashKind, entry_key
@@ -121,7 +119,7 @@ def import_records(
 async def publish(settings: Settings, records: Iterable[Record]) -> int:
     """Send records to the banks topic (created if missing), each acknowledged by every replica."""
     topic = _topic(settings)
-    await ensure_topic(settings)
+    await ensure_table_topic(settings, topic)
     producer = AIOKafkaProducer(**settings.kafka_connection(), acks="all")
     try:
         await producer.start()
@@ -131,23 +129,6 @@ async def publish(settings: Settings, records: Iterable[Record]) -> int:
     finally:
         await producer.stop()
     return len(sent)
-
-
-async def ensure_topic(settings: Settings) -> None:
-    """Create the banks topic, compacted, unless it exists."""
-    admin = AIOKafkaAdminClient(**settings.kafka_connection())
-    try:
-        await admin.start()
-        if settings.banks_topic in await admin.list_topics():
-            return
-        # Three copies where the cluster has three brokers: the table outlives a lost broker.
-        replicas = min(3, len((await admin.describe_cluster())["brokers"]))
-        compact = {"cleanup.policy": "compact"}
-        topic = NewTopic(settings.banks_topic, 1, replicas, topic_configs=compact)
-        with contextlib.suppress(TopicAlreadyExistsError):  # another publisher was quicker
-            await admin.create_topics([topic])
-    finally:
-        await admin.close()
 
 
 async def list_entries(settings: Settings, bank: str | None, timeout_s: float) -> Listing:

@@ -24,11 +24,8 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import signal
 import sys
-import threading
-from collections.abc import Coroutine
-from typing import Any, Never, TextIO
+from typing import Never, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -56,6 +53,7 @@ from service.core.replay_diff import Original, Replayed, diff, superseding
 from service.core.replay_range import ReplayRangeError, TimeRange, range_request
 from service.core.rules import Rules
 from service.core.verdicts import DeadLetter, serialize
+from service.interrupts import run_until_signalled
 from service.ops.metrics import Metrics
 from service.ops.tracing import get_tracer
 from service.replay_report import write_report
@@ -226,7 +224,7 @@ class _Judge:
             async with contextlib.aclosing(records):
                 async for message in records:
                     await self._slots.acquire()
-                    await _first(pacer.wait(), stop.wait())  # a slow rate must not delay a stop
+                    await pacer.wait_unless(stop)
                     stopped = stop.is_set() or bool(self._failed)
                     if stopped:
                         self._slots.release()
@@ -281,17 +279,6 @@ class _Judge:
         await asyncio.gather(*late, return_exceptions=True)
 
 
-async def _first(*waits: Coroutine[Any, Any, object]) -> None:
-    """Return when the first of `waits` is done; the others are cancelled."""
-    tasks = [asyncio.ensure_future(wait) for wait in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def main(settings: Settings, args: argparse.Namespace, stop: asyncio.Event) -> int:
     """The whole command, until `stop` is set; its exit code."""
     try:
@@ -329,23 +316,4 @@ async def main(settings: Settings, args: argparse.Namespace, stop: asyncio.Event
 
 
 def command(settings: Settings, args: argparse.Namespace) -> int:
-    async def until_signalled() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM)
-
-        def first_signal(signum: int) -> None:
-            stop.set()  # finish what is in flight, save the state
-            loop.remove_signal_handler(signum)  # a second Ctrl-C interrupts at once
-
-        if threading.current_thread() is threading.main_thread():
-            for signum in signals:
-                loop.add_signal_handler(signum, first_signal, signum)
-        try:
-            return await main(settings, args, stop)
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                for signum in signals:
-                    loop.remove_signal_handler(signum)
-
-    return asyncio.run(until_signalled())
+    return run_until_signalled(lambda stop: main(settings, args, stop))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -39,12 +40,35 @@ def test_help_documents_every_setting_and_the_otel_variables(command: list[str])
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     top = cli("--help").stdout
     parser = build_parser()  # each command's help in this process: a child each costs a second
-    for command in ("run", "stack", "demo", "schemas", "produce", "ask", "eval", "replay", "banks"):
+    commands = ("run", "stack", "demo", "schemas", "produce", "ask", "eval", "replay", "banks")
+    for command in (*commands, "dlq"):
         assert command in top
         with pytest.raises(SystemExit) as exited:
             parser.parse_args([command, "--help"])
         assert exited.value.code == 0
         assert capsys.readouterr().out.startswith(f"usage: python -m service {command}")
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's sub-commands by name."""
+    found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(found[0].choices)
+
+
+def test_every_dlq_action_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    actions = _actions(_actions(parser)["dlq"])
+    assert sorted(actions) == ["list", "redrive", "show"]
+    for name, action in actions.items():
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(["dlq", name, "--help"])
+        assert exited.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: python -m service dlq {name}")
+        assert action.description
+        for option in action._actions:
+            assert option.help, (name, option.dest)
+    redrive = parser.parse_args(["dlq", "redrive", "--all"])
+    assert (redrive.rate, redrive.to, redrive.again, redrive.dry_run) == (10.0, None, False, False)
 
 
 def test_invalid_settings_are_refused_before_anything_starts() -> None:

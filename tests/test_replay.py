@@ -251,6 +251,19 @@ async def test_without_a_rate_nothing_waits() -> None:
         Pacer(0)
 
 
+@pytest.mark.asyncio(loop_scope="function")
+@pytest.mark.looptime(end=600)
+async def test_a_stop_cuts_a_slow_pacers_wait_short() -> None:
+    loop = asyncio.get_running_loop()
+    pacer, stop = Pacer(0.01), asyncio.Event()  # one start every 100 s
+    await pacer.wait_unless(stop)  # the first slot is now
+    loop.call_later(3, stop.set)
+    await pacer.wait_unless(stop)
+    assert loop.time() == 3.0
+    await pacer.wait_unless(stop)  # stopped: no wait at all
+    assert loop.time() == 3.0
+
+
 # --- resuming -------------------------------------------------------------------------------
 
 

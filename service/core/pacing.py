@@ -4,6 +4,7 @@ A replay or a backfill reads a backlog that would otherwise be judged as fast as
 answers, taking the guard from the live consumers. `Pacer.wait()` hands out start times
 `1/rate` apart (an interval scheduler: a token bucket holding one token, so no burst after an
 idle spell), and works for many tasks waiting at once, each getting its own slot.
+`wait_unless(stop)` returns early when the job is asked to stop: a slow rate never delays a stop.
 """
 
 from __future__ import annotations
@@ -30,3 +31,16 @@ class Pacer:
         self._next = slot + self._interval
         if slot > now:
             await asyncio.sleep(slot - now)
+
+    async def wait_unless(self, stop: asyncio.Event) -> None:
+        """`wait()`, or less when `stop` is set meanwhile (the slot is then spent)."""
+        if stop.is_set():
+            return
+        waiting = asyncio.ensure_future(self.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((waiting, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiting, stopped):
+                task.cancel()
+            await asyncio.gather(waiting, stopped, return_exceptions=True)

@@ -1,9 +1,10 @@
-"""Which records a replay judges: a range of the input topic, per partition `[first, end)`.
+"""Which records a batch tool reads: a range of a topic, per partition `[first, end)`.
 
-The command line names the range by timestamps (`--since`, `--until`) or by offsets
-(`--offsets P:FIRST-END`); the Kafka adapter turns timestamps into offsets. Everything here is
-checked before anything is judged, and every problem is a `ReplayRangeError` whose message is
-the one line the command prints.
+A replay judges a range of the input topic again; `dlq` lists, shows and redrives a range of the
+dead-letter topic. The command line names the range by timestamps (`--since`, `--until`) or by
+offsets (`--offsets P:FIRST-END`); the Kafka adapter turns timestamps into offsets. Everything
+here is checked before anything is read, and every problem is a `ReplayRangeError` whose
+message is the one line the command prints.
 """
 
 from __future__ import annotations
@@ -86,18 +87,35 @@ def time_range(since: str, until: str | None) -> TimeRange:
     return TimeRange(since_ms, until_ms)
 
 
+WHOLE_TOPIC_SINCE = "1970-01-01T00:00Z"
+"""The `--since` of a tool that reads the whole topic when none is given: every record."""
+
+
 def range_request(
-    since: str | None, until: str | None, offsets: list[str]
+    since: str | None, until: str | None, offsets: list[str], *, whole_topic: bool = False
 ) -> TimeRange | list[Span]:
-    """What the command line asks for: a time range, or offsets per partition (not both)."""
+    """What the command line asks for: a time range, or offsets per partition (not both).
+    Without either, the whole topic when `whole_topic` (to `--until`, if given), else refused."""
     if offsets and (since is not None or until is not None):
         raise ReplayRangeError("give --offsets or --since/--until, not both")
     if offsets:
         return parse_offsets(offsets)
+    if since is None and whole_topic:
+        since = WHOLE_TOPIC_SINCE
     if since is None:
         # A replay of a whole topic by omission could judge months of events: say so instead.
         raise ReplayRangeError("give the range: --since (and --until), or --offsets P:FIRST-END")
     return time_range(since, until)
+
+
+def range_words(since: str | None, until: str | None, offsets: list[str]) -> str:
+    """The range as the command line named it, for messages: "between A and B", "in offsets
+    0:3-9", or "" for the whole topic."""
+    if offsets:
+        return f"in offsets {', '.join(offsets)}"
+    if since is None and until is None:
+        return ""
+    return f"between {since or 'the beginning'} and {until or 'the end'}"
 
 
 def check_spans(
@@ -105,9 +123,12 @@ def check_spans(
     spans: Iterable[Span],
     beginnings: Mapping[int, int],
     ends: Mapping[int, int],
+    *,
+    empty_ok: bool = False,
 ) -> list[Span]:
     """The spans, each inside its partition's offsets now (`beginnings`, `ends`: every
-    partition of the topic), and not all empty; spans with no records are dropped."""
+    partition of the topic), and not all empty unless `empty_ok`; spans with no records are
+    dropped."""
     kept = []
     for span in spans:
         if span.partition not in ends:
@@ -122,7 +143,7 @@ def check_spans(
             )
         if span.records > 0:
             kept.append(span)
-    if not kept:
+    if not kept and not empty_ok:
         raise ReplayRangeError(f"the range holds no records of {topic}")
     return sorted(kept)
 

@@ -1,16 +1,20 @@
-"""Reading a bounded range of a topic without joining a group: what a replay reads.
+"""Reading a bounded range of a topic without joining a group: what a replay and `dlq` read.
 
 A replay must not disturb the live consumers: no consumer group (so no rebalance and no commit
 to the service's group), partitions assigned by hand, only committed records (`read_committed`).
 Its range is fixed when it starts (`end_offsets` then), so it ends by itself even while the
 topic keeps growing. The original verdicts are read the same way, the verdict topic whole to
-the end it had at the start, keeping only those whose source lies in the range.
+the end it had at the start, keeping only those whose source lies in the range. `dlq` reads
+the dead-letter topic the same way (`bounded_read`): a redrive's failures that land on it
+again while it runs are beyond its end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeAlias
 
 import orjson
@@ -85,9 +89,14 @@ async def topic_ends(settings: Settings, topic: str) -> dict[int, int]:
 
 
 async def resolve(
-    consumer: AIOKafkaConsumer, topic: str, request: TimeRange | list[Span]
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    request: TimeRange | list[Span],
+    *,
+    empty_ok: bool = False,
 ) -> list[Span]:
-    """The offsets the request names, checked against the topic as it is now."""
+    """The offsets the request names, checked against the topic as it is now; a range with
+    no records is refused unless `empty_ok`."""
     beginnings, ends = await partition_offsets(consumer, topic)
     if isinstance(request, TimeRange):
         firsts = await _offsets_at(consumer, topic, request.since_ms, ends)
@@ -96,8 +105,44 @@ async def resolve(
             if request.until_ms is None
             else await _offsets_at(consumer, topic, request.until_ms, ends)
         )
-        return check_spans(topic, spans_between(firsts, lasts), beginnings, ends)
-    return check_spans(topic, request, beginnings, ends)
+        spans = spans_between(firsts, lasts)
+        return check_spans(topic, spans, beginnings, ends, empty_ok=empty_ok)
+    return check_spans(topic, request, beginnings, ends, empty_ok=empty_ok)
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """A range of a topic being read: its spans (fixed at the start), its records, and the
+    topics the cluster had then (a metadata request that creates none)."""
+
+    spans: list[Span]
+    records: AsyncGenerator[Message, None]
+    topics: frozenset[str]
+
+    @property
+    def total(self) -> int:
+        """At most this many records (compaction and transaction markers leave gaps)."""
+        return sum(span.records for span in self.spans)
+
+
+@contextlib.asynccontextmanager
+async def bounded_read(
+    settings: Settings, topic: str, request: TimeRange | list[Span]
+) -> AsyncIterator[Bounded]:
+    """The records of `topic` in the range the request names, to the ends it has now, read
+    by a consumer of no group; an empty range reads nothing (ReplayRangeError for a topic
+    that does not exist or offsets outside it)."""
+    consumer = plain_consumer(settings)
+    await consumer.start()
+    try:
+        topics = frozenset(await consumer.topics())
+        spans = await resolve(consumer, topic, request, empty_ok=True)
+        positions = {span.partition: (span.first, span.end) for span in spans}
+        records = read_range(consumer, topic, positions)
+        async with contextlib.aclosing(records):
+            yield Bounded(spans, records, topics)
+    finally:
+        await consumer.stop()
 
 
 async def first_timestamp(

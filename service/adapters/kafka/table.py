@@ -13,6 +13,9 @@ is rebuilt from the topic at each start. Only committed records are read (`read_
 and returns False for a record it cannot use, which is counted and logged with its position,
 never raised. A record's key may be None only for records the writer got wrong: those are
 counted too.
+
+`ensure_table_topic` creates such a topic where it is missing (the banks topic, a redrive
+ledger): compacted, one partition, min(3, brokers) replicas.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import time
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from service.adapters.kafka.ranges import plain_consumer
 from service.config import Settings
@@ -106,3 +111,28 @@ class TableReader:
             log.warning("%s: record without a key skipped (a table needs keys)", position)
         elif not self._apply(record.key, record.value, position):
             self.rejected += 1  # apply logged why
+
+
+async def ensure_table_topic(settings: Settings, topic: str) -> bool:
+    """Create `topic`, compacted, unless it exists; True when this call created it.
+
+    aiokafka returns the broker's per-topic errors in the response instead of raising them:
+    "already exists" means another writer was quicker (fine); any other error (a policy that
+    forbids creating topics, an invalid config) is raised as the KafkaError its code names.
+    """
+    admin = AIOKafkaAdminClient(**settings.kafka_connection())
+    try:
+        await admin.start()
+        if topic in await admin.list_topics():
+            return False
+        # Three copies where the cluster has three brokers: the table outlives a lost broker.
+        replicas = min(3, len((await admin.describe_cluster())["brokers"]))
+        compact = {"cleanup.policy": "compact"}
+        response = await admin.create_topics([NewTopic(topic, 1, replicas, topic_configs=compact)])
+        for _, code, *message in response.topic_errors:
+            error = for_code(code)
+            if code and error is not TopicAlreadyExistsError:
+                raise error(f"creating {topic!r}: {message[0] if message else ''}")
+        return all(code == 0 for _, code, *_ in response.topic_errors)
+    finally:
+        await admin.close()

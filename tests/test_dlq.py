@@ -41,7 +41,7 @@ from service.core.dead_letters import (
     letter_from,
     selection_from,
 )
-from service.core.dlq_report import Listing, Tally, code_class, preview, show_lines
+from service.core.dlq_report import Listing, Tally, fault_of, preview, show_lines
 from service.core.errors import DEAD_LETTER_CODES
 from service.core.pacing import Pacer
 from service.core.replay_range import (
@@ -654,7 +654,7 @@ def test_the_listing_counts_by_code_and_hour_with_bounded_examples() -> None:
     )
     assert report["codes"][0] == {
         "code": "unknown_policy",
-        "class": "rejected event",
+        "fault": "input",
         "count": 3,
         "redriven": 1,
         "examples": [{"event_id": "p0", "place": "0@0"}, {"event_id": "p1", "place": "0@1"}],
@@ -671,14 +671,11 @@ def test_the_listing_counts_by_code_and_hour_with_bounded_examples() -> None:
     assert Listing(3).lines("images.dlq", "") == ["no dead letters in images.dlq"]
 
 
-def test_every_code_has_a_cause() -> None:
-    assert {
-        code: code_class(code) for code in DEAD_LETTER_CODES if code_class(code) == "unknown"
-    } == {}
-    assert code_class("fetch_timeout") == "URL fetch"
-    assert code_class("guard_unavailable") == "guard model"
-    assert code_class("unparseable_model_output") == "model answer"
-    assert code_class("internal_error") == "internal"
+def test_every_code_has_a_fault() -> None:
+    assert {code: fault_of(code) for code in DEAD_LETTER_CODES if fault_of(code) == "unknown"} == {}
+    assert fault_of("fetch_timeout") == "input"
+    assert fault_of("guard_unavailable") == "service"
+    assert fault_of("no_such_code") == "unknown"
 
 
 def test_show_decodes_the_original_and_names_the_trace_and_the_redrives() -> None:
@@ -687,7 +684,7 @@ def test_show_decodes_the_original_and_names_the_trace_and_the_redrives() -> Non
     assert isinstance(restored, Restored)
     entry = LedgerEntry.model_validate_json(entry_for(restored)[1])
     text = "\n".join(show_lines(one, [entry]))
-    assert "  code         unknown_policy  (class: rejected event)" in text
+    assert "  code         unknown_policy  (fault: input)" in text
     assert "  input        images:2:41  key 'e1'" in text
     assert "(find the trace by this id in your tracing backend)" in text
     assert f"  original     {len(EVENT)} bytes, complete" in text

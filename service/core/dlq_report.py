@@ -28,27 +28,8 @@ from service.core.dead_letters import (
     coordinates,
     instant,
 )
-from service.core.errors import (
-    DeadlineExceeded,
-    EventRejected,
-    FetchFailed,
-    GuardFailed,
-    GuardstreamError,
-    UnparseableModelOutput,
-)
+from service.core.errors import DEAD_LETTER_FAULTS
 from service.core.verdicts import DeadLetter, Source
-
-_CLASSES: tuple[tuple[type[GuardstreamError], str], ...] = (
-    (EventRejected, "rejected event"),
-    (FetchFailed, "URL fetch"),
-    (DeadlineExceeded, "deadline"),
-    (GuardFailed, "guard model"),
-    (UnparseableModelOutput, "model answer"),
-    (GuardstreamError, "internal"),
-)
-"""The branches of the error tree (`service.core.errors`), in words: a code's class. A rejected
-event failed on itself or on the rules (unknown_policy: a redrive after the fix helps); a guard
-model failure on Triton (a redrive once it is healthy helps); internal is a bug."""
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=]{120,}")
 """A string this long of base64's alphabet is data, not text: elided in a preview."""
@@ -56,17 +37,10 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/=]{120,}")
 PREVIEW_LINES = 40
 
 
-def _classes(root: type[GuardstreamError]) -> list[type[GuardstreamError]]:
-    return [root, *(cls for sub in root.__subclasses__() for cls in _classes(sub))]
-
-
-def code_class(code: str) -> str:
-    """The branch of the error tree a dead-letter code is on, e.g. "rejected event" for
-    image_decode_failed; "unknown" for a code no error class carries."""
-    for error in _classes(GuardstreamError):
-        if error.code == code:
-            return next(words for branch, words in _CLASSES if issubclass(error, branch))
-    return "unknown"
+def fault_of(code: str) -> str:
+    """Whose problem a dead-letter code is: input (the producer's), service (ours), or unknown
+    for a code no error class carries (`service.core.errors`)."""
+    return DEAD_LETTER_FAULTS.get(code, "unknown")
 
 
 def _place(at: Source) -> str:
@@ -131,7 +105,7 @@ class Listing:
             "codes": [
                 {
                     "code": code,
-                    "class": code_class(code),
+                    "fault": fault_of(code),
                     "count": count,
                     "redriven": self.redriven_by_code[code],
                     "examples": [
@@ -160,12 +134,12 @@ class Listing:
             lines.append(f"{len(self.others)} records that are not dead letters: {shown}")
         if not self.dead_letters:
             return lines
-        lines += ["", f"{'code':<26} {'count':>6} {'redriven':>8}  {'class':<15} examples"]
+        lines += ["", f"{'code':<26} {'count':>6} {'redriven':>8}  {'fault':<8} examples"]
         for code, count in self._by_count():
             examples = self.example_ids[code]
             shown = ", ".join(f"{event_id or '(no id)'} {place}" for event_id, place in examples)
             redriven = self.redriven_by_code[code]
-            lines.append(f"{code:<26} {count:>6} {redriven:>8}  {code_class(code):<15} {shown}")
+            lines.append(f"{code:<26} {count:>6} {redriven:>8}  {fault_of(code):<8} {shown}")
         lines += ["", "failed per hour (UTC)"]
         lines += [f"{hour}  {self.hours[hour]:>6}" for hour in sorted(self.hours)]
         return lines
@@ -187,7 +161,7 @@ def show_lines(letter: Letter, redrives: list[LedgerEntry]) -> list[str]:
     error = dead_letter.error
     lines = [
         title,
-        f"  code         {error.code}  (class: {code_class(error.code)})",
+        f"  code         {error.code}  (fault: {fault_of(error.code)})",
         *_labelled("message", error.message.splitlines() or [""]),
         *_labelled("model output", (error.model_output or "-").splitlines() or [""]),
         f"  event id     {dead_letter.event_id or '-'}",

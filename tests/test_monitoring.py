@@ -60,9 +60,13 @@ def test_a_rules_file_that_does_not_parse_fails_the_check(tmp_path: Path) -> Non
         check_rules(broken)
 
 
-def test_promtool_unit_tests_pass() -> None:
-    assert UNIT_TESTS, "no promtool unit tests in deploy/monitoring"
-    result = promtool("test", "rules", *UNIT_TESTS)
+def test_there_are_promtool_unit_tests() -> None:
+    assert [path.name for path in UNIT_TESTS] == ["alerts.test.yaml", "anomalies.test.yaml"]
+
+
+@pytest.mark.parametrize("tests", UNIT_TESTS, ids=lambda path: path.name)
+def test_promtool_unit_tests_pass(tests: Path) -> None:
+    result = promtool("test", "rules", tests)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -185,6 +185,8 @@ class FakeConsumer:
         self._not_rebalancing = asyncio.Event()
         self._not_rebalancing.set()
         self._assign(assignment)
+        self.end_offsets_failures: list[Exception] = []
+        """Raised by the next calls of `end_offsets`, in order."""
 
     async def start(self) -> None:
         await self.broker.act("consumer.start")
@@ -247,6 +249,8 @@ class FakeConsumer:
         return self.broker.committed().get(partition)
 
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        if self.end_offsets_failures:
+            raise self.end_offsets_failures.pop(0)
         return {tp: len(self.broker.logs.get(tp, [])) for tp in partitions}
 
     async def topics(self) -> set[str]:

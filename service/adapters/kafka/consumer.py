@@ -375,8 +375,9 @@ class ModerationConsumer:
                             self._metrics.lag.labels(tp.topic, str(tp.partition)).set(
                                 max(0, end - committed)
                             )
-            except (KafkaError, TimeoutError) as exc:  # the next round tries again
-                log.debug("lag not refreshed: %r", exc)
+            except Exception as exc:  # the next round tries again; a bug is worth a warning
+                quiet = isinstance(exc, KafkaError | TimeoutError)
+                log.log(logging.DEBUG if quiet else logging.WARNING, "lag not refreshed: %r", exc)
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
         if not tasks:

@@ -428,14 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail when a built file is stale")
     args = parser.parse_args(argv)
-    stale = [
-        path for path, text in built().items() if not path.exists() or path.read_text() != text
-    ]
+    files = built()
     if args.check:
+        stale = [
+            path for path, text in files.items() if not path.exists() or path.read_text() != text
+        ]
         for path in stale:
             print(f"{path} is stale: run python deploy/monitoring/build.py", file=sys.stderr)
         return 1 if stale else 0
-    for path, text in built().items():
+    for path, text in files.items():
         path.write_text(text)
     return 0
 
